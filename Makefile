@@ -1,0 +1,59 @@
+# Everyday commands. `make demo` and `make test` create .venv on first use and are safe to repeat.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# kedro-telemetry would try to reach the network on every command.
+export KEDRO_DISABLE_TELEMETRY := true
+# This machine's pip configuration names index folders that do not exist: pip warns once per package.
+QUIET_PIP := grep -v "^WARNING: Location 'file:" || true
+
+.PHONY: help install install-dev demo test lint viz mlflow-ui bench clean-outputs
+
+help:
+	@echo "make demo         build, train and evaluate the whole default flow on the CPU"
+	@echo "make test         run the test suite"
+	@echo "make viz          serve the pipeline lineage (kedro viz) on http://127.0.0.1:4141"
+	@echo "make mlflow-ui    serve the MLflow tracking UI on http://127.0.0.1:5000"
+	@echo "make lint         ruff"
+	@echo "make clean-outputs  delete data/ outputs, mlflow.db and mlruns/ (asks first)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed first and exactly: the CPU wheel on local disk. Any looser request lets pip resolve
+# the newest CUDA build (several GB).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -e . 2>&1 | $(QUIET_PIP)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/kedro run
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check src tests
+
+viz: install-dev
+	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1 --host 127.0.0.1 --port 5000
+
+clean-outputs:
+	@read -p "Delete every output under data/ (not 01_raw), mlflow.db and mlruns/? [y/N] " ok && [ "$$ok" = y ]
+	find data -mindepth 2 -not -name .gitkeep -not -path 'data/01_raw/*' -delete
+	rm -rf mlflow.db mlruns

@@ -1,0 +1,23 @@
+"""Kedro project settings: the MLflow hook, and the config patterns the project adds."""
+
+from transformers.utils import logging as transformers_logging
+
+from warmup_distill_kedro.hooks import MLflowTrackingHook
+
+HOOKS = (MLflowTrackingHook(),)
+
+# kedro_mlflow may be installed in a user's environment; it would take over tracking with its file store.
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)
+
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "config_patterns": {
+        "mlflow": ["mlflow*", "mlflow*/**"],
+    },
+    # Environments (test, gpu, local) override single keys deep inside the base parameters.
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
+}
+
+# transformers draws a progress bar for every checkpoint it writes or reads; the catalog already logs both.
+transformers_logging.disable_progress_bar()
