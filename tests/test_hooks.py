@@ -301,7 +301,8 @@ def test_unopenable_store_names_the_uri(tmp_path):
     assert mlflow.get_tracking_uri() == uri_before
 
 
-def test_locations(tmp_path):
+def test_locations(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path.resolve()
     assert default_tracking_uri(tmp_path) == f"sqlite:///{root.as_posix()}/mlflow.db"
     assert default_tracking_uri(tmp_path).startswith("sqlite:////")
@@ -310,6 +311,8 @@ def test_locations(tmp_path):
     assert resolve_tracking_uri("sqlite:///db/m.db", tmp_path) == f"sqlite:///{root.as_posix()}/db/m.db"
     assert resolve_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
     assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    assert resolve_tracking_uri(None, tmp_path) == "sqlite:////elsewhere/m.db"
 
 
 class Schedule(BaseModel):

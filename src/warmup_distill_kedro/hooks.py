@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -215,6 +216,7 @@ class MLflowTrackingHook:
         self._client: MlflowClient | None = None
         self.tracking_uri: str | None = None
         self.experiment_id: str | None = None
+        self._previous_uri_env: str | None = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -248,6 +250,9 @@ class MLflowTrackingHook:
         except Exception as exc:
             self._store_unavailable(uri, exc)
             return
+        # set_tracking_uri also writes $MLFLOW_TRACKING_URI; remember it so that a later session in the same
+        # process (tests, notebooks) resolves its own store instead of inheriting this one.
+        self._previous_uri_env = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
         self._client, self.tracking_uri, self.experiment_id = client, uri, experiment_id
         self._enabled = True
@@ -319,8 +324,7 @@ class MLflowTrackingHook:
             runs = [*self._open_children.values(), self.parent_run_id]
             self._open_children.clear()
         self._end_runs(runs, _FINISHED)
-        self.parent_run_id = None
-        self._catalog = None
+        self._finish()
 
     @hook_impl
     def on_pipeline_error(
@@ -334,8 +338,15 @@ class MLflowTrackingHook:
         for run_id in runs:
             self._best_effort("tag the error", self._tag_error, run_id, error)
         self._end_runs(runs, _FAILED)
+        self._finish()
+
+    def _finish(self) -> None:
         self.parent_run_id = None
         self._catalog = None
+        if self._previous_uri_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._previous_uri_env
 
     # ------------------------------------------------------------------------------------------- nodes
     @hook_impl
