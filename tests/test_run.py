@@ -1,4 +1,5 @@
-"""End to end through a KedroSession at test size (`conf/test`): the data and bootstrap pipelines."""
+"""End to end through a KedroSession: the demo flow at test size (`conf/test`), and `--env gpu` on local
+checkpoints and a user's file."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
+from warmup_distill_kedro.core.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.datasets import COMPLETE_MARKER
 
 
@@ -68,3 +72,51 @@ def test_a_bad_parameter_fails_before_any_node_runs(project_copy: Path) -> None:
         _run(project_copy, ["data", "bootstrap"], bootstrap={"teacher": {"training": {"max_steps": 0}}})
     assert "greater than 0" in str(error.value)
     assert not (project_copy / "data/02_intermediate/examples.parquet").exists()
+
+
+def _save_hugging_face_folder(folder: Path, hidden_size: int, tokenizer) -> None:
+    """A checkpoint laid out as on the Hub: weights, config and tokenizer files in one folder."""
+    model = build_model(
+        ModelSize(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        tokenizer,
+        seed=0,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) -> None:
+    raw = project_copy / "data/01_raw"
+    raw.mkdir(parents=True)
+    problems = [
+        {"question": f"Tom has {a} apples and buys {b} more. How many now?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+        for a in range(1, 11)
+        for b in range(1, 4)
+    ]
+    (raw / "math.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    tokenizer = train_bpe_tokenizer([p["question"] + p["answer"] for p in problems], TokenizerConfig(vocab_size=300))
+    _save_hugging_face_folder(project_copy / "teacher", 32, tokenizer)
+    _save_hugging_face_folder(project_copy / "student", 16, tokenizer)
+    runtime_params = {
+        "teacher_checkpoint": str(project_copy / "teacher"),
+        "student_checkpoint": str(project_copy / "student"),
+        "train_file": str(raw / "math.jsonl"),
+    }
+
+    bootstrap_project(project_copy)
+    with KedroSession.create(project_path=project_copy, env="gpu", runtime_params=runtime_params) as session:
+        session.run(pipeline_names=["from_checkpoints"])
+    with KedroSession.create(project_path=project_copy, env="gpu", runtime_params=runtime_params) as session:
+        catalog = session.load_context().catalog
+        splits = [catalog.load(f"{split}_examples") for split in ("train", "validation", "test")]
+        teacher, student = catalog.load("teacher_model"), catalog.load("student_model")
+
+    assert sum(len(s) for s in splits) == len(problems)
+    assert set(splits[0]["task"]) == {"math"}
+    assert teacher.model.config.hidden_size == 32 and student.model.config.hidden_size == 16
+    assert teacher.model.dtype == torch.bfloat16  # load_args of the gpu catalog
+    text = "Tom has 7 apples and buys 3 more."
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for checkpoint in (teacher, student):
+        assert checkpoint.tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+    assert not (project_copy / "data/06_models").exists()  # bootstrap did not run: nothing trained or written

@@ -1,17 +1,33 @@
-"""Project pipelines: every folder under pipelines/ with a create_pipeline() is registered by name."""
+"""Project pipelines: one per stage, plus two compositions.
+
+- ``__default__`` (``kedro run``): the demo flow on the embedded default, bootstrap included.
+- ``from_checkpoints`` (``kedro run --env gpu --pipeline=from_checkpoints``): the same flow without
+  bootstrap, for a teacher and a student given as existing checkpoints.
+
+Stages are listed explicitly rather than discovered with ``find_pipelines``: Kedro 1.7 loads only the
+requested names when it discovers, which cannot resolve a composed name such as ``from_checkpoints``.
+"""
 
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
+from collections.abc import Callable
+
 from kedro.pipeline import Pipeline
 
-# The demo flow, in order. Later stages join this list as they land.
-DEMO_PIPELINES = ("data", "bootstrap")
+from warmup_distill_kedro.pipelines import bootstrap, data
+
+# Every stage, in the order of the demo flow. Later stages join this mapping as they land.
+STAGES: dict[str, Callable[[], Pipeline]] = {
+    "data": data.create_pipeline,
+    "bootstrap": bootstrap.create_pipeline,
+}
+DEMO_ONLY = ("bootstrap",)  # builds tiny models from configs; real checkpoints replace it
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum(
-        (pipelines[name] for name in DEMO_PIPELINES if name in pipelines), Pipeline([])
+    pipelines = {name: create() for name, create in STAGES.items()}
+    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    pipelines["from_checkpoints"] = sum(
+        (p for name, p in pipelines.items() if name in STAGES and name not in DEMO_ONLY), Pipeline([])
     )
     return pipelines

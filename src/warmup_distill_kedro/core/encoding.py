@@ -37,21 +37,8 @@ def encode_pair(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int, add_eos: bool = True
 ) -> EncodedExample:
     """Encode one prompt + response; an over-long pair keeps its prompt and loses its response's tail."""
-    eos_id, _ = eos_and_pad_ids(tokenizer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([eos_id] if add_eos else [])
-    if len(prompt_ids) >= max_length:
-        raise ValueError(
-            f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}: {prompt[:80]!r}..."
-        )
-    room = max_length - len(prompt_ids)
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
-    return EncodedExample(
-        input_ids=prompt_ids + response_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        truncated=truncated,
-    )
+    encoded, _ = encode_pairs(tokenizer, [prompt], [response], max_length, add_eos)
+    return encoded[0]
 
 
 def encode_pairs(
@@ -59,9 +46,32 @@ def encode_pairs(
     prompts: Sequence[str],
     responses: Sequence[str],
     max_length: int,
+    add_eos: bool = True,
 ) -> tuple[list[EncodedExample], EncodingReport]:
-    encoded = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    eos_id, _ = eos_and_pad_ids(tokenizer)
+    # One batched call each: the Rust tokenizer encodes a list many times faster than a Python loop.
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    encoded = [
+        _assemble(p_ids, r_ids + ([eos_id] if add_eos else []), max_length, prompt)
+        for p_ids, r_ids, prompt in zip(prompt_ids, response_ids, prompts, strict=True)
+    ]
     return encoded, EncodingReport(len(encoded), sum(e.truncated for e in encoded))
+
+
+def _assemble(prompt_ids: list[int], response_ids: list[int], max_length: int, prompt: str) -> EncodedExample:
+    if len(prompt_ids) >= max_length:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}: {prompt[:80]!r}..."
+        )
+    room = max_length - len(prompt_ids)
+    return EncodedExample(
+        input_ids=prompt_ids + response_ids[:room],
+        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids[:room],
+        truncated=len(response_ids) > room,
+    )
 
 
 def encode_examples(
