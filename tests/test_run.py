@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from kedro.framework.session import KedroSession
@@ -25,6 +26,11 @@ def _run(project: Path, pipelines: list[str], **runtime_params) -> None:
 
 def _versions(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _latest(versioned: Path) -> Path:
+    """The file or folder of the newest version of a versioned dataset."""
+    return _versions(versioned)[-1] / versioned.name
 
 
 def test_bootstrap_end_to_end(project_copy: Path) -> None:
@@ -101,6 +107,10 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
         "teacher_checkpoint": str(project_copy / "teacher"),
         "student_checkpoint": str(project_copy / "student"),
         "train_file": str(raw / "math.jsonl"),
+        # small budgets for the stages after data (their sizes are not what this test is about)
+        "probe": {"n_samples": 1, "max_new_tokens": 6, "max_prompts": 4, "show_progress": False},
+        "check": {"tau": 0.5, "continuation": {"max_new_tokens": 6, "show_progress": False}},
+        "warmup": {"training": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_every": 0}},
     }
 
     bootstrap_project(project_copy)
@@ -119,4 +129,46 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     expected = tokenizer(text, add_special_tokens=False)["input_ids"]
     for checkpoint in (teacher, student):
         assert checkpoint.tokenizer(text, add_special_tokens=False)["input_ids"] == expected
-    assert not (project_copy / "data/06_models").exists()  # bootstrap did not run: nothing trained or written
+    # Bootstrap did not run; the stages after it did, from the given checkpoints.
+    assert not (project_copy / "data/06_models/teacher_model").exists()
+    assert not (project_copy / "data/06_models/student_tokenizer").exists()
+    warmup = _latest(project_copy / "data/06_models/student_warmup")
+    assert json.loads((warmup / "checkpoint_meta.json").read_text())["source"] == str(project_copy / "student")
+
+
+def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
+    _run(project_copy, ["data", "bootstrap"])
+    _run(project_copy, ["probe", "check", "warmup"])
+
+    rollouts = pd.read_parquet(_latest(project_copy / "data/07_model_output/rollouts.parquet"))
+    assert len(rollouts) == 6 * 2  # conf/test: 6 prompts x 2 samples
+    for column in ("prompt_id", "prompt", "response", "sample_index", "token_ids", "logprobs", "finished"):
+        assert column in rollouts, column
+    assert all(len(ids) == len(lp) for ids, lp in zip(rollouts["token_ids"], rollouts["logprobs"], strict=True))
+
+    corrected = pd.read_parquet(_latest(project_copy / "data/07_model_output/corrected_set.parquet"))
+    summary = json.loads(_latest(project_copy / "data/08_reporting/check_summary.json").read_text())
+    assert summary["n_rollouts"] == len(rollouts)
+    assert summary["n_pairs"] == len(corrected) > 0
+    assert (corrected["chosen"] != corrected["rejected"]).all()
+    assert (corrected["flag_char"] >= 0).all()
+    assert _latest(project_copy / "data/08_reporting/teacher_prob_histogram.png").stat().st_size > 1000
+    warmup = _latest(project_copy / "data/06_models/student_warmup")
+    assert (warmup / COMPLETE_MARKER).is_file()
+    assert json.loads((warmup / "checkpoint_meta.json").read_text())["stage"] == "warmup"
+
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+    warmup_run = next(r for r in runs if r.info.run_name == "warmup_student")
+    for metric in ("loss", "reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp"):
+        assert metric in warmup_run.data.metrics, metric
+
+
+def test_probe_alone_is_deterministic(project_copy: Path) -> None:
+    _run(project_copy, ["data", "bootstrap"])
+    _run(project_copy, ["probe"])
+    _run(project_copy, ["probe"])
+    first, second = _versions(project_copy / "data/07_model_output/rollouts.parquet")
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(first / "rollouts.parquet"), pd.read_parquet(second / "rollouts.parquet")
+    )

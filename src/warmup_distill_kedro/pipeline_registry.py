@@ -14,12 +14,15 @@ from collections.abc import Callable
 
 from kedro.pipeline import Pipeline
 
-from warmup_distill_kedro.pipelines import bootstrap, data
+from warmup_distill_kedro.pipelines import bootstrap, check, data, probe, warmup
 
 # Every stage, in the order of the demo flow. Later stages join this mapping as they land.
 STAGES: dict[str, Callable[[], Pipeline]] = {
     "data": data.create_pipeline,
     "bootstrap": bootstrap.create_pipeline,
+    "probe": probe.create_pipeline,
+    "check": check.create_pipeline,
+    "warmup": warmup.create_pipeline,
 }
 DEMO_ONLY = ("bootstrap",)  # builds tiny models from configs; real checkpoints replace it
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.encoding import EncodedExample, causal_lm_loss, collate
 from warmup_distill_kedro.core.sampling import SamplingConfig, generate
 from warmup_distill_kedro.core.tasks import math_exact_match
 
@@ -28,3 +32,19 @@ def math_accuracy(
         math_exact_match(g.text, answer) for g, answer in zip(generations, examples["answer"], strict=True)
     ]
     return float(predictions["correct"].mean()), predictions
+
+
+@torch.no_grad()
+def response_nll(model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int) -> float:
+    """Token-mean negative log-likelihood of the response tokens (the SFT loss, without smoothing)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0.0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], pad_id)
+        loss, metrics = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        total += loss.item() * metrics["tokens"]
+        tokens += metrics["tokens"]
+    model.train(was_training)
+    return total / max(tokens, 1.0)

@@ -37,6 +37,7 @@ class Generation:
     token_ids: list[int]  # generated ids, EOS excluded
     logprobs: list[float]  # the model's log-probability of each id in token_ids
     finished: bool  # True when the model emitted EOS, False when cut at max_new_tokens
+    eos_logprob: float | None = None  # the model's log-probability of the EOS that ended it, when finished
 
 
 def generate(
@@ -94,6 +95,7 @@ def generate_from_ids(
                 token_ids=ids[:n],
                 logprobs=token_logprobs[r, :n].tolist(),
                 finished=finished,
+                eos_logprob=float(token_logprobs[r, n]) if finished else None,
             )
     model.train(was_training)
     return [g for g in results if g is not None]

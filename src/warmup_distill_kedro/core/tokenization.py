@@ -10,6 +10,8 @@ Our tokenizers therefore live in their own folder and are always loaded with `Pr
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -88,3 +90,9 @@ def eos_and_pad_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer.eos_token_id, pad
+
+
+def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the token -> id mapping: equal fingerprints mean an id names the same token."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]

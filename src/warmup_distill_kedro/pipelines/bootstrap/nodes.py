@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
-from warmup_distill_kedro.core.evaluation import math_accuracy
+from warmup_distill_kedro.core.evaluation import math_accuracy, response_nll
 from warmup_distill_kedro.core.modeling import Checkpoint, build_model, count_parameters
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, train_bpe_tokenizer
@@ -68,14 +68,7 @@ def sft_model(
         return causal_lm_loss(model, batch, label_smoothing=label_smoothing)
 
     def validation_nll(model: torch.nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        total, tokens = 0.0, 0.0
-        for start in range(0, len(validation), params.training.batch_size):
-            batch = collate(validation[start : start + params.training.batch_size], pad_id)
-            loss, metrics = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
-            total += loss.item() * metrics["tokens"]
-            tokens += metrics["tokens"]
-        return {"validation_nll": total / max(tokens, 1.0)}
+        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
 
     logger.info(
         "%s: %d parameters, %d training sequences (%d cut at max_length %d)",

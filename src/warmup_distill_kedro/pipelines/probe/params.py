@@ -1,0 +1,35 @@
+"""Typed parameters of the `probe` pipeline (`params:probe`)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from warmup_distill_kedro.core.sampling import SamplingConfig
+
+
+class ProbeParams(BaseModel):
+    """How the student samples its own responses to the training prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_samples: int = Field(4, gt=0, description="responses per prompt")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0, description="null: off")
+    max_new_tokens: int = Field(64, gt=0, description="size it to the task's longest gold response")
+    batch_size: int = Field(64, gt=0, description="sequences per generate call")
+    seed: int = 0
+    max_prompts: int | None = Field(None, gt=0, description="probe only the first N training prompts")
+    show_progress: bool = True
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            show_progress=self.show_progress,
+        )

@@ -1,0 +1,106 @@
+"""Nodes of the `warmup` pipeline: align the student with the teacher's corrections before distillation."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import pandas as pd
+import torch
+
+from warmup_distill_kedro.core.encoding import encode_examples
+from warmup_distill_kedro.core.evaluation import response_nll
+from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
+from warmup_distill_kedro.core.preference import (
+    collate_pairs,
+    encode_preference_pairs,
+    preference_loss_fn,
+    with_reference_logprobs,
+)
+from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
+from warmup_distill_kedro.pipelines.warmup.params import WarmupParams
+from warmup_distill_kedro.tracking import log_step_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def warmup_student(
+    student: Checkpoint, corrected_set: pd.DataFrame, validation_examples: pd.DataFrame, params: WarmupParams
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """The warmup student: the vanilla student trained on (corrected, original) pairs.
+
+    DPO's reference is the vanilla student itself, frozen; its sequence log-probs are computed once
+    before training. The gold validation NLL is evaluated along the way: a warmup that wrecks the
+    student's language modelling shows up there first.
+    """
+    pairs = _training_rows(corrected_set, params)
+    tokenizer = student.tokenizer
+    _, pad_id = eos_and_pad_ids(tokenizer)
+    rejected = pairs["rejected"].fillna(pairs["chosen"])  # sft rows have no rejected side; sft ignores it
+    encoded = encode_preference_pairs(
+        tokenizer, pairs["prompt"].tolist(), pairs["chosen"].tolist(), rejected.tolist(), params.max_length
+    )
+    reference = student.model
+    if params.loss.loss != "sft":
+        encoded = with_reference_logprobs(reference, encoded, pad_id, params.training.batch_size)
+    policy = copy.deepcopy(reference)
+    validation, _ = encode_examples(tokenizer, validation_examples.head(params.validation_examples), params.max_length)
+
+    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
+        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
+
+    initial_nll = validation_nll(policy)["validation_nll"]
+    logger.info(
+        "warmup: %d training rows, loss %s, vanilla validation NLL %.4f", len(encoded), params.loss.loss, initial_nll
+    )
+    run = TrainingRun(
+        policy,
+        preference_loss_fn(params.loss),
+        ShuffledBatches(encoded, params.training.batch_size, lambda b: collate_pairs(b, pad_id), params.training.seed),
+        params.training,
+        eval_fn=validation_nll,
+        metrics_sink=log_step_metrics,
+        name="warmup",
+    )
+    result = run.run()
+    metrics: dict[str, Any] = {
+        "pairs": len(encoded),
+        "steps": result.steps,
+        "initial_validation_nll": initial_nll,
+        **{k.replace("eval/", "final_"): v for k, v in result.final_eval.items()},
+        **{f"last_{k}": v for k, v in _last_training_metrics(result.history).items()},
+    }
+    metadata = {
+        **{k: v for k, v in student.metadata.items() if k not in ("stage", "steps")},
+        "role": "student",
+        "stage": "warmup",
+        "parameters": count_parameters(result.model),
+        "warmup_pairs": len(encoded),
+        "steps": result.steps,
+        "warmup_params": params.model_dump(mode="json"),
+    }
+    return Checkpoint(model=result.model, tokenizer=tokenizer, metadata=metadata), metrics
+
+
+def _training_rows(corrected_set: pd.DataFrame, params: WarmupParams) -> pd.DataFrame:
+    """The rows the loss can use: pairs for DPO; pairs and kept SFT rows (chosen only) for sft."""
+    kinds = {"pair", "sft"} if params.loss.loss == "sft" else {"pair"}
+    rows = corrected_set[corrected_set["kind"].isin(kinds)].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(
+            f"warmup: the corrected set has no rows of kind {sorted(kinds)} ({len(corrected_set)} rows in all): "
+            "no rollout was corrected. The teacher accepted every sampled token: raise check.tau, use rule "
+            "'margin' or 'top_k', sample the probe at a higher temperature, or probe more prompts "
+            "(probe.max_prompts, probe.n_samples)."
+        )
+    return rows
+
+
+def _last_training_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """The last logged training window (not the eval records)."""
+    for record in reversed(history):
+        if "loss" in record:
+            return {k: v for k, v in record.items() if k != "step"}
+    return {}

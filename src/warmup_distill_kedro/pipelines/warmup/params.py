@@ -1,0 +1,19 @@
+"""Typed parameters of the `warmup` pipeline (`params:warmup`)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from warmup_distill_kedro.core.preference import PreferenceLossConfig
+from warmup_distill_kedro.core.training import TrainingConfig
+
+
+class WarmupParams(BaseModel):
+    """Train the student on the corrected set (chosen = corrected, rejected = its own original)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: PreferenceLossConfig = PreferenceLossConfig()
+    training: TrainingConfig
+    max_length: int = Field(192, gt=8, description="prompt + response tokens; longer responses are cut")
+    validation_examples: int = Field(256, gt=0, description="gold validation examples for the NLL guard")

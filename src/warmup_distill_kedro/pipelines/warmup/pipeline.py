@@ -1,0 +1,18 @@
+from kedro.pipeline import Pipeline, node
+
+from warmup_distill_kedro.pipelines.warmup.nodes import warmup_student
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            node(
+                warmup_student,
+                ["student_model", "corrected_set", "validation_examples", "params:warmup"],
+                ["student_warmup", "warmup_metrics"],
+                name="warmup_student",
+                tags=["training"],
+            )
+        ],
+        tags=["warmup"],
+    )
