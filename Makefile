@@ -46,6 +46,7 @@ test: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 
 viz: install-dev
 	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141

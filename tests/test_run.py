@@ -20,7 +20,9 @@ from warmup_distill_kedro.datasets import COMPLETE_MARKER
 
 def _run(project: Path, pipelines: list[str], **runtime_params) -> None:
     bootstrap_project(project)
-    with KedroSession.create(project_path=project, env="test", runtime_params=runtime_params or None) as session:
+    with KedroSession.create(
+        project_path=project, env="test", runtime_params=runtime_params or None
+    ) as session:
         session.run(pipeline_names=pipelines)
 
 
@@ -43,9 +45,13 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
         assert len(versions) == 1, name
         checkpoint = versions[0] / name
         assert (checkpoint / COMPLETE_MARKER).is_file()
-    assert (_versions(project_copy / "data/06_models/teacher_model")[0] / "teacher_model/config.json").is_file()
+    assert (
+        _versions(project_copy / "data/06_models/teacher_model")[0] / "teacher_model/config.json"
+    ).is_file()
 
-    summary_file = next((project_copy / "data/08_reporting/bootstrap_summary.json").glob("*/bootstrap_summary.json"))
+    summary_file = next(
+        (project_copy / "data/08_reporting/bootstrap_summary.json").glob("*/bootstrap_summary.json")
+    )
     summary = json.loads(summary_file.read_text())
     assert summary["math_test_examples"] == 8
     for role in ("teacher", "student"):
@@ -95,12 +101,17 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     raw = project_copy / "data/01_raw"
     raw.mkdir(parents=True)
     problems = [
-        {"question": f"Tom has {a} apples and buys {b} more. How many now?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+        {
+            "question": f"Tom has {a} apples and buys {b} more. How many now?",
+            "answer": f"{a} + {b} = {a + b}\n#### {a + b}",
+        }
         for a in range(1, 11)
         for b in range(1, 4)
     ]
     (raw / "math.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
-    tokenizer = train_bpe_tokenizer([p["question"] + p["answer"] for p in problems], TokenizerConfig(vocab_size=300))
+    tokenizer = train_bpe_tokenizer(
+        [p["question"] + p["answer"] for p in problems], TokenizerConfig(vocab_size=300)
+    )
     _save_hugging_face_folder(project_copy / "teacher", 32, tokenizer)
     _save_hugging_face_folder(project_copy / "student", 16, tokenizer)
     runtime_params = {
@@ -133,7 +144,9 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     assert not (project_copy / "data/06_models/teacher_model").exists()
     assert not (project_copy / "data/06_models/student_tokenizer").exists()
     warmup = _latest(project_copy / "data/06_models/student_warmup")
-    assert json.loads((warmup / "checkpoint_meta.json").read_text())["source"] == str(project_copy / "student")
+    assert json.loads((warmup / "checkpoint_meta.json").read_text())["source"] == str(
+        project_copy / "student"
+    )
 
 
 def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
@@ -144,7 +157,9 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     assert len(rollouts) == 6 * 2  # conf/test: 6 prompts x 2 samples
     for column in ("prompt_id", "prompt", "response", "sample_index", "token_ids", "logprobs", "finished"):
         assert column in rollouts, column
-    assert all(len(ids) == len(lp) for ids, lp in zip(rollouts["token_ids"], rollouts["logprobs"], strict=True))
+    assert all(
+        len(ids) == len(lp) for ids, lp in zip(rollouts["token_ids"], rollouts["logprobs"], strict=True)
+    )
 
     corrected = pd.read_parquet(_latest(project_copy / "data/07_model_output/corrected_set.parquet"))
     summary = json.loads(_latest(project_copy / "data/08_reporting/check_summary.json").read_text())
@@ -162,6 +177,24 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     warmup_run = next(r for r in runs if r.info.run_name == "warmup_student")
     for metric in ("loss", "reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp"):
         assert metric in warmup_run.data.metrics, metric
+
+    _run(project_copy, ["warmup"])  # alone, on the latest corrected set
+    assert len(_versions(project_copy / "data/06_models/student_warmup")) == 2
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"check": {"tau": 1.5}}, r"(?s)check.*tau must be in \(0, 1\) for rule 'teacher_prob'"),
+        ({"check": {"rule": "entropy"}}, r"(?s)check.*rule"),
+        ({"warmup": {"loss": {"loss": "ipo"}}}, r"(?s)warmup.*loss"),
+        ({"probe": {"n_samples": 0}}, r"(?s)probe.*n_samples"),
+    ],
+)
+def test_bad_stage_parameters_fail_before_any_node(project_copy: Path, params, message) -> None:
+    with pytest.raises(Exception, match=message):
+        _run(project_copy, ["probe", "check", "warmup"], **params)
+    assert not (project_copy / "data/07_model_output").exists()
 
 
 def test_probe_alone_is_deterministic(project_copy: Path) -> None:

@@ -115,7 +115,9 @@ def test_encode_examples_uses_separator(tokenizer):
 # -- collate ----------------------------------------------------------------------------------------------
 def test_collate_pads_right(tokenizer):
     pad = tokenizer.pad_token_id
-    a = EncodedExample(input_ids=[5, 6, 7, 8, 9], labels=[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9], truncated=False)
+    a = EncodedExample(
+        input_ids=[5, 6, 7, 8, 9], labels=[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9], truncated=False
+    )
     b = EncodedExample(input_ids=[10, 11, 12], labels=[IGNORE_INDEX, 11, 12], truncated=False)
     batch = collate([a, b], pad_id=pad)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}

@@ -91,8 +91,20 @@ def test_model_size_heads_must_divide_hidden():
 
 def test_model_size_kv_heads_must_divide_heads():
     with pytest.raises(ValidationError, match="num_key_value_heads"):
-        ModelSize(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=3, intermediate_size=32)
-    ok = ModelSize(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=32)
+        ModelSize(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=3,
+            intermediate_size=32,
+        )
+    ok = ModelSize(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=32,
+    )
     assert ok.num_key_value_heads == 2
 
 
@@ -142,7 +154,9 @@ def test_load_hugging_face_layout(tokenizer, tmp_path):
 
 
 def test_check_tokenizer_fits_refuses_bigger_tokenizer(tokenizer):
-    big = train_bpe_tokenizer(CORPUS * 3 + ["zebra quokka xylophone jumps"] * 5, TokenizerConfig(vocab_size=330))
+    big = train_bpe_tokenizer(
+        CORPUS * 3 + ["zebra quokka xylophone jumps"] * 5, TokenizerConfig(vocab_size=330)
+    )
     small_tok = train_bpe_tokenizer(CORPUS, TokenizerConfig(vocab_size=280))
     model = build_model(SIZE, small_tok, seed=0)
     rows = model.get_input_embeddings().num_embeddings

@@ -69,8 +69,14 @@ def causal_lm_loss(model, batch):
 
 def _config(**overrides) -> TrainingConfig:
     values = dict(
-        max_steps=4, batch_size=4, learning_rate=1e-2, warmup_steps=0, log_every=1, device="cpu",
-        show_progress=False, seed=0,
+        max_steps=4,
+        batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        log_every=1,
+        device="cpu",
+        show_progress=False,
+        seed=0,
     )
     return TrainingConfig(**{**values, **overrides})
 
@@ -159,7 +165,10 @@ def test_train_lowers_loss_and_reports_to_sink():
     data = ShuffledBatches(_examples(8), config.batch_size, _collate, seed=0)
     calls: list[tuple[dict[str, float], int]] = []
     result = train(
-        _model(), causal_lm_loss, data, config,
+        _model(),
+        causal_lm_loss,
+        data,
+        config,
         eval_fn=lambda model: {"score": 0.5, "n": 3},
         metrics_sink=lambda metrics, step: calls.append((dict(metrics), step)),
     )
@@ -186,7 +195,10 @@ def test_log_every_and_eval_every():
     data = ShuffledBatches(_examples(8), config.batch_size, _collate, seed=0)
     calls: list[tuple[dict[str, float], int]] = []
     train(
-        _model(), causal_lm_loss, data, config,
+        _model(),
+        causal_lm_loss,
+        data,
+        config,
         eval_fn=lambda model: {"x": float(model.training)},
         metrics_sink=lambda metrics, step: calls.append((dict(metrics), step)),
     )
@@ -196,9 +208,14 @@ def test_log_every_and_eval_every():
     assert all(m["eval/x"] == 0.0 for m, _ in evals)  # evaluated in eval mode
 
 
-def _first_step_gradients(batch_size: int, accumulation: int) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+def _first_step_gradients(
+    batch_size: int, accumulation: int
+) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
     config = _config(
-        max_steps=1, batch_size=batch_size, gradient_accumulation_steps=accumulation, max_grad_norm=None,
+        max_steps=1,
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=None,
         learning_rate=1e-3,
     )
     data = ShuffledBatches(_examples(8), batch_size, _collate, seed=3)

@@ -187,7 +187,9 @@ def continue_from_flags(
 ) -> list[str]:
     """`continue`: keep the tokens before the first flag; the teacher picks that token and writes the rest."""
     sampling = config.continuation.model_copy(update={"do_sample": config.choose == "sample"})
-    contexts = [list(p) + s.token_ids[:flag] for p, s, flag in zip(prompt_ids, scored, first_flags, strict=True)]
+    contexts = [
+        list(p) + s.token_ids[:flag] for p, s, flag in zip(prompt_ids, scored, first_flags, strict=True)
+    ]
     generations = generate_from_ids(model, tokenizer, contexts, sampling, desc="teacher continues")
     return [
         tokenizer.decode(s.token_ids[:flag] + g.token_ids, skip_special_tokens=True)
@@ -264,10 +266,18 @@ def check_rollouts(
             student_views.append(align_logprobs(student_starts, student_logprobs, starts))
     top_k = config.top_k if config.rule == "top_k" else 1
     scores = score_responses(
-        teacher, prompt_ids, [ids for ids, _ in views], config.batch_size, top_k, "teacher checks", show_progress
+        teacher,
+        prompt_ids,
+        [ids for ids, _ in views],
+        config.batch_size,
+        top_k,
+        "teacher checks",
+        show_progress,
     )
     checked = []
-    for (ids, starts), (logprobs, argmax, in_top_k), student in zip(views, scores, student_views, strict=True):
+    for (ids, starts), (logprobs, argmax, in_top_k), student in zip(
+        views, scores, student_views, strict=True
+    ):
         scored = ScoredResponse(ids, starts, logprobs, argmax, in_top_k)
         checked.append(CheckedRollout(scored, student, flag_tokens(scored, student, config)))
     return checked
@@ -289,7 +299,9 @@ def correct_rollouts(
         for i in flagged:
             corrected[i] = replace_flagged(teacher_tokenizer, checked[i].scored, checked[i].flags)
         return corrected
-    prompt_ids = [teacher_tokenizer(rollouts[i].prompt, add_special_tokens=False)["input_ids"] for i in flagged]
+    prompt_ids = [
+        teacher_tokenizer(rollouts[i].prompt, add_special_tokens=False)["input_ids"] for i in flagged
+    ]
     texts = continue_from_flags(
         teacher,
         teacher_tokenizer,

@@ -35,7 +35,9 @@ def math_accuracy(
 
 
 @torch.no_grad()
-def response_nll(model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int) -> float:
+def response_nll(
+    model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int
+) -> float:
     """Token-mean negative log-likelihood of the response tokens (the SFT loss, without smoothing)."""
     device = next(model.parameters()).device
     was_training = model.training

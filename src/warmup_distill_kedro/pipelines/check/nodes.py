@@ -72,7 +72,9 @@ def build_corrected_set(
         chosen=corrected,
         rejected=table["response"],
         flag_char=flag_chars,
-        flag_token=[_student_token(row, char) for row, char in zip(table.itertuples(), flag_chars, strict=True)],
+        flag_token=[
+            _student_token(row, char) for row, char in zip(table.itertuples(), flag_chars, strict=True)
+        ],
         flag_teacher_token=table["first_flag"],
         teacher_mean_logp_rejected=[float(np.mean(c.scored.logprobs)) for c in checked],
     )
@@ -101,7 +103,9 @@ def build_corrected_set(
 
 def plot_teacher_probabilities(scored_rollouts: pd.DataFrame, params: CheckParams) -> plt.Figure:
     """Histogram of the teacher's probability of every token the student sampled: the mismatch itself."""
-    probabilities = np.exp(np.concatenate([np.asarray(lp, dtype=np.float64) for lp in scored_rollouts["teacher_logprobs"]]))
+    probabilities = np.exp(
+        np.concatenate([np.asarray(lp, dtype=np.float64) for lp in scored_rollouts["teacher_logprobs"]])
+    )
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.hist(probabilities, bins=np.linspace(0.0, 1.0, params.histogram_bins + 1), color="tab:blue")
     axis.set_yscale("log")
@@ -109,7 +113,9 @@ def plot_teacher_probabilities(scored_rollouts: pd.DataFrame, params: CheckParam
     axis.set_ylabel("tokens (log scale)")
     if params.rule == "teacher_prob":
         below = 100 * float(np.mean(probabilities < params.tau))
-        axis.axvline(params.tau, color="tab:red", linestyle="--", label=f"tau = {params.tau:g} ({below:.1f}% below)")
+        axis.axvline(
+            params.tau, color="tab:red", linestyle="--", label=f"tau = {params.tau:g} ({below:.1f}% below)"
+        )
         axis.legend()
     axis.set_title(f"{len(probabilities)} tokens of {len(scored_rollouts)} student rollouts")
     figure.tight_layout()
@@ -199,6 +205,8 @@ def _summary(rows: pd.DataFrame, pairs: pd.DataFrame, params: CheckParams) -> di
     }
     math = pairs[pairs["task"] == "math"]
     for side in ("rejected", "chosen"):  # how often the correction turns a wrong answer right, and back
-        correct = [math_exact_match(text, answer) for text, answer in zip(math[side], math["answer"], strict=True)]
+        correct = [
+            math_exact_match(text, answer) for text, answer in zip(math[side], math["answer"], strict=True)
+        ]
         summary[f"math_{side}_correct"] = float(np.mean(correct)) if correct else float("nan")
     return summary

@@ -27,11 +27,14 @@ def probe(student: Checkpoint, train_examples: pd.DataFrame, params: ProbeParams
     starts in the text (so a teacher with another tokenizer can map its flags back), and whether the
     response ended with EOS or was cut at `max_new_tokens`.
     """
-    prompts = train_examples.drop_duplicates("prompt")
+    prompts = train_examples.drop_duplicates("prompt").iloc[params.skip_prompts :]
     if params.max_prompts is not None:
         prompts = prompts.head(params.max_prompts)
     if prompts.empty:
-        raise ValueError("probe: the training split has no prompts")
+        raise ValueError(
+            f"probe: no training prompts left to probe ({train_examples['prompt'].nunique()} distinct prompts, "
+            f"probe.skip_prompts is {params.skip_prompts})"
+        )
     # Sample-major order: the i-th sample of every prompt before the (i+1)-th, so a smaller n_samples
     # gives a prefix of the same rollouts batch by batch.
     repeated = pd.concat([prompts.assign(sample_index=i) for i in range(params.n_samples)], ignore_index=True)

@@ -19,7 +19,12 @@ class ProbeParams(BaseModel):
     max_new_tokens: int = Field(64, gt=0, description="size it to the task's longest gold response")
     batch_size: int = Field(64, gt=0, description="sequences per generate call")
     seed: int = 0
-    max_prompts: int | None = Field(None, gt=0, description="probe only the first N training prompts")
+    skip_prompts: int = Field(
+        0, ge=0, description="skip the first N training prompts (those the student was fine-tuned on)"
+    )
+    max_prompts: int | None = Field(
+        None, gt=0, description="probe at most N prompts (after the skipped ones)"
+    )
     show_progress: bool = True
 
     def sampling(self) -> SamplingConfig:

@@ -46,19 +46,26 @@ def warmup_student(
     if params.loss.loss != "sft":
         encoded = with_reference_logprobs(reference, encoded, pad_id, params.training.batch_size)
     policy = copy.deepcopy(reference)
-    validation, _ = encode_examples(tokenizer, validation_examples.head(params.validation_examples), params.max_length)
+    validation, _ = encode_examples(
+        tokenizer, validation_examples.head(params.validation_examples), params.max_length
+    )
 
     def validation_nll(model: torch.nn.Module) -> dict[str, float]:
         return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
 
     initial_nll = validation_nll(policy)["validation_nll"]
     logger.info(
-        "warmup: %d training rows, loss %s, vanilla validation NLL %.4f", len(encoded), params.loss.loss, initial_nll
+        "warmup: %d training rows, loss %s, vanilla validation NLL %.4f",
+        len(encoded),
+        params.loss.loss,
+        initial_nll,
     )
     run = TrainingRun(
         policy,
         preference_loss_fn(params.loss),
-        ShuffledBatches(encoded, params.training.batch_size, lambda b: collate_pairs(b, pad_id), params.training.seed),
+        ShuffledBatches(
+            encoded, params.training.batch_size, lambda b: collate_pairs(b, pad_id), params.training.seed
+        ),
         params.training,
         eval_fn=validation_nll,
         metrics_sink=log_step_metrics,
