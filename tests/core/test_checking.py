@@ -258,3 +258,58 @@ def test_a_teacher_with_another_tokenizer(student, tokenizer, other_tokenizer, r
     for rollout, result, text in pairs:
         flag_char = result.scored.char_starts[result.first_flag]
         assert text.startswith(rollout.response[:flag_char])  # the prefix before the flag is the student's
+
+
+class BigramTeacher(torch.nn.Module):
+    """A teacher whose probabilities are known exactly: the next-token distribution depends only on the
+    previous token, p(next | prev) = softmax(table[prev])."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table.float(), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Output", (), {"logits": self.table[input_ids]})()
+
+
+def test_every_rule_on_a_teacher_with_known_probabilities(tokenizer):
+    vocab = len(tokenizer)
+    a, b, c, d = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "2", "3", "4"))
+    probs = torch.full((vocab, vocab), 1e-9)
+    probs[:, a] = 1.0  # after anything (the prompt's last token too), "1" is near certain
+    probs[a, :] = 1e-9
+    probs[a, b], probs[a, d] = 0.05, 0.95  # after "1": "2" is unlikely (p 0.05), "4" the teacher's pick
+    probs[b, :] = 1e-9
+    probs[b, c], probs[b, a] = 0.6, 0.4  # after "2": "3" likely (0.6)
+    teacher = BigramTeacher((probs / probs.sum(-1, keepdim=True)).log())
+    text = tokenizer.decode([a, b, c])
+    rollout = Rollout(
+        "Question:",
+        text,
+        [a, b, c],
+        token_char_starts(tokenizer, [a, b, c]),
+        [-0.1, -0.1, -3.0],
+        finished=False,
+    )
+
+    def verdict(**overrides):
+        checked = check_rollouts(
+            teacher, tokenizer, [rollout], True, _config(**overrides), show_progress=False
+        )
+        return checked[0]
+
+    result = verdict(rule="teacher_prob", tau=0.1)
+    np.testing.assert_allclose(np.exp(result.scored.logprobs), [1.0, 0.05, 0.6], atol=1e-4)
+    assert result.flags.tolist() == [False, True, False] and result.first_flag == 1
+    assert verdict(rule="teacher_prob", tau=0.7).flags.tolist() == [False, True, True]
+    # log q - log p: -0.1 - 0 = -0.1, -0.1 - log 0.05 = 2.9, -3.0 - log 0.6 = -2.5
+    assert verdict(rule="margin", tau=1.0).flags.tolist() == [False, True, False]
+    assert verdict(rule="top_k", top_k=1).flags.tolist() == [
+        False,
+        True,
+        False,
+    ]  # "3" is the argmax after "2"
+    assert verdict(rule="top_k", top_k=2).flags.tolist() == [False, False, False]  # "2" is second after "1"
+
+    [replaced] = correct_rollouts(teacher, tokenizer, [rollout], [result], _config(strategy="replace_only"))
+    assert replaced == tokenizer.decode([a, d, c])  # the flagged "2" became the teacher's "4"

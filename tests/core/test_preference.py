@@ -396,3 +396,24 @@ def test_dpo_training_raises_preference(tokenizer, model, pairs):
     assert with_reference_logprobs(reference, pairs[:1], pad, 1)[0].reference_chosen_logp == pytest.approx(
         scored[0].reference_chosen_logp, abs=1e-6
     )
+
+
+def test_dpo_hand_computed_value_and_gradient_sign():
+    # beta 0.5; chosen moved +2 nats from the reference, rejected -1: margin = 0.5 * (2 - (-1)) = 1.5,
+    # loss = -log sigmoid(1.5) = log(1 + e^-1.5) = 0.201413...
+    policy_chosen = torch.tensor([-8.0], requires_grad=True)
+    policy_rejected = torch.tensor([-12.0], requires_grad=True)
+    loss, metrics = preference_loss(
+        policy_chosen,
+        policy_rejected,
+        torch.tensor([-10.0]),
+        torch.tensor([-11.0]),
+        torch.tensor(0.0),
+        PreferenceLossConfig(loss="dpo", beta=0.5),
+    )
+    assert loss.item() == pytest.approx(0.2014132779827524, abs=1e-6)
+    assert metrics["reward_margin"] == pytest.approx(1.5)
+    loss.backward()
+    # Descending the loss raises the chosen log-prob and lowers the rejected one.
+    assert policy_chosen.grad.item() < 0 < policy_rejected.grad.item()
+    assert policy_chosen.grad.item() == pytest.approx(-0.5 * (1 - 1 / (1 + math.exp(-1.5))), abs=1e-6)
