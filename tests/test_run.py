@@ -122,6 +122,12 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
         "probe": {"n_samples": 1, "max_new_tokens": 6, "max_prompts": 4, "show_progress": False},
         "check": {"tau": 0.5, "continuation": {"max_new_tokens": 6, "show_progress": False}},
         "warmup": {"training": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_every": 0}},
+        "distill": {
+            "objectives": ["fkl"],
+            "data": {"max_examples": 4},
+            "training": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "eval_every": 0},
+            "validation_examples": 2,
+        },
     }
 
     bootstrap_project(project_copy)
@@ -189,11 +195,13 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
         ({"check": {"rule": "entropy"}}, r"(?s)check.*rule"),
         ({"warmup": {"loss": {"loss": "ipo"}}}, r"(?s)warmup.*loss"),
         ({"probe": {"n_samples": 0}}, r"(?s)probe.*n_samples"),
+        ({"distill": {"objectives": ["fkl", "kl2"]}}, r"(?s)distill.*unknown \['kl2'\]; choose from"),
+        ({"distill": {"options": {"js": {"beta": 0.0}}}}, r"(?s)distill.*options\.js.*beta"),
     ],
 )
 def test_bad_stage_parameters_fail_before_any_node(project_copy: Path, params, message) -> None:
     with pytest.raises(Exception, match=message):
-        _run(project_copy, ["probe", "check", "warmup"], **params)
+        _run(project_copy, ["probe", "check", "warmup", "distill"], **params)
     assert not (project_copy / "data/07_model_output").exists()
 
 
@@ -205,3 +213,25 @@ def test_probe_alone_is_deterministic(project_copy: Path) -> None:
     pd.testing.assert_frame_equal(
         pd.read_parquet(first / "rollouts.parquet"), pd.read_parquet(second / "rollouts.parquet")
     )
+
+
+def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
+    _run(project_copy, ["data", "bootstrap", "probe", "check", "warmup"])
+    _run(project_copy, ["distill"])  # conf/test: variants vanilla, warmup x objectives fkl, js
+    cells = [f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")]
+    for cell in cells:
+        checkpoint = _latest(project_copy / f"data/06_models/distilled/{cell}.student")
+        meta = json.loads((checkpoint / "checkpoint_meta.json").read_text())
+        assert (meta["variant"], meta["objective"]) == tuple(cell.split("."))
+        assert _latest(project_copy / f"data/08_reporting/distill/{cell}.distill_metrics.json").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+    distill_runs = [r for r in runs if r.data.tags.get("stage") == "distill"]
+    assert sorted(f"{r.data.tags['variant']}.{r.data.tags['objective']}" for r in distill_runs) == sorted(
+        cells
+    )
+    assert all("kd" in r.data.metrics and "eval/validation_kl" in r.data.metrics for r in distill_runs)
+
+    _run(project_copy, ["distill"], distill={"variants": ["warmup"], "objectives": ["fkl"]})
+    assert len(_versions(project_copy / "data/06_models/distilled/warmup.fkl.student")) == 2
+    assert len(_versions(project_copy / "data/06_models/distilled/vanilla.fkl.student")) == 1

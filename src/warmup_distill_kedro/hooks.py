@@ -7,7 +7,7 @@ Configured by the ``mlflow:`` block of ``conf/<env>/mlflow*.yml`` (see ``trackin
   parameters flattened (``training.lr``).
 * nodes tagged ``training``: a child run (parentRunId = the parent) from ``before_node_run`` to
   ``after_node_run``, active in the node's thread so ``tracking.log_step_metrics`` lands in it. Tags:
-  ``stage`` (the node's namespace, else its first other tag in sorted order), ``variant`` / ``objective``
+  ``stage`` (the node's first other tag in sorted order, else its namespace), ``variant`` / ``objective``
   (from node tags ``variant.<x>`` / ``objective.<y>``; Kedro 1.7 allows only ``[\\w.-]`` in tags, so
   ``variant:<x>`` cannot be a node tag, but it is accepted too), and the node's ``params:`` inputs.
 * dict outputs whose dataset name ends with ``_metrics``: numeric leaves become metrics of the node's child
@@ -153,7 +153,8 @@ def node_run_tags(node: Node) -> dict[str, str]:
     tags = {"kedro.node": node.name, "kedro.node_tags": ",".join(sorted(node.tags))}
     labels = ("variant.", "variant:", "objective.", "objective:")
     other = sorted(t for t in node.tags if t != TRAINING_TAG and not t.startswith(labels))
-    stage = node.namespace or (other[0] if other else None)
+    # The stage is the pipeline's tag (namespaces name grid cells such as "vanilla.fkl", not stages).
+    stage = (other[0] if other else None) or node.namespace
     if stage:
         tags["stage"] = stage
     for name in ("variant", "objective"):

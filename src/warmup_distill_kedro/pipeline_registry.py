@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from kedro.pipeline import Pipeline
 
-from warmup_distill_kedro.pipelines import bootstrap, check, data, probe, warmup
+from warmup_distill_kedro.pipelines import bootstrap, check, data, distill, probe, warmup
 
 # Every stage, in the order of the demo flow. Later stages join this mapping as they land.
 STAGES: dict[str, Callable[[], Pipeline]] = {
@@ -23,6 +23,7 @@ STAGES: dict[str, Callable[[], Pipeline]] = {
     "probe": probe.create_pipeline,
     "check": check.create_pipeline,
     "warmup": warmup.create_pipeline,
+    "distill": distill.create_pipeline,
 }
 DEMO_ONLY = ("bootstrap",)  # builds tiny models from configs; real checkpoints replace it
 

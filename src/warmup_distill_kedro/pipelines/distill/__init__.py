@@ -1,0 +1,5 @@
+"""The `distill` pipeline."""
+
+from warmup_distill_kedro.pipelines.distill.pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]
