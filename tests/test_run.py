@@ -235,3 +235,29 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     _run(project_copy, ["distill"], distill={"variants": ["warmup"], "objectives": ["fkl"]})
     assert len(_versions(project_copy / "data/06_models/distilled/warmup.fkl.student")) == 2
     assert len(_versions(project_copy / "data/06_models/distilled/vanilla.fkl.student")) == 1
+
+
+def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
+    own_tokenizer = {"bootstrap": {"tokenizers": {"teacher": {"vocab_size": 280}}}}
+    _run(project_copy, ["data", "bootstrap", "probe", "check", "warmup"], **own_tokenizer)
+
+    teacher_vocab = json.loads(
+        (_latest(project_copy / "data/06_models/teacher_tokenizer") / "tokenizer.json").read_text()
+    )
+    student_vocab = json.loads(
+        (_latest(project_copy / "data/06_models/student_tokenizer") / "tokenizer.json").read_text()
+    )
+    assert len(teacher_vocab["model"]["vocab"]) != len(student_vocab["model"]["vocab"])
+    scored = pd.read_parquet(_latest(project_copy / "data/07_model_output/scored_rollouts.parquet"))
+    # The teacher read the responses in its own tokens, mapped back to the text by character offsets.
+    assert any(
+        list(t)[: len(s)] != list(s)
+        for t, s in zip(scored["teacher_token_ids"], scored["token_ids"], strict=True)
+    )
+    for row in scored.itertuples():
+        assert len(row.teacher_logprobs) == len(row.teacher_token_ids) == len(row.flags)
+        assert all(0 <= start <= len(row.response) for start in row.teacher_char_starts)
+    assert len(pd.read_parquet(_latest(project_copy / "data/07_model_output/corrected_set.parquet"))) > 0
+
+    with pytest.raises(Exception, match=r"tokenizers differ.*dskd_cma"):
+        _run(project_copy, ["distill"])
