@@ -261,3 +261,22 @@ def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
 
     with pytest.raises(Exception, match=r"tokenizers differ.*dskd_cma"):
         _run(project_copy, ["distill"])
+
+
+@pytest.mark.parametrize("mode", ["on_policy", "adaptive", "sequence_kd"])
+def test_distill_data_modes(project_copy: Path, mode: str) -> None:
+    _run(project_copy, ["data", "bootstrap"])
+    data = {"mode": mode, "lmbda": 1.0, "initial_share": 1.0, "sampling": {"max_new_tokens": 4}}
+    _run(project_copy, ["distill"], distill={"variants": ["vanilla"], "objectives": ["fkl"], "data": data})
+
+    metrics = json.loads(
+        _latest(project_copy / "data/08_reporting/distill/vanilla.fkl.distill_metrics.json").read_text()
+    )
+    assert metrics["data_mode"] == mode
+    kd_examples = pd.read_parquet(_latest(project_copy / "data/05_model_input/kd_examples.parquet"))
+    if mode == "sequence_kd":  # the teacher's own responses replace the gold ones
+        assert (kd_examples["response"] != kd_examples["gold_response"]).any()
+        assert "batches_sampled" not in metrics
+    else:
+        assert (kd_examples["response"] == kd_examples["gold_response"]).all()
+        assert metrics["batches_sampled"] >= 1 and metrics["batches_gold"] == 0

@@ -11,8 +11,11 @@ import pandas as pd
 import torch
 
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX, collate, encode_examples
+from warmup_distill_kedro.core.kd_data import StudentSampledBatches
 from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
 from warmup_distill_kedro.core.objectives import KDConfig, distillation_loss, kd_loss
+from warmup_distill_kedro.core.sampling import generate
+from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
@@ -21,10 +24,40 @@ from warmup_distill_kedro.tracking import log_step_metrics
 logger = logging.getLogger(__name__)
 
 
+def prepare_kd_examples(
+    teacher: Checkpoint, train_examples: pd.DataFrame, params: DistillParams
+) -> pd.DataFrame:
+    """The KD training set every cell shares: the selected training examples; for `sequence_kd`, with
+    the teacher's greedy responses in place of the gold ones (the gold kept as `gold_response`)."""
+    data = params.data
+    examples = train_examples.iloc[data.skip_examples :]
+    if data.max_examples is not None:
+        examples = examples.head(data.max_examples)
+    if examples.empty:
+        raise ValueError(
+            f"distill: no training examples left after distill.data.skip_examples={data.skip_examples} "
+            f"({len(train_examples)} in the training split)"
+        )
+    examples = examples.reset_index(drop=True).assign(gold_response=lambda t: t["response"])
+    if data.mode != "sequence_kd":
+        return examples
+    greedy = data.sampling.model_copy(update={"do_sample": False})
+    generations = generate(
+        teacher.model, teacher.tokenizer, examples["prompt"].tolist(), greedy, desc="teacher writes"
+    )
+    # The generated text starts with the separator the task puts between prompt and response.
+    responses = [g.text.removeprefix(RESPONSE_SEPARATOR) for g in generations]
+    logger.info(
+        "sequence_kd: the teacher wrote %d responses (%.1f%% finished)",
+        len(responses), 100 * sum(g.finished for g in generations) / len(generations),
+    )  # fmt: skip
+    return examples.assign(response=responses)
+
+
 def distill_student(
     teacher: Checkpoint,
     student: Checkpoint,
-    train_examples: pd.DataFrame,
+    kd_examples: pd.DataFrame,
     validation_examples: pd.DataFrame,
     params: DistillParams,
     variant: str,
@@ -41,14 +74,7 @@ def distill_student(
     )
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
-    examples = train_examples.iloc[params.data.skip_examples :]
-    if params.data.max_examples is not None:
-        examples = examples.head(params.data.max_examples)
-    if examples.empty:
-        raise ValueError(
-            f"distill: no training examples left after distill.data.skip_examples={params.data.skip_examples}"
-        )
-    encoded, report = encode_examples(tokenizer, examples, params.max_length)
+    encoded, report = encode_examples(tokenizer, kd_examples, params.max_length)
     validation, _ = encode_examples(
         tokenizer, validation_examples.head(params.validation_examples), params.max_length
     )
@@ -60,10 +86,16 @@ def distill_student(
             teacher_logits = _logits(teacher_model.to(batch["input_ids"].device), batch)
         return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size)
 
+    source = _data_source(encoded, model, tokenizer, params, pad_id)
+
     def heldout(model: torch.nn.Module) -> dict[str, float]:
-        return heldout_statistics(
+        statistics = heldout_statistics(
             model, teacher_model, validation, pad_id, params.training.batch_size, vocab_size
         )
+        if isinstance(source, StudentSampledBatches):  # adaptive: a stalled validation loss raises the share
+            source.observe_validation(statistics["validation_nll"])
+            statistics["student_sampled_share"] = source.share
+        return statistics
 
     logger.info(
         "distill %s/%s: %d sequences (%d cut), %s, T %.1f, kd_rate %.2f",
@@ -72,9 +104,7 @@ def distill_student(
     run = TrainingRun(
         model,
         loss_fn,
-        ShuffledBatches(
-            encoded, params.training.batch_size, lambda b: collate(b, pad_id), params.training.seed
-        ),
+        source,
         params.training,
         eval_fn=heldout,
         metrics_sink=log_step_metrics,
@@ -88,6 +118,8 @@ def distill_student(
         "objective": objective,
         "steps": result.steps,
         "train_sequences": report.n_examples,
+        "data_mode": params.data.mode,
+        **(_source_counts(source)),
         **{f"initial_{k}": v for k, v in initial.items()},
         **{k.replace("eval/", "final_"): v for k, v in result.final_eval.items()},
     }
@@ -102,6 +134,22 @@ def distill_student(
         "kd": kd.model_dump(mode="json"),
     }
     return Checkpoint(model=result.model, tokenizer=tokenizer, metadata=metadata), metrics
+
+
+def _data_source(encoded, model, tokenizer, params: DistillParams, pad_id: int):
+    """Gold batches (off_policy, sequence_kd) or gold batches partly replaced by student samples."""
+    training = params.training
+    if params.data.mode in ("on_policy", "adaptive"):
+        return StudentSampledBatches(
+            encoded, model, tokenizer, params.data, training.batch_size, training.seed, params.max_length
+        )
+    return ShuffledBatches(encoded, training.batch_size, lambda b: collate(b, pad_id), training.seed)
+
+
+def _source_counts(source: Any) -> dict[str, int]:
+    if isinstance(source, StudentSampledBatches):
+        return {f"batches_{kind}": count for kind, count in source.counts.items()}
+    return {}
 
 
 def shared_vocabulary_size(teacher: Checkpoint, student: Checkpoint, objective: str) -> int:
@@ -164,13 +212,11 @@ def cell_function(variant: str, objective: str) -> Callable[..., tuple[Checkpoin
     def distill(
         teacher: Checkpoint,
         student: Checkpoint,
-        train_examples: pd.DataFrame,
+        kd_examples: pd.DataFrame,
         validation_examples: pd.DataFrame,
         params: DistillParams,
     ) -> tuple[Checkpoint, dict[str, Any]]:
-        return distill_student(
-            teacher, student, train_examples, validation_examples, params, variant, objective
-        )
+        return distill_student(teacher, student, kd_examples, validation_examples, params, variant, objective)
 
     distill.__name__ = distill.__qualname__ = f"distill_{variant}_{objective}"
     return distill

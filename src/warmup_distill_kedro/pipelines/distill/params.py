@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from warmup_distill_kedro.core.kd_data import KDDataConfig
 from warmup_distill_kedro.core.objectives import OBJECTIVES, validate_options
 from warmup_distill_kedro.core.training import TrainingConfig
 from warmup_distill_kedro.pipelines.distill.grid import VARIANTS
-
-
-class KDDataParams(BaseModel):
-    """Where the KD sequences come from."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["off_policy"] = Field("off_policy", description="off_policy: the gold responses")
-    skip_examples: int = Field(0, ge=0, description="skip the first N training examples")
-    max_examples: int | None = Field(None, gt=0, description="use at most N training examples")
 
 
 class DistillParams(BaseModel):
@@ -34,7 +23,7 @@ class DistillParams(BaseModel):
     options: dict[str, dict[str, float | bool]] = Field(
         {}, description="per-objective options, e.g. {js: {beta: 0.5}, skl: {alpha: 0.1}}"
     )
-    data: KDDataParams = KDDataParams()
+    data: KDDataConfig = KDDataConfig()
     training: TrainingConfig
     max_length: int = Field(192, gt=8)
     validation_examples: int = Field(256, gt=0)

@@ -10,13 +10,24 @@ read the same teacher, data and `params:distill`, and write `<variant>.<objectiv
 from kedro.pipeline import Pipeline, node
 
 from warmup_distill_kedro.pipelines.distill.grid import STARTING_CHECKPOINTS, grid_cells
-from warmup_distill_kedro.pipelines.distill.nodes import cell_function
+from warmup_distill_kedro.pipelines.distill.nodes import cell_function, prepare_kd_examples
 
-_SHARED_INPUTS = ("teacher_model", "train_examples", "validation_examples")  # not namespaced
+_SHARED_INPUTS = ("teacher_model", "kd_examples", "validation_examples")  # not namespaced
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return sum((_cell(variant, objective) for variant, objective in grid_cells()), Pipeline([]))
+    shared = Pipeline(
+        [
+            node(
+                prepare_kd_examples,
+                ["teacher_model", "train_examples", "params:distill"],
+                "kd_examples",
+                name="prepare_kd_examples",
+                tags=["distill"],
+            )
+        ]
+    )
+    return sum((_cell(variant, objective) for variant, objective in grid_cells()), shared)
 
 
 def _cell(variant: str, objective: str) -> Pipeline:
@@ -24,7 +35,7 @@ def _cell(variant: str, objective: str) -> Pipeline:
         [
             node(
                 cell_function(variant, objective),
-                ["teacher_model", "student_start", "train_examples", "validation_examples", "params:distill"],
+                ["teacher_model", "student_start", "kd_examples", "validation_examples", "params:distill"],
                 ["student", "distill_metrics"],
                 name="distill",
                 tags=["distill", "training", f"variant.{variant}", f"objective.{objective}"],
