@@ -86,13 +86,16 @@ def test_a_bad_parameter_fails_before_any_node_runs(project_copy: Path) -> None:
     assert not (project_copy / "data/02_intermediate/examples.parquet").exists()
 
 
-def _save_hugging_face_folder(folder: Path, hidden_size: int, tokenizer) -> None:
-    """A checkpoint laid out as on the Hub: weights, config and tokenizer files in one folder."""
+def _save_hugging_face_folder(folder: Path, hidden_size: int, tokenizer, padding_rows: int = 0) -> None:
+    """A checkpoint laid out as on the Hub: weights, config and tokenizer files in one folder; with
+    embedding rows no token uses, as Qwen2.5 pads 151665 ids to 151936 (1.5B) or 152064 (7B) rows."""
     model = build_model(
         ModelSize(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
         tokenizer,
         seed=0,
     )
+    if padding_rows:
+        model.resize_token_embeddings(len(tokenizer) + padding_rows)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -112,8 +115,8 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     tokenizer = train_bpe_tokenizer(
         [p["question"] + p["answer"] for p in problems], TokenizerConfig(vocab_size=300)
     )
-    _save_hugging_face_folder(project_copy / "teacher", 32, tokenizer)
-    _save_hugging_face_folder(project_copy / "student", 16, tokenizer)
+    _save_hugging_face_folder(project_copy / "teacher", 32, tokenizer, padding_rows=13)
+    _save_hugging_face_folder(project_copy / "student", 16, tokenizer, padding_rows=5)
     runtime_params = {
         "teacher_checkpoint": str(project_copy / "teacher"),
         "student_checkpoint": str(project_copy / "student"),
@@ -142,6 +145,9 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     assert set(splits[0]["task"]) == {"math"}
     assert teacher.model.config.hidden_size == 32 and student.model.config.hidden_size == 16
     assert teacher.model.dtype == torch.bfloat16  # load_args of the gpu catalog
+    # Different padded vocabularies: distill (run above) compared only the rows both tokenizers use.
+    assert teacher.model.get_output_embeddings().out_features == len(tokenizer) + 13
+    assert student.model.get_output_embeddings().out_features == len(tokenizer) + 5
     text = "Tom has 7 apples and buys 3 more."
     expected = tokenizer(text, add_special_tokens=False)["input_ids"]
     for checkpoint in (teacher, student):

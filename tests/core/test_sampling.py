@@ -216,3 +216,18 @@ def test_sampling_config_validation():
         SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValidationError, match="top_p"):
         SamplingConfig(top_p=1.5)
+
+
+def test_padding_rows_are_never_generated(tokenizer):
+    padded = build_model(SIZE, tokenizer, seed=0)
+    padded.resize_token_embeddings(len(tokenizer) + 40)
+    ids = torch.tensor([_ids(tokenizer, PROMPTS[0])])
+    with torch.no_grad():  # make a padding row the most likely next token
+        logits = padded(input_ids=ids).logits[0, -1, : len(tokenizer)]
+        head = padded.get_output_embeddings().weight
+        head[len(tokenizer) :] = head[int(logits.argmax())] * (3.0 if logits.max() > 0 else -3.0)
+        assert int(padded(input_ids=ids).logits[0, -1].argmax()) >= len(tokenizer)  # the trap is set
+    generations = generate(padded, tokenizer, PROMPTS[:1], _config(max_new_tokens=6))
+    assert generations[0].token_ids and all(t < len(tokenizer) for t in generations[0].token_ids)
+    # Log-probabilities are normalised over the tokenizer's ids only.
+    assert generations[0].logprobs[0] == pytest.approx(float(logits.log_softmax(-1).max()), abs=1e-5)

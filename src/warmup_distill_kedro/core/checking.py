@@ -126,8 +126,11 @@ def score_responses(
     top_k: int = 1,
     desc: str = "score",
     show_progress: bool = True,
+    vocab_size: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(log-probs, argmax ids, in-top-k) of every response token, in batched teacher forward passes.
+
+    `vocab_size` (the tokenizer's size) drops embedding rows that name no token (Qwen2.5's padding).
 
     Only the response rows of the logits go through a float32 log-softmax, one sequence at a time, so a
     152k vocabulary never needs a [batch, length, vocab] float32 tensor.
@@ -150,7 +153,7 @@ def score_responses(
         for r, i in enumerate(rows):
             start, n = len(prompt_ids[i]), len(response_ids[i])
             # Position t of the logits predicts token t + 1.
-            logprobs = logits[r, start - 1 : start - 1 + n].float().log_softmax(-1)
+            logprobs = logits[r, start - 1 : start - 1 + n, :vocab_size].float().log_softmax(-1)
             targets = torch.tensor(response_ids[i], device=device, dtype=torch.long)
             chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1).indices

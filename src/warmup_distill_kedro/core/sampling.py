@@ -81,10 +81,10 @@ def generate_from_ids(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed * 1_000_003 + batch_index)
             output = _generate_batch(
-                model, input_ids.to(device), attention_mask.to(device), config, eos_id, pad_id
+                model, input_ids.to(device), attention_mask.to(device), config, eos_id, pad_id, len(tokenizer)
             )
         new_ids = output.sequences[:, width:].cpu()
-        logprobs = torch.stack(output.logits, dim=1).float().log_softmax(-1).cpu()
+        logprobs = torch.stack(output.logits, dim=1)[..., : len(tokenizer)].float().log_softmax(-1).cpu()
         token_logprobs = logprobs.gather(-1, new_ids[:, : logprobs.shape[1]].unsqueeze(-1)).squeeze(-1)
         for r, i in enumerate(rows):
             ids = new_ids[r].tolist()
@@ -101,7 +101,12 @@ def generate_from_ids(
     return [g for g in results if g is not None]
 
 
-def _generate_batch(model, input_ids, attention_mask, config: SamplingConfig, eos_id: int, pad_id: int):
+def _generate_batch(
+    model, input_ids, attention_mask, config: SamplingConfig, eos_id: int, pad_id: int, n_tokens: int
+):
+    # Embedding rows beyond the tokenizer (Qwen2.5 pads 151665 ids to 151936 rows) name no token.
+    rows = model.get_output_embeddings().out_features
+    padding_rows = list(range(n_tokens, rows)) if rows > n_tokens else None
     return model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -112,6 +117,7 @@ def _generate_batch(model, input_ids, attention_mask, config: SamplingConfig, eo
         top_k=(config.top_k or 0) if config.do_sample else None,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        suppress_tokens=padding_rows,
         return_dict_in_generate=True,
         output_logits=True,
     )

@@ -175,7 +175,7 @@ def _teacher_mean_logprobs(teacher: Checkpoint, pairs: pd.DataFrame, params: Che
     response_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos_id] for c in pairs["chosen"]]
     scores = score_responses(
         teacher.model, prompt_ids, response_ids, params.batch_size, desc="teacher scores corrections",
-        show_progress=params.show_progress,
+        show_progress=params.show_progress, vocab_size=len(tokenizer),
     )  # fmt: skip
     return [float(np.mean(logprobs)) for logprobs, _, _ in scores]
 
