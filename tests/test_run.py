@@ -286,3 +286,32 @@ def test_distill_data_modes(project_copy: Path, mode: str) -> None:
     else:
         assert (kd_examples["response"] == kd_examples["gold_response"]).all()
         assert metrics["batches_sampled"] >= 1 and metrics["batches_gold"] == 0
+
+
+@pytest.mark.parametrize(("objective", "own_teacher_tokenizer"), [("dskd", False), ("dskd_cma", True)])
+def test_dual_space_cells(project_copy: Path, objective: str, own_teacher_tokenizer: bool) -> None:
+    tokenizers = {"teacher": {"vocab_size": 280}} if own_teacher_tokenizer else {"teacher": None}
+    _run(project_copy, ["data", "bootstrap"], bootstrap={"tokenizers": tokenizers})
+    cell = {"variants": ["vanilla"], "objectives": [objective], "options": {objective: {"pretrain_steps": 2}}}
+    _run(project_copy, ["distill"], distill=cell)
+
+    checkpoint = _latest(project_copy / f"data/06_models/distilled/vanilla.{objective}.student")
+    assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["kd"]["projector_lr"] == 1e-3
+    assert (checkpoint / "config.json").is_file()  # the plain student, without its projectors
+    metrics = json.loads(
+        _latest(
+            project_copy / f"data/08_reporting/distill/vanilla.{objective}.distill_metrics.json"
+        ).read_text()
+    )
+    assert "final_validation_nll" in metrics
+    assert ("final_validation_kl" in metrics) == (
+        not own_teacher_tokenizer
+    )  # no token-level KL across tokenizers
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    [run] = [
+        r
+        for r in mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+        if r.data.tags.get("objective") == objective
+    ]
+    for metric in ("kd_student", "kd_teacher", "ce_t2s", "t2s_accuracy", "projector_pretraining/ce_t2s"):
+        assert metric in run.data.metrics, metric

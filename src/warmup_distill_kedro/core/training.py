@@ -119,7 +119,7 @@ class TrainingRun:
         data: BatchSource,
         config: TrainingConfig,
         *,
-        extra_parameter_groups: Sequence[dict[str, Any]] = (),
+        parameter_groups: Sequence[dict[str, Any]] | None = None,
         eval_fn: EvalFn | None = None,
         metrics_sink: MetricsSink | None = None,
         name: str = "train",
@@ -135,9 +135,10 @@ class TrainingRun:
             mixed_precision=config.mixed_precision,
         )
         seed_everything(config.seed)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": trainable}, *extra_parameter_groups]
-        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # Default: every trainable parameter at the configured rate. A stage with parts that learn at
+        # their own rate (DSKD's projectors) passes its groups; a group without "lr" gets the default.
+        groups = parameter_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        optimizer = torch.optim.AdamW(list(groups), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Stepped by hand, once per optimizer step: accelerate's wrapper would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

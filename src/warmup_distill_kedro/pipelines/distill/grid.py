@@ -16,7 +16,7 @@ from kedro.framework.hooks import hook_impl
 VARIANTS: tuple[str, ...] = ("vanilla", "warmup")
 # Which checkpoint each variant starts distillation from.
 STARTING_CHECKPOINTS: dict[str, str] = {"vanilla": "student_model", "warmup": "student_warmup"}
-DEFAULT_OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "skl", "srkl", "akl")
+DEFAULT_OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "skl", "srkl", "akl", "dskd")
 
 _distill_parameters: dict[str, Any] = {}
 

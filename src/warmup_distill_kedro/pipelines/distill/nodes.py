@@ -5,11 +5,21 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
+from warmup_distill_kedro.core.dskd import (
+    DSKDConfig,
+    StudentWithProjectors,
+    collate_dual,
+    dskd_cma_loss,
+    dskd_loss,
+    encode_dual,
+    projector_pretraining_loss,
+)
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX, collate, encode_examples
 from warmup_distill_kedro.core.kd_data import StudentSampledBatches
 from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
@@ -18,7 +28,7 @@ from warmup_distill_kedro.core.sampling import generate
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
-from warmup_distill_kedro.pipelines.distill.params import DistillParams
+from warmup_distill_kedro.pipelines.distill.params import DUAL_SPACE_OBJECTIVES, DistillParams
 from warmup_distill_kedro.tracking import log_step_metrics
 
 logger = logging.getLogger(__name__)
@@ -64,14 +74,6 @@ def distill_student(
     objective: str,
 ) -> tuple[Checkpoint, dict[str, Any]]:
     """Distill `teacher` into a copy of `student` with one objective; the teacher stays frozen."""
-    vocab_size = shared_vocabulary_size(teacher, student, objective)
-    kd = KDConfig(
-        objective=objective,
-        temperature=params.temperature,
-        kd_rate=params.kd_rate,
-        options=params.options.get(objective, {}),
-        chunk_size=params.chunk_size,
-    )
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
     encoded, report = encode_examples(tokenizer, kd_examples, params.max_length)
@@ -79,18 +81,15 @@ def distill_student(
         tokenizer, validation_examples.head(params.validation_examples), params.max_length
     )
     teacher_model = teacher.model.eval().requires_grad_(False)
-    model = copy.deepcopy(student.model)
-
-    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        with torch.no_grad():
-            teacher_logits = _logits(teacher_model.to(batch["input_ids"].device), batch)
-        return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size)
-
-    source = _data_source(encoded, model, tokenizer, params, pad_id)
+    if objective in DUAL_SPACE_OBJECTIVES:
+        cell = _dual_space_cell(teacher, student, kd_examples, encoded, params, objective)
+    else:
+        cell = _token_level_cell(teacher, student, encoded, params, objective)
+    source = cell.source
 
     def heldout(model: torch.nn.Module) -> dict[str, float]:
         statistics = heldout_statistics(
-            model, teacher_model, validation, pad_id, params.training.batch_size, vocab_size
+            cell.student, teacher_model, validation, pad_id, params.training.batch_size, cell.shared_vocab
         )
         if isinstance(source, StudentSampledBatches):  # adaptive: a stalled validation loss raises the share
             source.observe_validation(statistics["validation_nll"])
@@ -98,19 +97,22 @@ def distill_student(
         return statistics
 
     logger.info(
-        "distill %s/%s: %d sequences (%d cut), %s, T %.1f, kd_rate %.2f",
-        variant, objective, report.n_examples, report.n_truncated, objective, kd.temperature, kd.kd_rate,
+        "distill %s/%s: %d sequences (%d cut), T %.1f, kd_rate %.2f",
+        variant, objective, report.n_examples, report.n_truncated, params.temperature, params.kd_rate,
     )  # fmt: skip
+    if cell.pretrain is not None:
+        cell.pretrain()
     run = TrainingRun(
-        model,
-        loss_fn,
+        cell.model,
+        cell.loss_fn,
         source,
         params.training,
+        parameter_groups=cell.parameter_groups,
         eval_fn=heldout,
         metrics_sink=log_step_metrics,
         name=f"distill {variant}/{objective}",
     )
-    initial = heldout(model)
+    initial = heldout(cell.model)
     log_step_metrics({f"eval/{k}": v for k, v in initial.items()}, 0)
     result = run.run()
     metrics: dict[str, Any] = {
@@ -129,16 +131,140 @@ def distill_student(
         "stage": "distill",
         "variant": variant,
         "objective": objective,
-        "parameters": count_parameters(result.model),
+        "parameters": count_parameters(cell.student),
         "steps": result.steps,
-        "kd": kd.model_dump(mode="json"),
+        "kd": cell.config.model_dump(mode="json"),
     }
-    return Checkpoint(model=result.model, tokenizer=tokenizer, metadata=metadata), metrics
+    return Checkpoint(model=cell.student, tokenizer=tokenizer, metadata=metadata), metrics
 
 
-def _data_source(encoded, model, tokenizer, params: DistillParams, pad_id: int):
+@dataclass
+class _Cell:
+    """What one grid cell trains, how, and on what."""
+
+    model: torch.nn.Module  # what the loop trains (the student, or the student with its projectors)
+    student: torch.nn.Module  # the causal LM inside it: evaluated and saved
+    loss_fn: Callable[..., Any]
+    source: Any
+    config: KDConfig | DSKDConfig
+    shared_vocab: int | None  # tokens both models share (None: different tokenizers, no token-level KL)
+    parameter_groups: list[dict[str, Any]] | None = None
+    pretrain: Callable[[], None] | None = None
+
+
+def _token_level_cell(
+    teacher: Checkpoint, student: Checkpoint, encoded: list, params: DistillParams, objective: str
+) -> _Cell:
+    """fkl, rkl, js, ...: the two models' distributions compared token by token."""
+    vocab_size = shared_vocabulary_size(teacher, student, objective)
+    kd = KDConfig(
+        objective=objective,
+        temperature=params.temperature,
+        kd_rate=params.kd_rate,
+        options=params.options.get(objective, {}),
+        chunk_size=params.chunk_size,
+    )
+    model = copy.deepcopy(student.model)
+    teacher_model = teacher.model
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        with torch.no_grad():
+            teacher_logits = _logits(teacher_model.to(batch["input_ids"].device), batch)
+        return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size)
+
+    source = _data_source(encoded, model, student.tokenizer, params)
+    return _Cell(model, model, loss_fn, source, kd, vocab_size)
+
+
+def _dual_space_cell(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    kd_examples: pd.DataFrame,
+    encoded: list,
+    params: DistillParams,
+    objective: str,
+) -> _Cell:
+    """dskd (one tokenizer) and dskd_cma (two): projectors carry each model's hidden states into the
+    other's output space (core.dskd); the projectors learn at their own rate and may be pre-trained."""
+    options = dict(params.options.get(objective, {}))
+    pretrain_steps = int(options.pop("pretrain_steps", 0))
+    config = DSKDConfig(
+        divergence=options.pop("divergence", "fkl"),
+        projector_lr=options.pop("projector_lr", 1e-3),
+        options=options,
+        temperature=params.temperature,
+        kd_rate=params.kd_rate,
+        chunk_size=params.chunk_size,
+    )
+    cross = objective == "dskd_cma"
+    wrapper = StudentWithProjectors(
+        copy.deepcopy(student.model), teacher.model.config.hidden_size, cross_attention=cross
+    )
+    teacher_model = teacher.model
+    training = params.training
+    if cross:
+        if params.data.mode in ("on_policy", "adaptive"):
+            raise ValueError(
+                f"distill: {objective} trains on fixed text; use data.mode off_policy or sequence_kd"
+            )
+        student_examples, teacher_examples = encode_dual(
+            student.tokenizer,
+            teacher.tokenizer,
+            kd_examples["prompt"].tolist(),
+            [RESPONSE_SEPARATOR + r for r in kd_examples["response"]],
+            params.max_length,
+        )
+        pads = eos_and_pad_ids(student.tokenizer)[1], eos_and_pad_ids(teacher.tokenizer)[1]
+        source = ShuffledBatches(
+            list(zip(student_examples, teacher_examples, strict=True)),
+            training.batch_size,
+            lambda pairs: collate_dual([s for s, _ in pairs], [t for _, t in pairs], *pads),
+            training.seed,
+        )
+        sizes = len(student.tokenizer), len(teacher.tokenizer)
+        shared_vocab = None
+
+        def loss_fn(model, batch):
+            return dskd_cma_loss(model, teacher_model.to(batch["input_ids"].device), batch, config, *sizes)
+    else:
+        shared_vocab = shared_vocabulary_size(teacher, student, objective)
+        source = _data_source(encoded, wrapper.student, student.tokenizer, params)
+
+        def loss_fn(model, batch):
+            return dskd_loss(model, teacher_model.to(batch["input_ids"].device), batch, config, shared_vocab)
+
+    def pretrain() -> None:
+        """Projectors alone (the CE of the projected teacher): a DSKD-specific warmup of the projectors."""
+        TrainingRun(
+            wrapper,
+            lambda model, batch: projector_pretraining_loss(
+                model, teacher_model.to(batch["input_ids"].device), batch, len(student.tokenizer)
+            ),
+            source,
+            training.model_copy(update={"max_steps": pretrain_steps, "eval_every": 0}),
+            parameter_groups=[{"params": wrapper.projector_parameters(), "lr": config.projector_lr}],
+            metrics_sink=lambda metrics, step: log_step_metrics(
+                {f"projector_pretraining/{k}": v for k, v in metrics.items()}, step
+            ),
+            name=f"{objective} projectors",
+        ).run()
+
+    return _Cell(
+        model=wrapper,
+        student=wrapper.student,
+        loss_fn=loss_fn,
+        source=source,
+        config=config,
+        shared_vocab=shared_vocab,
+        parameter_groups=wrapper.parameter_groups(training.learning_rate, config.projector_lr),
+        pretrain=pretrain if pretrain_steps > 0 else None,
+    )
+
+
+def _data_source(encoded, model, tokenizer, params: DistillParams):
     """Gold batches (off_policy, sequence_kd) or gold batches partly replaced by student samples."""
     training = params.training
+    _, pad_id = eos_and_pad_ids(tokenizer)
     if params.data.mode in ("on_policy", "adaptive"):
         return StudentSampledBatches(
             encoded, model, tokenizer, params.data, training.batch_size, training.seed, params.max_length
@@ -171,28 +297,36 @@ def heldout_statistics(
     encoded: list,
     pad_id: int,
     batch_size: int,
-    vocab_size: int,
+    vocab_size: int | None,
 ) -> dict[str, float]:
-    """Gold-response NLL of the student and KL(teacher || student) at temperature 1, token means."""
+    """Gold-response NLL of the student and KL(teacher || student) at temperature 1, token means.
+
+    `vocab_size` None: the models do not share a tokenizer, so there is no token-level KL to report.
+    """
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
     nll, kl, tokens = 0.0, 0.0, 0.0
     for start in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
-        student_logits, teacher_logits = _logits(student, batch), _logits(teacher.to(device), batch)
+        student_logits = _logits(student, batch)
         mask = batch["labels"][:, 1:] != IGNORE_INDEX
         n = float(mask.sum())
         nll += n * _ce(student_logits, batch["labels"], vocab_size)
-        kl += n * float(
-            kd_loss("fkl", student_logits[:, :-1], teacher_logits[:, :-1], mask, vocab_size=vocab_size)
-        )
+        if vocab_size is not None:
+            teacher_logits = _logits(teacher.to(device), batch)
+            kl += n * float(
+                kd_loss("fkl", student_logits[:, :-1], teacher_logits[:, :-1], mask, vocab_size=vocab_size)
+            )
         tokens += n
     student.train(was_training)
-    return {"validation_nll": nll / max(tokens, 1.0), "validation_kl": kl / max(tokens, 1.0)}
+    statistics = {"validation_nll": nll / max(tokens, 1.0)}
+    if vocab_size is not None:
+        statistics["validation_kl"] = kl / max(tokens, 1.0)
+    return statistics
 
 
-def _ce(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> float:
+def _ce(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None) -> float:
     return float(
         torch.nn.functional.cross_entropy(
             logits[:, :-1, :vocab_size].float().flatten(0, 1),

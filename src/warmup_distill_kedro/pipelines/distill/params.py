@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from warmup_distill_kedro.core.dskd import DSKDConfig
 from warmup_distill_kedro.core.kd_data import KDDataConfig
 from warmup_distill_kedro.core.objectives import OBJECTIVES, validate_options
 from warmup_distill_kedro.core.training import TrainingConfig
 from warmup_distill_kedro.pipelines.distill.grid import VARIANTS
+
+# Dual-space KD (arXiv 2406.17328): one tokenizer (dskd) or two, aligned by cross-model attention (dskd_cma).
+DUAL_SPACE_OBJECTIVES: tuple[str, ...] = ("dskd", "dskd_cma")
+GRID_OBJECTIVES: tuple[str, ...] = (*OBJECTIVES, *DUAL_SPACE_OBJECTIVES)
+# Options of the dual-space objectives beyond their divergence's own.
+DUAL_SPACE_OPTIONS: tuple[str, ...] = ("divergence", "projector_lr", "pretrain_steps")
 
 
 class DistillParams(BaseModel):
@@ -20,8 +29,9 @@ class DistillParams(BaseModel):
     temperature: float = Field(2.0, gt=0)
     kd_rate: float = Field(0.5, ge=0, le=1, description="loss = (1 - kd_rate) CE + kd_rate KD")
     chunk_size: int | None = Field(None, gt=0, description="positions per chunk of the KD loss; null: all")
-    options: dict[str, dict[str, float | bool]] = Field(
-        {}, description="per-objective options, e.g. {js: {beta: 0.5}, skl: {alpha: 0.1}}"
+    options: dict[str, dict[str, Any]] = Field(
+        {},
+        description="per-objective options, e.g. {js: {beta: 0.5}, dskd: {divergence: fkl, projector_lr: 0.001}}",
     )
     data: KDDataConfig = KDDataConfig()
     training: TrainingConfig
@@ -33,13 +43,25 @@ class DistillParams(BaseModel):
         """Unknown variants, objectives or options stop the run here, before any training."""
         if unknown := sorted(set(self.variants) - set(VARIANTS)):
             raise ValueError(f"variants: unknown {unknown}; choose from {list(VARIANTS)}")
-        if unknown := sorted(set(self.objectives) - set(OBJECTIVES)):
-            raise ValueError(f"objectives: unknown {unknown}; choose from {list(OBJECTIVES)}")
+        if unknown := sorted(set(self.objectives) - set(GRID_OBJECTIVES)):
+            raise ValueError(f"objectives: unknown {unknown}; choose from {list(GRID_OBJECTIVES)}")
         for objective, options in self.options.items():
-            if objective not in OBJECTIVES:
-                raise ValueError(f"options: unknown objective {objective!r}; choose from {list(OBJECTIVES)}")
+            if objective not in GRID_OBJECTIVES:
+                raise ValueError(
+                    f"options: unknown objective {objective!r}; choose from {list(GRID_OBJECTIVES)}"
+                )
             try:
-                validate_options(objective, **options)
-            except ValueError as error:
+                if objective in DUAL_SPACE_OBJECTIVES:
+                    divergence_options = {k: v for k, v in options.items() if k not in DUAL_SPACE_OPTIONS}
+                    DSKDConfig(
+                        divergence=options.get("divergence", "fkl"),
+                        projector_lr=options.get("projector_lr", 1e-3),
+                        options=divergence_options,
+                    )
+                    if int(options.get("pretrain_steps", 0)) < 0:
+                        raise ValueError("pretrain_steps must be >= 0")
+                else:
+                    validate_options(objective, **options)
+            except ValueError as error:  # pydantic's ValidationError is a ValueError
                 raise ValueError(f"options.{objective}: {error}") from error
         return self
