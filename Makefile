@@ -38,8 +38,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The report is the last thing the demo shows: the newest version of data/08_reporting/report.md.
 demo: install
 	$(BIN)/kedro run
+	@echo; cat "$$(ls -d data/08_reporting/report.md/*/ | tail -n 1)report.md"
 
 test: install-dev
 	$(BIN)/python -m pytest

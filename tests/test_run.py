@@ -131,6 +131,12 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
             "training": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "eval_every": 0},
             "validation_examples": 2,
         },
+        "evaluate": {
+            "rouge_seeds": [0],
+            "sampling": {"max_new_tokens": 6, "show_progress": False},
+            "heldout_examples": 2,
+            "check_prompts": 2,
+        },
     }
 
     bootstrap_project(project_copy)
@@ -183,12 +189,21 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     warmup = _latest(project_copy / "data/06_models/student_warmup")
     assert (warmup / COMPLETE_MARKER).is_file()
     assert json.loads((warmup / "checkpoint_meta.json").read_text())["stage"] == "warmup"
+    control = json.loads(
+        (_latest(project_copy / "data/06_models/student_control") / "checkpoint_meta.json").read_text()
+    )
+    warmup_meta = json.loads((warmup / "checkpoint_meta.json").read_text())
+    assert control["stage"] == "warmup_control" and control["steps"] == warmup_meta["steps"]
+    control_metrics = json.loads(_latest(project_copy / "data/08_reporting/control_metrics.json").read_text())
+    assert control_metrics["rows"] == summary["n_pairs"]  # one gold row per warmup pair: the same prompts
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     warmup_run = next(r for r in runs if r.info.run_name == "warmup_student")
     for metric in ("loss", "reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp"):
         assert metric in warmup_run.data.metrics, metric
+    control_run = next(r for r in runs if r.info.run_name == "control_student")
+    assert "nll" in control_run.data.metrics and control_run.data.tags["stage"] == "control"
 
     _run(project_copy, ["warmup"])  # alone, on the latest corrected set
     assert len(_versions(project_copy / "data/06_models/student_warmup")) == 2
@@ -239,6 +254,15 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     assert all("kd" in r.data.metrics and "eval/validation_kl" in r.data.metrics for r in distill_runs)
 
     _run(project_copy, ["distill"], distill={"variants": ["warmup"], "objectives": ["fkl"]})
+    # The equal-step SFT baseline from the fairness-control student: no teacher in the loss.
+    _run(project_copy, ["distill"], distill={"variants": ["control"], "objectives": ["sft"]})
+    checkpoint = _latest(project_copy / "data/06_models/distilled/control.sft.student")
+    assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["kd"] is None
+    metrics = json.loads(
+        _latest(project_copy / "data/08_reporting/distill/control.sft.distill_metrics.json").read_text()
+    )
+    assert metrics["steps"] == 2 and "final_validation_kl" in metrics
+    assert [record["step"] for record in metrics["history"] if "loss" in record] == [1.0, 2.0]
     assert len(_versions(project_copy / "data/06_models/distilled/warmup.fkl.student")) == 2
     assert len(_versions(project_copy / "data/06_models/distilled/vanilla.fkl.student")) == 1
 
@@ -315,3 +339,54 @@ def test_dual_space_cells(project_copy: Path, objective: str, own_teacher_tokeni
     ]
     for metric in ("kd_student", "kd_teacher", "ce_t2s", "t2s_accuracy", "projector_pretraining/ce_t2s"):
         assert metric in run.data.metrics, metric
+
+
+def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
+    """`kedro run` (the default pipeline) at test size: every model evaluated, the table complete, the
+    plots written, and each evaluation logged to the MLflow run that trained the model."""
+    _run(project_copy, ["__default__"])
+
+    reporting = project_copy / "data/08_reporting"
+    subjects = ["teacher", "student", "warmup_student"] + [
+        f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")
+    ]
+    evaluations = {
+        s: json.loads(_latest(reporting / f"evaluation/{s}.evaluation_metrics.json").read_text())
+        for s in subjects
+    }
+    for subject, evaluation in evaluations.items():
+        assert evaluation["subject"] == subject
+        assert 0.0 <= evaluation["math"]["exact_match"] <= 1.0 and evaluation["math"]["n_examples"] > 0
+        assert sorted(evaluation["instruction"]["rouge_l_per_seed"]) == ["0", "1"]
+        assert evaluation["distribution"]["heldout_nll"] > 0.0
+        assert 0.0 <= evaluation["distribution"]["rejected_share"] <= 1.0
+        predictions = pd.read_parquet(
+            _latest(project_copy / f"data/07_model_output/evaluation/{subject}.predictions.parquet")
+        )
+        assert set(predictions["task"]) == {"math", "instruction"}
+    assert evaluations["teacher"]["distribution"]["heldout_kl"] is None  # no KL to itself
+    assert evaluations["warmup.fkl"]["distribution"]["heldout_kl"] >= 0.0
+
+    table = pd.read_csv(_latest(reporting / "report.csv"))
+    assert {"objective", "benchmark", "variant", "metric", "mean", "std", "n_seeds"} <= set(table.columns)
+    math = table[(table["benchmark"] == "math") & (table["metric"] == "exact_match")]
+    for subject, evaluation in evaluations.items():
+        variant, objective = evaluation["variant"], evaluation["objective"]
+        [row] = math[(math["variant"] == variant) & (math["objective"] == objective)].itertuples()
+        assert row.mean == pytest.approx(evaluation["math"]["exact_match"]), subject
+    assert (table["status"] == "ok").all()
+    markdown = _latest(reporting / "report.md").read_text()
+    assert "fkl" in markdown and "js" in markdown and "warmup" in markdown
+    for plot in ("accuracy", "kd_curves", "warmup_mismatch"):
+        assert _latest(reporting / f"report_{plot}.png").stat().st_size > 1000, plot
+
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+    by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    for run_name, subject in (("sft_teacher", "teacher"), ("warmup_student", "warmup_student"),
+                              ("warmup.fkl.distill", "warmup.fkl")):  # fmt: skip
+        run = by_name[run_name]
+        assert run.data.tags["evaluation.subject"] == subject
+        assert run.data.metrics["evaluation.math.exact_match"] == pytest.approx(
+            evaluations[subject]["math"]["exact_match"]
+        )

@@ -12,6 +12,10 @@ Configured by the ``mlflow:`` block of ``conf/<env>/mlflow*.yml`` (see ``trackin
   ``variant:<x>`` cannot be a node tag, but it is accepted too), and the node's ``params:`` inputs.
 * dict outputs whose dataset name ends with ``_metrics``: numeric leaves become metrics of the node's child
   run (plain keys) or, for other nodes, of the parent run (keys ``<dataset>.<key>``).
+* nodes tagged ``evaluation``: their ``_metrics`` outputs are also logged, as ``evaluation.<key>`` with
+  tags ``evaluation.subject`` / ``variant`` / ``objective`` / ``parent_run_id``, to the run that trained
+  the model they measure (the node's first input): the run tagged ``version.save.<model>`` with the
+  version that was loaded. So a distilled student's run holds its training curve and its test scores.
 * versioned datasets: tags ``version.load.<ds>`` / ``version.save.<ds>`` on the parent run and on the
   child run of the training node that loaded/saved them.
 * status: FINISHED after the pipeline, FAILED for a failing node's child run and, on a pipeline error, for
@@ -65,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "mlflow"
 TRAINING_TAG = "training"
+EVALUATION_TAG = "evaluation"
+EVALUATION_PREFIX = "evaluation"
 METRICS_SUFFIX = "_metrics"
 ERROR_MESSAGE_LENGTH = 4000
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
@@ -377,6 +383,8 @@ class MLflowTrackingHook:
             metrics = numeric_scalars(data) if child else numeric_scalars(data, prefix=name)
             target = child or self.parent_run_id
             self._best_effort(f"log metrics of {name!r}", self._log_metrics, target, metrics)
+            if EVALUATION_TAG in node.tags:
+                self._best_effort(f"log {name!r} to the model's run", self._log_evaluation, node, data)
         if child:
             self._best_effort(f"end the child run of node {node.name!r}", self._end_runs, [child], _FINISHED)
 
@@ -484,6 +492,34 @@ class MLflowTrackingHook:
             self._open_children[node.name] = child_id
             self._children[node.name] = child_id
         self._log_params(child_id, node_params(node, inputs))
+
+    def _log_evaluation(self, node: Node, evaluation: Mapping[str, Any]) -> None:
+        """Log an evaluation to the run that trained the measured model (the node's first input): the run
+        tagged with the version of that model it saved. Without one (an unversioned checkpoint given by
+        path), the metrics stay on the parent run only."""
+        model = node.inputs[0]
+        version = self._dataset_version(model, "load")
+        producer = self._producer_run(model, version) if version else None
+        if producer is None:
+            logger.info(
+                "MLflow: no tracked run saved %s %s; its evaluation is on this run only", model, version
+            )
+            return
+        self._log_metrics(producer, numeric_scalars(evaluation, prefix=EVALUATION_PREFIX))
+        for field in ("subject", "variant", "objective"):
+            if isinstance(evaluation.get(field), str):
+                self._client.set_tag(producer, f"{EVALUATION_PREFIX}.{field}", evaluation[field])
+        self._client.set_tag(producer, f"{EVALUATION_PREFIX}.parent_run_id", self.parent_run_id)
+
+    def _producer_run(self, dataset_name: str, version: str) -> str | None:
+        """The child run (else the parent run) tagged ``version.save.<dataset_name>`` = ``version``."""
+        key = sanitize_key(f"version.save.{dataset_name}")
+        runs = self._client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{key}` = '{version}'", max_results=100
+        )
+        children = [run for run in runs if MLFLOW_PARENT_RUN_ID in run.data.tags]
+        chosen = (children or runs)[:1]
+        return chosen[0].info.run_id if chosen else None
 
     def _end_runs(self, run_ids: Iterable[str | None], status: str) -> None:
         """End runs in order (children before their parent): pop them off this thread's active-run stack

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from kedro.pipeline import Pipeline
 
-from warmup_distill_kedro.pipelines import bootstrap, check, data, distill, probe, warmup
+from warmup_distill_kedro.pipelines import bootstrap, check, data, distill, evaluate, probe, report, warmup
 
-# Every stage, in the order of the demo flow. Later stages join this mapping as they land.
+# Every stage, in the order of the demo flow.
 STAGES: dict[str, Callable[[], Pipeline]] = {
     "data": data.create_pipeline,
     "bootstrap": bootstrap.create_pipeline,
@@ -24,6 +24,8 @@ STAGES: dict[str, Callable[[], Pipeline]] = {
     "check": check.create_pipeline,
     "warmup": warmup.create_pipeline,
     "distill": distill.create_pipeline,
+    "evaluate": evaluate.create_pipeline,
+    "report": report.create_pipeline,
 }
 DEMO_ONLY = ("bootstrap",)  # builds tiny models from configs; real checkpoints replace it
 

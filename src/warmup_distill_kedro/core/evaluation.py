@@ -1,16 +1,27 @@
-"""Evaluation of a model on held-out examples."""
+"""Evaluation of a model on held-out examples: what it generates, scored.
+
+* ``math_accuracy``: exact match of the final ``#### N`` under greedy decoding.
+* ``instruction_rouge``: Rouge-L of sampled responses, one mean per sampling seed.
+* ``sampled_token_check``: the share of the model's sampled tokens the teacher's check rule rejects.
+* ``response_nll``: gold-response NLL (the SFT loss), for validation during training.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.checking import CheckConfig, Rollout, check_rollouts, token_char_starts
 from warmup_distill_kedro.core.encoding import EncodedExample, causal_lm_loss, collate
+from warmup_distill_kedro.core.metrics import rouge_l
 from warmup_distill_kedro.core.sampling import SamplingConfig, generate
-from warmup_distill_kedro.core.tasks import math_exact_match
+from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR, math_exact_match
+from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
 
 
 def math_accuracy(
@@ -50,3 +61,82 @@ def response_nll(
         tokens += metrics["tokens"]
     model.train(was_training)
     return total / max(tokens, 1.0)
+
+
+def instruction_rouge(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: pd.DataFrame,
+    sampling: SamplingConfig,
+    seeds: Sequence[int],
+    desc: str = "rouge eval",
+) -> tuple[dict[int, float], pd.DataFrame]:
+    """Mean Rouge-L (max over each prompt's references) of sampled responses, one score per seed.
+
+    Sampled decoding averaged over seeds, as DSKD's evaluation does; the rows keep every prediction.
+    """
+    if examples.empty:
+        raise ValueError("no instruction examples to evaluate")
+    if not seeds:
+        raise ValueError("instruction_rouge needs at least one seed")
+    scores: dict[int, float] = {}
+    rows = []
+    references = [_references(row) for row in examples.itertuples()]
+    for seed in seeds:
+        config = sampling.model_copy(update={"do_sample": True, "seed": int(seed)})
+        generations = generate(
+            model, tokenizer, examples["prompt"].tolist(), config, desc=f"{desc} seed {seed}"
+        )
+        predictions = [g.text.removeprefix(RESPONSE_SEPARATOR).strip() for g in generations]
+        per_example = [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
+        scores[int(seed)] = float(sum(per_example) / len(per_example))
+        rows.append(
+            examples[["example_id", "prompt"]].assign(
+                seed=int(seed), prediction=predictions, rouge_l=per_example
+            )
+        )
+    return scores, pd.concat(rows, ignore_index=True)
+
+
+def _references(row: Any) -> list[str]:
+    references = getattr(row, "references", None)
+    if references is None or len(references) == 0:
+        return [row.response]
+    return [str(r) for r in references]
+
+
+def sampled_token_check(
+    student: PreTrainedModel,
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    check: CheckConfig,
+) -> tuple[float, np.ndarray]:
+    """The share of the student's sampled tokens the teacher's check rule rejects, and the teacher's
+    probability of every sampled token (the EOS decision included): the mismatch warmup targets."""
+    generations = generate(
+        student, student_tokenizer, prompts, sampling.model_copy(update={"do_sample": True})
+    )
+    rollouts = [
+        Rollout(
+            prompt=prompt,
+            response=g.text,
+            token_ids=g.token_ids,
+            char_starts=token_char_starts(student_tokenizer, g.token_ids),
+            logprobs=g.logprobs,
+            finished=g.finished,
+            eos_logprob=g.eos_logprob,
+        )
+        for prompt, g in zip(prompts, generations, strict=True)
+    ]
+    same_vocabulary = vocabulary_fingerprint(student_tokenizer) == vocabulary_fingerprint(teacher_tokenizer)
+    checked = check_rollouts(
+        teacher, teacher_tokenizer, rollouts, same_vocabulary, check, show_progress=sampling.show_progress
+    )
+    flags = np.concatenate([c.flags for c in checked]) if checked else np.zeros(0, dtype=bool)
+    if flags.size == 0:
+        raise ValueError("sampled_token_check: the student sampled no tokens")
+    probabilities = np.exp(np.concatenate([c.scored.logprobs.astype(np.float64) for c in checked]))
+    return float(flags.mean()), probabilities

@@ -13,10 +13,16 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-VARIANTS: tuple[str, ...] = ("vanilla", "warmup")
-# Which checkpoint each variant starts distillation from.
-STARTING_CHECKPOINTS: dict[str, str] = {"vanilla": "student_model", "warmup": "student_warmup"}
-DEFAULT_OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "skl", "srkl", "akl", "dskd")
+VARIANTS: tuple[str, ...] = ("vanilla", "warmup", "control")
+# Which checkpoint each variant starts distillation from. `control` is the fairness control: the vanilla
+# student given warmup's extra steps as plain SFT on the same prompts' gold responses.
+STARTING_CHECKPOINTS: dict[str, str] = {
+    "vanilla": "student_model",
+    "warmup": "student_warmup",
+    "control": "student_control",
+}
+DEFAULT_VARIANTS: tuple[str, ...] = ("vanilla", "warmup")
+DEFAULT_OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "skl", "srkl", "akl", "dskd", "sft")
 
 _distill_parameters: dict[str, Any] = {}
 
@@ -42,7 +48,7 @@ class GridParametersHook:
 def grid_cells(parameters: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
     """(variant, objective) for every cell, variants outermost."""
     parameters = _distill_parameters if parameters is None else parameters
-    variants = _names(parameters.get("variants", VARIANTS), "distill.variants", VARIANTS)
+    variants = _names(parameters.get("variants", DEFAULT_VARIANTS), "distill.variants", VARIANTS)
     objectives = _names(parameters.get("objectives", DEFAULT_OBJECTIVES), "distill.objectives", None)
     return [(variant, objective) for variant in variants for objective in objectives]
 

@@ -20,15 +20,20 @@ from warmup_distill_kedro.core.dskd import (
     encode_dual,
     projector_pretraining_loss,
 )
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, collate, encode_examples
+from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
 from warmup_distill_kedro.core.kd_data import StudentSampledBatches
+from warmup_distill_kedro.core.metrics import heldout_distribution
 from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
-from warmup_distill_kedro.core.objectives import KDConfig, distillation_loss, kd_loss
+from warmup_distill_kedro.core.objectives import KDConfig, distillation_loss
 from warmup_distill_kedro.core.sampling import generate
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
-from warmup_distill_kedro.pipelines.distill.params import DUAL_SPACE_OBJECTIVES, DistillParams
+from warmup_distill_kedro.pipelines.distill.params import (
+    BASELINE_OBJECTIVES,
+    DUAL_SPACE_OBJECTIVES,
+    DistillParams,
+)
 from warmup_distill_kedro.tracking import log_step_metrics
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,15 @@ def prepare_kd_examples(
     return examples.assign(response=responses)
 
 
+def prepare_sft_examples(train_examples: pd.DataFrame, params: DistillParams) -> pd.DataFrame:
+    """The gold examples of the plain-SFT baseline (objective `sft`): the student's labelled data, which
+    may be far fewer than the prompts KD gets the teacher's supervision on."""
+    examples = train_examples if params.sft_examples is None else train_examples.head(params.sft_examples)
+    if examples.empty:
+        raise ValueError("distill: no training examples for the sft baseline (the training split is empty)")
+    return examples.reset_index(drop=True)
+
+
 def distill_student(
     teacher: Checkpoint,
     student: Checkpoint,
@@ -83,6 +97,8 @@ def distill_student(
     teacher_model = teacher.model.eval().requires_grad_(False)
     if objective in DUAL_SPACE_OBJECTIVES:
         cell = _dual_space_cell(teacher, student, kd_examples, encoded, params, objective)
+    elif objective in BASELINE_OBJECTIVES:  # `kd_examples` holds the sft examples here (see pipeline.py)
+        cell = _sft_cell(teacher, student, encoded, params)
     else:
         cell = _token_level_cell(teacher, student, encoded, params, objective)
     source = cell.source
@@ -124,6 +140,7 @@ def distill_student(
         **(_source_counts(source)),
         **{f"initial_{k}": v for k, v in initial.items()},
         **{k.replace("eval/", "final_"): v for k, v in result.final_eval.items()},
+        "history": [{"step": 0.0, **{f"eval/{k}": v for k, v in initial.items()}}, *result.history],
     }
     metadata = {
         **{k: v for k, v in student.metadata.items() if k not in ("stage", "steps", "params")},
@@ -133,7 +150,7 @@ def distill_student(
         "objective": objective,
         "parameters": count_parameters(cell.student),
         "steps": result.steps,
-        "kd": cell.config.model_dump(mode="json"),
+        "kd": cell.config.model_dump(mode="json") if cell.config is not None else None,
     }
     return Checkpoint(model=cell.student, tokenizer=tokenizer, metadata=metadata), metrics
 
@@ -146,7 +163,7 @@ class _Cell:
     student: torch.nn.Module  # the causal LM inside it: evaluated and saved
     loss_fn: Callable[..., Any]
     source: Any
-    config: KDConfig | DSKDConfig
+    config: KDConfig | DSKDConfig | None  # None: plain SFT, no teacher in the loss
     shared_vocab: int | None  # tokens both models share (None: different tokenizers, no token-level KL)
     parameter_groups: list[dict[str, Any]] | None = None
     pretrain: Callable[[], None] | None = None
@@ -174,6 +191,16 @@ def _token_level_cell(
 
     source = _data_source(encoded, model, student.tokenizer, params)
     return _Cell(model, model, loss_fn, source, kd, vocab_size)
+
+
+def _sft_cell(teacher: Checkpoint, student: Checkpoint, encoded: list, params: DistillParams) -> _Cell:
+    """Plain SFT on gold examples (the teacher is not asked): what KD must beat at equal steps."""
+    shared = vocabulary_fingerprint(teacher.tokenizer) == vocabulary_fingerprint(student.tokenizer)
+    model = copy.deepcopy(student.model)
+    _, pad_id = eos_and_pad_ids(student.tokenizer)
+    training = params.training
+    source = ShuffledBatches(encoded, training.batch_size, lambda b: collate(b, pad_id), training.seed)
+    return _Cell(model, model, causal_lm_loss, source, None, len(student.tokenizer) if shared else None)
 
 
 def _dual_space_cell(
@@ -290,7 +317,6 @@ def shared_vocabulary_size(teacher: Checkpoint, student: Checkpoint, objective: 
     return len(student.tokenizer)
 
 
-@torch.no_grad()
 def heldout_statistics(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -299,45 +325,10 @@ def heldout_statistics(
     batch_size: int,
     vocab_size: int | None,
 ) -> dict[str, float]:
-    """Gold-response NLL of the student and KL(teacher || student) at temperature 1, token means.
-
-    `vocab_size` None: the models do not share a tokenizer, so there is no token-level KL to report.
-    """
-    device = next(student.parameters()).device
-    was_training = student.training
-    student.eval()
-    nll, kl, tokens = 0.0, 0.0, 0.0
-    for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
-        student_logits = _logits(student, batch)
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        n = float(mask.sum())
-        nll += n * _ce(student_logits, batch["labels"], vocab_size)
-        if vocab_size is not None:
-            teacher_logits = _logits(teacher.to(device), batch)
-            kl += n * float(
-                kd_loss("fkl", student_logits[:, :-1], teacher_logits[:, :-1], mask, vocab_size=vocab_size)
-            )
-        tokens += n
-    student.train(was_training)
-    statistics = {"validation_nll": nll / max(tokens, 1.0)}
-    if vocab_size is not None:
-        statistics["validation_kl"] = kl / max(tokens, 1.0)
-    return statistics
-
-
-def _ce(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None) -> float:
-    return float(
-        torch.nn.functional.cross_entropy(
-            logits[:, :-1, :vocab_size].float().flatten(0, 1),
-            labels[:, 1:].flatten(),
-            ignore_index=IGNORE_INDEX,
-        )
-    )
-
-
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Gold-response NLL of the student and, with a shared vocabulary, KL(teacher || student)."""
+    statistics = heldout_distribution(student, teacher, encoded, pad_id, batch_size, vocab_size)
+    renamed = {"heldout_nll": "validation_nll", "heldout_kl": "validation_kl"}
+    return {renamed[k]: v for k, v in statistics.items() if k in renamed}
 
 
 def cell_function(variant: str, objective: str) -> Callable[..., tuple[Checkpoint, dict[str, Any]]]:
@@ -354,3 +345,7 @@ def cell_function(variant: str, objective: str) -> Callable[..., tuple[Checkpoin
 
     distill.__name__ = distill.__qualname__ = f"distill_{variant}_{objective}"
     return distill
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -14,7 +14,9 @@ from warmup_distill_kedro.pipelines.distill.grid import VARIANTS
 
 # Dual-space KD (arXiv 2406.17328): one tokenizer (dskd) or two, aligned by cross-model attention (dskd_cma).
 DUAL_SPACE_OBJECTIVES: tuple[str, ...] = ("dskd", "dskd_cma")
-GRID_OBJECTIVES: tuple[str, ...] = (*OBJECTIVES, *DUAL_SPACE_OBJECTIVES)
+# Plain SFT on the same data, steps and seed, without the teacher: the control KD has to beat.
+BASELINE_OBJECTIVES: tuple[str, ...] = ("sft",)
+GRID_OBJECTIVES: tuple[str, ...] = (*OBJECTIVES, *DUAL_SPACE_OBJECTIVES, *BASELINE_OBJECTIVES)
 # Options of the dual-space objectives beyond their divergence's own.
 DUAL_SPACE_OPTIONS: tuple[str, ...] = ("divergence", "projector_lr", "pretrain_steps")
 
@@ -34,6 +36,12 @@ class DistillParams(BaseModel):
         description="per-objective options, e.g. {js: {beta: 0.5}, dskd: {divergence: fkl, projector_lr: 0.001}}",
     )
     data: KDDataConfig = KDDataConfig()
+    sft_examples: int | None = Field(
+        1000,
+        gt=0,
+        description="objective sft: plain SFT on the first N gold training examples (the student's labelled "
+        "data); null: every training example",
+    )
     training: TrainingConfig
     max_length: int = Field(192, gt=8)
     validation_examples: int = Field(256, gt=0)
@@ -50,6 +58,8 @@ class DistillParams(BaseModel):
                 raise ValueError(
                     f"options: unknown objective {objective!r}; choose from {list(GRID_OBJECTIVES)}"
                 )
+            if objective in BASELINE_OBJECTIVES and options:
+                raise ValueError(f"options.{objective}: plain SFT takes no options, got {sorted(options)}")
             try:
                 if objective in DUAL_SPACE_OBJECTIVES:
                     divergence_options = {k: v for k, v in options.items() if k not in DUAL_SPACE_OPTIONS}

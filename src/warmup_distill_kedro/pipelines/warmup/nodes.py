@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from warmup_distill_kedro.core.encoding import encode_examples
+from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
 from warmup_distill_kedro.core.evaluation import response_nll
 from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
 from warmup_distill_kedro.core.preference import (
@@ -87,6 +87,67 @@ def warmup_student(
         "warmup_pairs": len(encoded),
         "steps": result.steps,
         "warmup_params": params.model_dump(mode="json"),
+    }
+    return Checkpoint(model=result.model, tokenizer=tokenizer, metadata=metadata), metrics
+
+
+def control_student(
+    student: Checkpoint,
+    corrected_set: pd.DataFrame,
+    train_examples: pd.DataFrame,
+    validation_examples: pd.DataFrame,
+    params: WarmupParams,
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """The fairness control: the vanilla student given warmup's extra steps as plain SFT.
+
+    Same prompts as warmup (one row per warmup row), same steps, batch, learning rate and seed, but the
+    gold responses of those prompts instead of the (corrected, original) pairs. Distilling from it tells
+    whether warmup's gain is the teacher's corrections or just more training.
+    """
+    rows = _training_rows(corrected_set, params)
+    gold = train_examples.drop_duplicates("example_id").set_index("example_id")["response"]
+    if missing := sorted(set(rows["prompt_id"]) - set(gold.index))[:5]:
+        raise ValueError(
+            f"warmup control: corrected_set prompt_id {missing} not found in train_examples; the corrected "
+            "set comes from another data run (rerun probe and check)"
+        )
+    examples = pd.DataFrame({"prompt": rows["prompt"], "response": gold.loc[rows["prompt_id"]].to_numpy()})
+    tokenizer = student.tokenizer
+    _, pad_id = eos_and_pad_ids(tokenizer)
+    encoded, _ = encode_examples(tokenizer, examples, params.max_length)
+    validation, _ = encode_examples(
+        tokenizer, validation_examples.head(params.validation_examples), params.max_length
+    )
+
+    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
+        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
+
+    policy = copy.deepcopy(student.model)
+    initial_nll = validation_nll(policy)["validation_nll"]
+    result = TrainingRun(
+        policy,
+        causal_lm_loss,
+        ShuffledBatches(
+            encoded, params.training.batch_size, lambda b: collate(b, pad_id), params.training.seed
+        ),
+        params.training,
+        eval_fn=validation_nll,
+        metrics_sink=log_step_metrics,
+        name="warmup control (SFT)",
+    ).run()
+    metrics: dict[str, Any] = {
+        "rows": len(encoded),
+        "steps": result.steps,
+        "initial_validation_nll": initial_nll,
+        **{k.replace("eval/", "final_"): v for k, v in result.final_eval.items()},
+    }
+    metadata = {
+        **{k: v for k, v in student.metadata.items() if k not in ("stage", "steps")},
+        "role": "student",
+        "stage": "warmup_control",
+        "parameters": count_parameters(result.model),
+        "steps": result.steps,
+        "training": params.training.model_dump(mode="json"),
     }
     return Checkpoint(model=result.model, tokenizer=tokenizer, metadata=metadata), metrics
 

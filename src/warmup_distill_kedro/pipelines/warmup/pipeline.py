@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node
 
-from warmup_distill_kedro.pipelines.warmup.nodes import warmup_student
+from warmup_distill_kedro.pipelines.warmup.nodes import control_student, warmup_student
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -12,7 +12,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["student_warmup", "warmup_metrics"],
                 name="warmup_student",
                 tags=["training"],
-            )
+            ),
+            node(
+                control_student,
+                ["student_model", "corrected_set", "train_examples", "validation_examples", "params:warmup"],
+                ["student_control", "control_metrics"],
+                name="control_student",
+                tags=["training", "control"],
+            ),
         ],
         tags=["warmup"],
     )

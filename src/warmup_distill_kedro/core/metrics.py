@@ -1,0 +1,92 @@
+"""Metrics that compare a model with references or with the teacher (no generation here).
+
+* ``rouge_l``: Rouge-L F1 with stemming, the best over a prompt's references (the DSKD evaluation).
+* ``heldout_distribution``: on gold responses, the student's NLL and entropy, the teacher's entropy and
+  KL(teacher || student), token means over response tokens only.
+* ``probability_histogram``: counts of probabilities in equal bins, small enough for a JSON metric file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+
+from warmup_distill_kedro.core.encoding import IGNORE_INDEX, EncodedExample, collate
+
+
+@lru_cache(maxsize=1)
+def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Rouge-L F1 (stemmed) of `prediction` against its closest reference; 0.0 for an empty prediction."""
+    if not references:
+        raise ValueError("rouge_l needs at least one reference")
+    scorer = _rouge_l_scorer()
+    return max(scorer.score(reference, prediction)["rougeL"].fmeasure for reference in references)
+
+
+@torch.no_grad()
+def heldout_distribution(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    encoded: Sequence[EncodedExample],
+    pad_id: int,
+    batch_size: int,
+    vocab_size: int | None,
+) -> dict[str, float]:
+    """Token means over the gold response tokens of `encoded` (prompt and padding masked out).
+
+    `heldout_nll` and `heldout_entropy` are the student's; with a `teacher` that shares the vocabulary
+    (`vocab_size` = the columns both mean the same by), `teacher_heldout_entropy` and `heldout_kl` =
+    KL(teacher || student) at temperature 1 as well. `vocab_size` None: different tokenizers, so there is
+    no token-level comparison; the student's statistics use all its columns.
+    """
+    device = next(student.parameters()).device
+    compare = teacher is not None and vocab_size is not None
+    was_training = student.training
+    student.eval()
+    sums = {"heldout_nll": 0.0, "heldout_entropy": 0.0, "teacher_heldout_entropy": 0.0, "heldout_kl": 0.0}
+    tokens = 0
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], pad_id).items()}
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX  # position t predicts token t + 1
+        # Only the response rows go through float32 log-softmax: [tokens, vocab], never [batch, length, vocab].
+        student_logp = _response_logprobs(student, batch, mask, vocab_size)
+        targets = labels[mask]
+        sums["heldout_nll"] -= float(student_logp.gather(-1, targets.unsqueeze(-1)).sum())
+        sums["heldout_entropy"] += float(_entropy(student_logp).sum())
+        if compare:
+            teacher_logp = _response_logprobs(teacher, batch, mask, vocab_size)
+            sums["teacher_heldout_entropy"] += float(_entropy(teacher_logp).sum())
+            sums["heldout_kl"] += float((teacher_logp.exp() * (teacher_logp - student_logp)).sum())
+        tokens += int(mask.sum())
+    student.train(was_training)
+    if tokens == 0:
+        raise ValueError("heldout_distribution: the examples have no response tokens")
+    keys = sums if compare else ("heldout_nll", "heldout_entropy")
+    return {key: sums[key] / tokens for key in keys}
+
+
+def _response_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor, vocab_size: int | None
+) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, :-1][mask][:, :vocab_size].float().log_softmax(-1)
+
+
+def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    # exp(-inf) * -inf is nan: a column with probability 0 contributes 0.
+    return -(logprobs.exp() * logprobs.clamp_min(torch.finfo(logprobs.dtype).min)).sum(-1)
+
+
+def probability_histogram(probabilities: np.ndarray, bins: int = 20) -> dict[str, list]:
+    """Counts of `probabilities` in `bins` equal bins over [0, 1] (1.0 falls in the last bin)."""
+    counts, edges = np.histogram(np.asarray(probabilities, dtype=np.float64), bins=bins, range=(0.0, 1.0))
+    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}

@@ -1,0 +1,202 @@
+"""Figures of the report: accuracy per objective, the teacher-probability histograms before and after
+warmup, and the KD loss curves of one objective per student variant.
+
+Figures are built as ``matplotlib.figure.Figure`` objects on the Agg canvas, never through pyplot, so
+building one neither opens a window nor touches the caller's current figure; the caller saves or
+displays it (Kedro's MatplotlibWriter, a notebook) and owns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from warmup_distill_kedro.reporting.table import (
+    DELTA_VARIANTS,
+    OBJECTIVE_LABELS,
+    OK,
+    TABLE1_BENCHMARKS,
+    TABLE_COLUMNS,
+    TEACHER,
+)
+
+SUBJECT_LABELS = {"student": "before warmup", "warmup_student": "after warmup"}
+# The training KD term of a cell's history, by preference: DSKD cells log the student-space term.
+TRAINING_KD_KEYS = ("kd", "kd_student", "loss")
+EVAL_KEYS = ("eval/validation_kl", "eval/validation_nll")
+EARLY_STAGE_TITLE = "the mismatch in the early stage of distillation"
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Any]]:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, ncols, squeeze=False)[0]
+    return figure, list(axes)
+
+
+# ----------------------------------------------------------------------------------------- accuracy
+def accuracy_by_objective(table: pd.DataFrame) -> Figure:
+    """Grouped bars (one group per objective, one bar per student variant) for each accuracy benchmark
+    in the table (math, instruction, average), error bars = std over seeds, the teacher as a dashed line.
+    Missing cells get no bar and a "missing" mark at the bottom, so an absent result is visible."""
+    absent = [column for column in TABLE_COLUMNS if column not in getattr(table, "columns", [])]
+    if absent:
+        raise ValueError(f"table: missing column(s) {absent}; expected the output of build_table")
+    benchmarks = [
+        (b, m)
+        for b, m in TABLE1_BENCHMARKS.items()
+        if ((table["benchmark"] == b) & (table["metric"] == m)).any()
+    ]
+    if not benchmarks:
+        raise ValueError("table: no math, instruction or average rows to plot (field 'benchmark')")
+    variants = [v for v in table["variant"].unique() if v != TEACHER and v not in DELTA_VARIANTS]
+    objectives = [o for o in table["objective"].unique() if o != TEACHER]
+    figure, axes = _figure(max(4.0, 1.2 * len(objectives) + 1.5) * len(benchmarks), 4.0, len(benchmarks))
+    width = 0.8 / max(len(variants), 1)
+    x = np.arange(len(objectives))
+    for ax, (benchmark, metric) in zip(axes, benchmarks, strict=True):
+        rows = table[(table["benchmark"] == benchmark) & (table["metric"] == metric)]
+        for i, variant in enumerate(variants):
+            cell = rows[rows["variant"] == variant].set_index("objective").reindex(objectives)
+            ok = cell["status"] == OK
+            means = np.where(ok, cell["mean"] * 100.0, np.nan)
+            stds = np.where(ok & (cell["n_seeds"] >= 2), cell["std"] * 100.0, 0.0)
+            offset = x - 0.4 + width * (i + 0.5)
+            ax.bar(offset, means, width, yerr=stds, capsize=3, label=variant)
+            for position in offset[(cell["status"] != OK).to_numpy() & cell["status"].notna().to_numpy()]:
+                ax.text(position, 0.0, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
+        teacher = rows[(rows["objective"] == TEACHER) & (rows["status"] == OK)]
+        if not teacher.empty:
+            ax.axhline(
+                teacher["mean"].iloc[0] * 100.0, color="black", linestyle="--", linewidth=1, label="teacher"
+            )
+        ax.set_xticks(x, [OBJECTIVE_LABELS.get(o, o) for o in objectives], rotation=30)
+        ax.set_title(f"{benchmark} ({metric})")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.legend(fontsize=8)
+    return figure
+
+
+# ------------------------------------------------------------------------------ teacher probabilities
+def teacher_probability_histograms(
+    evaluations: Mapping[str, Mapping[str, Any]],
+    subjects: Sequence[str] = ("student", "warmup_student"),
+    tau: float | None = None,
+) -> Figure:
+    """The histograms of the teacher's probability of each subject's sampled tokens, as shares of
+    tokens on a log axis, overlaid; with ``tau``, a vertical line and each subject's share below it."""
+    figure, (ax,) = _figure(6.5, 4.0)
+    for subject in subjects:
+        edges, shares = _histogram(evaluations, subject)
+        label = SUBJECT_LABELS.get(subject, subject)
+        if tau is not None:
+            label += f" ({_share_below(edges, shares, tau):.1%} of tokens below tau)"
+        # A trailing repeat of the last share draws the last bin's top edge with where="post".
+        ax.step(edges, np.append(shares, shares[-1]), where="post", label=label)
+    if tau is not None:
+        ax.axvline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("teacher probability of the sampled token")
+    ax.set_ylabel("share of sampled tokens")
+    ax.set_title("Teacher probability of the student's tokens")
+    ax.legend(fontsize=8)
+    return figure
+
+
+def _find_evaluation(evaluations: Mapping[str, Mapping[str, Any]], subject: str) -> Mapping[str, Any]:
+    if subject in evaluations:
+        return evaluations[subject]
+    for evaluation in evaluations.values():
+        if isinstance(evaluation, Mapping) and evaluation.get("subject") == subject:
+            return evaluation
+    raise ValueError(f"subject {subject!r}: no evaluation of it among {sorted(evaluations)}")
+
+
+def _histogram(evaluations: Mapping[str, Mapping[str, Any]], subject: str) -> tuple[np.ndarray, np.ndarray]:
+    field = "distribution.teacher_prob_histogram"
+    distribution = _find_evaluation(evaluations, subject).get("distribution") or {}
+    histogram = distribution.get("teacher_prob_histogram") if isinstance(distribution, Mapping) else None
+    if not isinstance(histogram, Mapping):
+        raise ValueError(f"subject {subject!r}: field '{field}' is missing (no histogram to plot)")
+    try:
+        edges = np.asarray(histogram["edges"], dtype=float)
+        counts = np.asarray(histogram["counts"], dtype=float)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"subject {subject!r}: field '{field}' needs numeric 'edges' and 'counts' ({exc})"
+        ) from None
+    if edges.ndim != 1 or counts.ndim != 1 or len(edges) != len(counts) + 1 or len(counts) == 0:
+        raise ValueError(
+            f"subject {subject!r}: field '{field}' needs len(edges) == len(counts) + 1, "
+            f"got {edges.shape} edges and {counts.shape} counts"
+        )
+    if (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(
+            f"subject {subject!r}: field '{field}.counts' must be non-negative with a positive sum"
+        )
+    return edges, counts / counts.sum()
+
+
+def _share_below(edges: np.ndarray, shares: np.ndarray, tau: float) -> float:
+    """Share of tokens with teacher probability below tau; a bin cut by tau counts in proportion."""
+    lower, upper = edges[:-1], edges[1:]
+    covered = np.clip((tau - lower) / (upper - lower), 0.0, 1.0)
+    return float(np.sum(shares * covered))
+
+
+# ------------------------------------------------------------------------------------ KD loss curves
+def kd_loss_curves(distill_metrics: Mapping[str, Mapping[str, Any]], objective: str) -> Figure:
+    """Left: the training KD term per step for each variant; right: the held-out KL (else NLL) at each
+    evaluation step. ``distill_metrics`` maps a variant to the distill metrics JSON of its ``objective``
+    cell, which holds the training ``history``."""
+    if not distill_metrics:
+        raise ValueError(f"distill_metrics for {objective!r}: no variants to plot")
+    figure, (train_ax, eval_ax) = _figure(11.0, 4.0, 2)
+    train_keys, eval_keys = set(), set()
+    for variant, metrics in distill_metrics.items():
+        history = metrics.get("history") if isinstance(metrics, Mapping) else None
+        if not isinstance(history, Sequence) or not history:
+            raise ValueError(f"variant {variant!r} ({objective}): field 'history' is missing or empty")
+        records = [record for record in history if isinstance(record, Mapping) and "step" in record]
+        train_key = _first_key(records, TRAINING_KD_KEYS)
+        if train_key is None:
+            raise ValueError(
+                f"variant {variant!r} ({objective}): field 'history' has no training term "
+                f"(one of {list(TRAINING_KD_KEYS)} with a 'step')"
+            )
+        train_keys.add(train_key)
+        steps, values = _series(records, train_key)
+        train_ax.plot(steps, values, label=variant)
+        eval_key = _first_key(records, EVAL_KEYS)
+        if eval_key is not None:
+            eval_keys.add(eval_key)
+            steps, values = _series(records, eval_key)
+            eval_ax.plot(steps, values, marker="o", label=variant)
+    train_ax.set_title(f"training KD term ({', '.join(sorted(train_keys))})")
+    train_ax.set_xlabel("step")
+    train_ax.set_ylabel("training loss term")
+    train_ax.legend(fontsize=8)
+    eval_ax.set_title(f"held-out ({', '.join(sorted(eval_keys)) or 'no evaluation logged'})")
+    eval_ax.set_xlabel("step")
+    eval_ax.set_ylabel("held-out divergence")
+    if eval_keys:
+        eval_ax.legend(fontsize=8)
+    figure.suptitle(f"{objective}: {EARLY_STAGE_TITLE}")
+    return figure
+
+
+def _first_key(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str | None:
+    for key in keys:
+        if any(record.get(key) is not None for record in records):
+            return key
+    return None
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(float(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
+    return [step for step, _ in points], [value for _, value in points]

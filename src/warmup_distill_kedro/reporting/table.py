@@ -1,0 +1,528 @@
+"""Records -> the comparison table (long format), its Markdown rendering and a few summary lines.
+
+The table has one row per (objective, variant, benchmark, metric) with mean, std and number of seeds.
+Every expected grid cell has rows: a cell that produced no records gets rows with status ``missing``
+rather than disappearing, because a table that silently drops the cells that failed overstates the
+method it favours.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from warmup_distill_kedro.reporting.records import (
+    DETERMINISTIC_SEED,
+    DISTRIBUTION,
+    GREEDY_SEED,
+    INSTRUCTION,
+    MATH,
+    RECORD_COLUMNS,
+)
+
+TABLE_COLUMNS = ("objective", "benchmark", "variant", "metric", "mean", "std", "n_seeds", "status")
+
+TEACHER = "teacher"
+BEFORE_KD = "before_kd"
+REFERENCE_OBJECTIVES = (TEACHER, BEFORE_KD)
+
+AVERAGE = "average"
+SCORE = "score"
+# The benchmarks whose accuracy enters the average, with the metric that is their accuracy.
+ACCURACY_METRICS = {MATH: "exact_match", INSTRUCTION: "rouge_l"}
+TABLE1_BENCHMARKS = {**ACCURACY_METRICS, AVERAGE: SCORE}
+DISTRIBUTION_SHOWN = ("heldout_kl", "rejected_share", "heldout_entropy", "heldout_nll")
+PERCENT_METRICS = {"exact_match", "rouge_l", SCORE, "rejected_share"}
+
+OK = "ok"
+MISSING = "missing"
+# A present cell whose average lacks one of the benchmarks other cells have: averaging what is there
+# would compare a math-only number with math+instruction averages.
+INCOMPLETE = "incomplete"
+
+# (minuend, subtrahend) variant pairs reported as differences; the name of the delta variant.
+DELTA_PAIRS = (("warmup", "vanilla"), ("warmup", "control"))
+BENCHMARK_ORDER = (MATH, INSTRUCTION, AVERAGE, DISTRIBUTION)
+METRIC_ORDER = (
+    "exact_match",
+    "rouge_l",
+    SCORE,
+    "heldout_nll",
+    "heldout_kl",
+    "heldout_entropy",
+    "rejected_share",
+)
+OBJECTIVE_LABELS = {TEACHER: "teacher", BEFORE_KD: "before KD"}
+BENCHMARK_LABELS = {MATH: "math EM", INSTRUCTION: "ROUGE-L", AVERAGE: "average"}
+
+_KEY = ["objective", "variant", "benchmark", "metric"]
+
+
+def delta_name(minuend: str, subtrahend: str) -> str:
+    return f"{minuend}-{subtrahend}"
+
+
+DELTA_VARIANTS = tuple(delta_name(a, b) for a, b in DELTA_PAIRS)
+
+
+# -------------------------------------------------------------------------------------------- building
+def build_table(records: pd.DataFrame, variants: Sequence[str], objectives: Sequence[str]) -> pd.DataFrame:
+    """The long comparison table (columns ``TABLE_COLUMNS``) of ``records`` for the grid variants x objectives.
+
+    Rows: every (objective, variant) in the records, every expected cell (the teacher, ``before_kd`` and
+    every KD objective for each variant; ``missing`` when it has no records), the ``average``/``score``
+    of math and instruction, and the ``warmup-vanilla`` (and ``warmup-control``) differences.
+    ``table.attrs["seeds"]`` keeps the seeds seen per benchmark for the Markdown footer.
+    """
+    _check_records(records)
+    variants = _names("variants", variants)
+    objectives = [name for name in _names("objectives", objectives) if name not in REFERENCE_OBJECTIVES]
+    stats = _seed_statistics(records)
+    stats = pd.concat([stats, _averages(records)], ignore_index=True)
+    stats = _with_missing_cells(stats, _expected_cells(variants, objectives))
+    found_variants = [v for v in stats["variant"].unique() if v != TEACHER]
+    all_variants = list(dict.fromkeys([*variants, *found_variants]))
+    stats = pd.concat([stats, _deltas(stats, all_variants)], ignore_index=True)
+    table = _ordered(stats, variants, objectives)
+    table.attrs["seeds"] = {
+        benchmark: sorted({str(seed) for seed in group["seed"]}, key=_seed_sort_key)
+        for benchmark, group in records.groupby("benchmark", sort=False)
+    }
+    return table
+
+
+def _check_records(records: pd.DataFrame) -> None:
+    if not isinstance(records, pd.DataFrame):
+        raise ValueError(f"records must be a pandas DataFrame, got {type(records).__name__}")
+    absent = [column for column in RECORD_COLUMNS if column not in records.columns]
+    if absent:
+        raise ValueError(f"records: missing column(s) {absent}; expected {list(RECORD_COLUMNS)}")
+    if records.empty:
+        raise ValueError("records: no evaluation records; nothing to tabulate")
+    values = pd.to_numeric(records["value"], errors="coerce")
+    bad = records[values.isna()]
+    if not bad.empty:
+        row = bad.iloc[0]
+        raise ValueError(
+            f"records: field 'value' of {row['subject']} {row['benchmark']}.{row['metric']} "
+            f"(seed {row['seed']}) is not a number: {row['value']!r}"
+        )
+    duplicated = records[
+        records.duplicated(["objective", "variant", "benchmark", "metric", "seed"], keep=False)
+    ]
+    if not duplicated.empty:
+        row = duplicated.iloc[0]
+        subjects = sorted(duplicated["subject"].astype(str).unique())
+        raise ValueError(
+            f"records: {row['variant']}/{row['objective']} {row['benchmark']}.{row['metric']} has seed "
+            f"{row['seed']!r} more than once (subjects {subjects}); each seed must be counted once"
+        )
+
+
+def _names(field: str, names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):  # "fkl,rkl" would otherwise become ["f", "k", "l", ...]
+        raise ValueError(f"{field} must be a sequence of names, got the string {names!r}")
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{field}: every name must be a non-empty string, got {name!r}")
+        if name in DELTA_VARIANTS:
+            raise ValueError(f"{field}: {name!r} is the name of a difference row and cannot be a variant")
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    std = float(np.std(array, ddof=1)) if len(array) >= 2 else 0.0
+    return float(np.mean(array)), std
+
+
+def _row(objective: str, variant: str, benchmark: str, metric: str, values: Sequence[float]) -> dict:
+    mean, std = _mean_std(values)
+    return {
+        "objective": objective,
+        "variant": variant,
+        "benchmark": benchmark,
+        "metric": metric,
+        "mean": mean,
+        "std": std,
+        "n_seeds": len(values),
+        "status": OK,
+    }
+
+
+def _empty_row(objective: str, variant: str, benchmark: str, metric: str, status: str) -> dict:
+    return {
+        "objective": objective,
+        "variant": variant,
+        "benchmark": benchmark,
+        "metric": metric,
+        "mean": math.nan,
+        "std": math.nan,
+        "n_seeds": 0,
+        "status": status,
+    }
+
+
+def _seed_statistics(records: pd.DataFrame) -> pd.DataFrame:
+    rows = [
+        _row(*key, group["value"].astype(float).tolist()) for key, group in records.groupby(_KEY, sort=False)
+    ]
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _averages(records: pd.DataFrame) -> pd.DataFrame:
+    """``average``/``score`` per (objective, variant): the mean of math and instruction accuracy."""
+    present = [
+        benchmark
+        for benchmark, metric in ACCURACY_METRICS.items()
+        if ((records["benchmark"] == benchmark) & (records["metric"] == metric)).any()
+    ]
+    if not present:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS))
+    rows = []
+    for (objective, variant), cell in records.groupby(["objective", "variant"], sort=False):
+        per_benchmark = {
+            benchmark: cell[
+                (cell["benchmark"] == benchmark) & (cell["metric"] == ACCURACY_METRICS[benchmark])
+            ]
+            .set_index("seed")["value"]
+            .astype(float)
+            for benchmark in present
+        }
+        if any(series.empty for series in per_benchmark.values()):
+            rows.append(_empty_row(objective, variant, AVERAGE, SCORE, INCOMPLETE))
+            continue
+        rows.append(_average_row(objective, variant, list(per_benchmark.values())))
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _average_row(objective: str, variant: str, per_benchmark: list[pd.Series]) -> dict:
+    seed_sets = [set(series.index) for series in per_benchmark]
+    if all(seeds == seed_sets[0] for seeds in seed_sets):
+        # Same seeds (training seeds from MLflow): each seed is one run, so average within the run first
+        # and let the spread across runs be the spread of that average.
+        per_seed = pd.concat(per_benchmark, axis=1).mean(axis=1)
+        return _row(objective, variant, AVERAGE, SCORE, per_seed.tolist())
+    # Different seeds (greedy math vs sampling seeds for instruction): the numbers are not paired, so
+    # combine the benchmark means and propagate their stds as independent errors of a mean.
+    stats = [_mean_std(series.tolist()) for series in per_benchmark]
+    k = len(stats)
+    row = _row(objective, variant, AVERAGE, SCORE, [0.0])
+    row["mean"] = float(np.mean([mean for mean, _ in stats]))
+    row["std"] = math.sqrt(sum(std**2 for _, std in stats)) / k
+    row["n_seeds"] = min(len(series) for series in per_benchmark)
+    return row
+
+
+def _expected_cells(variants: Sequence[str], objectives: Sequence[str]) -> list[tuple[str, str]]:
+    cells = [(TEACHER, TEACHER)]
+    cells += [(BEFORE_KD, variant) for variant in variants]
+    cells += [(objective, variant) for objective in objectives for variant in variants]
+    return cells
+
+
+def _with_missing_cells(stats: pd.DataFrame, expected: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    present = set(zip(stats["objective"], stats["variant"], strict=True))
+    measured = list(dict.fromkeys(zip(stats["benchmark"], stats["metric"], strict=True)))
+    rows = [
+        _empty_row(objective, variant, benchmark, metric, MISSING)
+        for objective, variant in expected
+        if (objective, variant) not in present
+        for benchmark, metric in measured
+    ]
+    if not rows:
+        return stats
+    return pd.concat([stats, pd.DataFrame(rows, columns=list(TABLE_COLUMNS))], ignore_index=True)
+
+
+def _deltas(stats: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
+    """``<minuend>-<subtrahend>`` rows for every objective but the teacher, for each pair in DELTA_PAIRS."""
+    indexed = stats.set_index(_KEY)
+    rows = []
+    for minuend, subtrahend in DELTA_PAIRS:
+        if minuend not in variants or subtrahend not in variants:
+            continue
+        name = delta_name(minuend, subtrahend)
+        sides = stats[stats["variant"].isin([minuend, subtrahend]) & (stats["objective"] != TEACHER)]
+        keys = dict.fromkeys(zip(sides["objective"], sides["benchmark"], sides["metric"], strict=True))
+        for objective, benchmark, metric in keys:
+            left = _lookup(indexed, objective, minuend, benchmark, metric)
+            right = _lookup(indexed, objective, subtrahend, benchmark, metric)
+            if left is None or right is None or left["status"] != OK or right["status"] != OK:
+                rows.append(_empty_row(objective, name, benchmark, metric, MISSING))
+                continue
+            row = _row(objective, name, benchmark, metric, [0.0])
+            row["mean"] = float(left["mean"] - right["mean"])
+            row["std"] = math.sqrt(left["std"] ** 2 + right["std"] ** 2)
+            row["n_seeds"] = int(min(left["n_seeds"], right["n_seeds"]))
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _lookup(
+    indexed: pd.DataFrame, objective: str, variant: str, benchmark: str, metric: str
+) -> pd.Series | None:
+    key = (objective, variant, benchmark, metric)
+    return indexed.loc[key] if key in indexed.index else None
+
+
+def _rank(order: Sequence[str], values: pd.Series) -> pd.Series:
+    """Position in ``order``; values not in it come after, in the order they first appear."""
+    ranks = {name: i for i, name in enumerate(order)}
+    for name in values.unique():
+        ranks.setdefault(name, len(ranks))
+    return values.map(ranks)
+
+
+def _ordered(stats: pd.DataFrame, variants: Sequence[str], objectives: Sequence[str]) -> pd.DataFrame:
+    variant_order = [*variants, TEACHER, *[v for v in stats["variant"].unique() if v not in DELTA_VARIANTS]]
+    variant_order = list(dict.fromkeys([*variant_order, *DELTA_VARIANTS]))
+    ranks = pd.DataFrame(
+        {
+            "objective": _rank([*REFERENCE_OBJECTIVES, *objectives], stats["objective"]),
+            "variant": _rank(variant_order, stats["variant"]),
+            "benchmark": _rank(BENCHMARK_ORDER, stats["benchmark"]),
+            "metric": _rank(METRIC_ORDER, stats["metric"]),
+        }
+    )
+    order = ranks.sort_values(["objective", "variant", "benchmark", "metric"], kind="stable").index
+    table = stats.loc[order, list(TABLE_COLUMNS)].reset_index(drop=True)
+    return table.astype({"mean": float, "std": float, "n_seeds": int})
+
+
+def _seed_sort_key(seed: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(seed), seed)
+    except ValueError:
+        return (1, 0.0, seed)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+def render_markdown(
+    table: pd.DataFrame, title: str = "Warmup-Distill: distillation results", seed_kind: str | None = None
+) -> str:
+    """The comparison as a Markdown document: accuracy per objective x variant (Table 1), distribution
+    statistics (Table 2) and a footer on seeds, missing cells and single-seed rows.
+
+    ``seed_kind`` names what the seeds are in the footer ("sampling", "training"); None: "sampling" when
+    math was decoded greedily (the evaluation JSONs), else "training" (runs compared from MLflow).
+    """
+    _check_table(table)
+    parts = [f"# {title}", ""]
+    parts += _accuracy_section(table)
+    parts += _distribution_section(table)
+    parts += ["## Notes", "", *[f"- {line}" for line in _footer(table, seed_kind)]]
+    return "\n".join(parts) + "\n"
+
+
+def _check_table(table: pd.DataFrame) -> None:
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"table must be a pandas DataFrame, got {type(table).__name__}")
+    absent = [column for column in TABLE_COLUMNS if column not in table.columns]
+    if absent:
+        raise ValueError(
+            f"table: missing column(s) {absent}; expected {list(TABLE_COLUMNS)} (see build_table)"
+        )
+
+
+def _plain_variants(table: pd.DataFrame) -> list[str]:
+    return [v for v in table["variant"].unique() if v != TEACHER and v not in DELTA_VARIANTS]
+
+
+def _delta_variants(table: pd.DataFrame) -> list[str]:
+    return [v for v in table["variant"].unique() if v in DELTA_VARIANTS]
+
+
+def _cell_name(objective: str, variant: str) -> str:
+    return TEACHER if objective == TEACHER else f"{variant}/{objective}"
+
+
+def _format_value(row: pd.Series | None, metric: str, signed: bool = False) -> str:
+    """``43.2 ± 1.1`` (percent for accuracies), ``43.2`` for one seed, ``missing``; empty if no row."""
+    if row is None:
+        return ""
+    if row["status"] != OK:
+        return str(row["status"])
+    scale, digits = (100.0, 1) if metric in PERCENT_METRICS else (1.0, 3)
+    sign = "+" if signed else ""
+    text = f"{row['mean'] * scale:{sign}.{digits}f}"
+    if row["n_seeds"] >= 2:
+        text += f" ± {row['std'] * scale:.{digits}f}"
+    return text
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table padded to column width, so it reads as a table in a terminal too."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    widths = [max(width, 3) for width in widths]
+
+    def line(cells: Sequence[str]) -> str:
+        return (
+            "| "
+            + " | ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True))
+            + " |"
+        )
+
+    return [
+        line(header),
+        "|" + "|".join("-" * (width + 2) for width in widths) + "|",
+        *[line(r) for r in rows],
+    ]
+
+
+def _accuracy_section(table: pd.DataFrame) -> list[str]:
+    benchmarks = [b for b, metric in TABLE1_BENCHMARKS.items() if _has(table, b, metric)]
+    if not benchmarks:
+        return ["No math or instruction accuracy was measured.", ""]
+    plain, deltas = _plain_variants(table), _delta_variants(table)
+    indexed = table.set_index(_KEY)
+    header = ["objective"]
+    for benchmark in benchmarks:
+        header += [f"{BENCHMARK_LABELS[benchmark]}: {variant}" for variant in [*plain, *deltas]]
+    rows = []
+    for objective in table["objective"].unique():
+        cells = [OBJECTIVE_LABELS.get(objective, objective)]
+        for benchmark in benchmarks:
+            metric = TABLE1_BENCHMARKS[benchmark]
+            if objective == TEACHER:
+                # The teacher is one model, not a variant: its value sits in the first column only.
+                teacher = _lookup(indexed, TEACHER, TEACHER, benchmark, metric)
+                cells += [_format_value(teacher, metric)] + [""] * (len(plain) + len(deltas) - 1)
+                continue
+            cells += [_format_value(_lookup(indexed, objective, v, benchmark, metric), metric) for v in plain]
+            cells += [
+                _format_value(_lookup(indexed, objective, d, benchmark, metric), metric, signed=True)
+                for d in deltas
+            ]
+        rows.append(cells)
+    caption = (
+        "Table 1. Accuracy in percent (math exact match, instruction ROUGE-L, their average); "
+        "differences in points; mean ± std where there are 2 or more seeds."
+    )
+    return [caption, "", *_markdown_table(header, rows), ""]
+
+
+def _has(table: pd.DataFrame, benchmark: str, metric: str) -> bool:
+    return bool(((table["benchmark"] == benchmark) & (table["metric"] == metric)).any())
+
+
+def _distribution_section(table: pd.DataFrame) -> list[str]:
+    metrics = [m for m in DISTRIBUTION_SHOWN if _has(table, DISTRIBUTION, m)]
+    if not metrics:
+        return ["No distribution statistics were measured.", ""]
+    indexed = table.set_index(_KEY)
+    header = ["objective", "variant", *[f"{m} (%)" if m in PERCENT_METRICS else m for m in metrics]]
+    rows = []
+    plain = table[~table["variant"].isin(DELTA_VARIANTS) & (table["benchmark"] == DISTRIBUTION)]
+    for objective, variant in dict.fromkeys(zip(plain["objective"], plain["variant"], strict=True)):
+        cells = [OBJECTIVE_LABELS.get(objective, objective), variant]
+        cells += [_format_value(_lookup(indexed, objective, variant, DISTRIBUTION, m), m) for m in metrics]
+        rows.append(cells)
+    caption = (
+        "Table 2. Distribution statistics on held-out responses: KL(teacher || student), share of sampled "
+        "tokens the teacher rejects (%), student entropy, NLL; empty = not measured."
+    )
+    return [caption, "", *_markdown_table(header, rows), ""]
+
+
+def _footer(table: pd.DataFrame, seed_kind: str | None) -> list[str]:
+    lines = [_seed_line(table, seed_kind)]
+    plain = table[~table["variant"].isin(DELTA_VARIANTS)]
+    missing_cells = [
+        _cell_name(objective, variant)
+        for (objective, variant), cell in plain.groupby(["objective", "variant"], sort=False)
+        if (cell["status"] == MISSING).all()
+    ]
+    lines.append(
+        "Missing cells (no evaluation found): " + (", ".join(missing_cells) if missing_cells else "none")
+    )
+    incomplete = plain[plain["status"] == INCOMPLETE]
+    if not incomplete.empty:
+        names = ", ".join(
+            _cell_name(o, v) for o, v in zip(incomplete["objective"], incomplete["variant"], strict=True)
+        )
+        lines.append(f"No average for {names}: a benchmark the other cells have was not measured there")
+    single_seed: dict[str, str] = {}
+    for benchmark, metric in TABLE1_BENCHMARKS.items():
+        rows = plain[
+            (plain["benchmark"] == benchmark) & (plain["metric"] == metric) & (plain["status"] == OK)
+        ]
+        single = rows[rows["n_seeds"] == 1]
+        if rows.empty or single.empty:
+            continue
+        if len(single) == len(rows):
+            single_seed[BENCHMARK_LABELS[benchmark]] = "every value is a single seed (no ±)"
+        else:
+            names = ", ".join(
+                _cell_name(o, v) for o, v in zip(single["objective"], single["variant"], strict=True)
+            )
+            single_seed[BENCHMARK_LABELS[benchmark]] = f"single-seed rows (no ±): {names}"
+    lines += [f"{labels}: {text}" for labels, text in _merged(single_seed)]
+    return lines
+
+
+def _merged(described: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``{"math": d, "ROUGE-L": d}`` -> ``[("math, ROUGE-L", d)]``: one line for what reads the same."""
+    by_text: dict[str, list[str]] = {}
+    for label, text in described.items():
+        by_text.setdefault(text, []).append(label)
+    return [(", ".join(labels), text) for text, labels in by_text.items()]
+
+
+def _seed_line(table: pd.DataFrame, seed_kind: str | None) -> str:
+    seeds: Mapping[str, Sequence[str]] = table.attrs.get("seeds", {})
+    if seed_kind is None:
+        seed_kind = "sampling" if list(seeds.get(MATH, [])) == [GREEDY_SEED] else "training"
+    described: dict[str, str] = {}
+    for benchmark in (MATH, INSTRUCTION):
+        used = [s for s in seeds.get(benchmark, []) if s != DETERMINISTIC_SEED]
+        if used == [GREEDY_SEED]:
+            described[benchmark] = "greedy, 1 decoding"
+        elif used:
+            # Without a logged seed a run id stands in for it: shorten it, the count is what matters.
+            shown = ", ".join(seed if len(seed) <= 12 else seed[:8] + "…" for seed in used)
+            described[benchmark] = f"mean ± std over {len(used)} {seed_kind} seeds ({shown})"
+    parts = [f"{labels}: {text}" for labels, text in _merged(described)]
+    if AVERAGE in set(table["benchmark"]):
+        parts.append("average: mean of the benchmarks (per seed when they share seeds)")
+    if not parts:
+        return f"Seeds: up to {int(table['n_seeds'].max())} per value"
+    return "Seeds: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- summary
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """One line per difference (warmup - vanilla, ...) and accuracy benchmark, for logs and the README, e.g.
+    ``warmup - vanilla on average (points): +0.4 (fkl), -1.2 (rkl), missing (akl); mean over objectives
+    -0.4 (2 of 3); before KD -3.1``. The mean is over the KD objectives; before KD is the starting gap."""
+    _check_table(table)
+    lines = []
+    for delta in _delta_variants(table):
+        minuend, subtrahend = delta.split("-", 1)
+        for benchmark in (AVERAGE, MATH, INSTRUCTION):
+            metric = TABLE1_BENCHMARKS[benchmark]
+            rows = table[
+                (table["variant"] == delta) & (table["benchmark"] == benchmark) & (table["metric"] == metric)
+            ]
+            if rows.empty:
+                continue
+            kd_rows = rows[rows["objective"] != BEFORE_KD]
+            items = [f"{_signed_points(row)} ({row['objective']})" for _, row in kd_rows.iterrows()]
+            ok = kd_rows[kd_rows["status"] == OK]
+            text = f"{minuend} - {subtrahend} on {benchmark} (points): " + (", ".join(items) or "no KD cells")
+            if not ok.empty:
+                text += f"; mean over objectives {ok['mean'].mean() * 100:+.1f} ({len(ok)} of {len(kd_rows)})"
+            before = rows[(rows["objective"] == BEFORE_KD) & (rows["status"] == OK)]
+            if not before.empty:
+                text += f"; before KD {before['mean'].iloc[0] * 100:+.1f}"
+            lines.append(text)
+    return lines
+
+
+def _signed_points(row: pd.Series) -> str:
+    return f"{row['mean'] * 100:+.1f}" if row["status"] == OK else str(row["status"])

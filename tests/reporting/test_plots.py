@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from tests.reporting import evaluation
+from warmup_distill_kedro.reporting.plots import (
+    accuracy_by_objective,
+    kd_loss_curves,
+    teacher_probability_histograms,
+)
+from warmup_distill_kedro.reporting.records import evaluation_records
+from warmup_distill_kedro.reporting.table import build_table
+
+
+@pytest.fixture
+def table():
+    evaluations = {
+        "teacher": evaluation("teacher", "teacher", "teacher", 0.90, (0.60, 0.62), kl=None),
+        "student": evaluation("student", "vanilla", "before_kd", 0.30, (0.40, 0.42)),
+        "warmup_student": evaluation("warmup_student", "warmup", "before_kd", 0.28, (0.38, 0.40)),
+        "vanilla.fkl": evaluation("vanilla.fkl", "vanilla", "fkl", 0.40, (0.50, 0.52)),
+        "warmup.fkl": evaluation("warmup.fkl", "warmup", "fkl", 0.44, (0.50, 0.54)),
+    }
+    return build_table(evaluation_records(evaluations), ["vanilla", "warmup"], ["fkl", "rkl"])
+
+
+def test_accuracy_by_objective_bars_per_variant_and_teacher_line(table):
+    figure = accuracy_by_objective(table)
+    assert isinstance(figure, Figure)
+    axes = figure.get_axes()
+    assert [ax.get_title() for ax in axes] == [
+        "math (exact_match)",
+        "instruction (rouge_l)",
+        "average (score)",
+    ]
+    math_ax = axes[0]
+    assert [label.get_text() for label in math_ax.get_xticklabels()] == ["before KD", "fkl", "rkl"]
+    # 2 variants x 3 objectives; rkl has no records, so its bars have no height and are marked "missing"
+    heights = [patch.get_height() for patch in math_ax.patches]
+    assert len(heights) == 6
+    np.testing.assert_allclose(heights[:2], [30.0, 40.0])  # vanilla: before KD, fkl (percent)
+    assert np.isnan(heights[2]) and np.isnan(heights[5])
+    assert sum(text.get_text() == "missing" for text in math_ax.texts) == 2
+    teacher = [line for line in math_ax.get_lines() if line.get_label() == "teacher"]
+    assert len(teacher) == 1 and teacher[0].get_linestyle() == "--"
+    assert teacher[0].get_ydata()[0] == pytest.approx(90.0)
+    legend = [text.get_text() for text in math_ax.get_legend().get_texts()]
+    assert legend == ["teacher", "vanilla", "warmup"]
+
+
+def test_accuracy_error_bars_are_the_std_in_percent(table):
+    instruction_ax = accuracy_by_objective(table).get_axes()[1]
+    # warmup/fkl: ROUGE-L 0.50, 0.54 -> std 0.02828 -> error bar from 49.17 to 54.83
+    segments = [seg for collection in instruction_ax.collections for seg in collection.get_segments()]
+    spans = sorted(round(float(seg[1][1] - seg[0][1]), 3) for seg in segments if len(seg) == 2)
+    # before KD and fkl for each variant: ROUGE-L pairs 0.02 apart (vanilla) and 0.02 / 0.04 (warmup)
+    expected = [
+        2 * 100 * np.std(pair, ddof=1) for pair in ([0.40, 0.42], [0.50, 0.52], [0.38, 0.40], [0.50, 0.54])
+    ]
+    assert spans == sorted(round(float(value), 3) for value in expected)
+
+
+def test_teacher_probability_histograms_overlay_shares_with_tau():
+    counts_before = [50] + [0] * 18 + [50]
+    counts_after = [10] + [0] * 18 + [90]
+    evaluations = {
+        "student": evaluation("student", "vanilla", "before_kd", counts=counts_before),
+        "warmup_student": evaluation("warmup_student", "warmup", "before_kd", counts=counts_after),
+    }
+    figure = teacher_probability_histograms(evaluations, tau=0.05)
+    (ax,) = figure.get_axes()
+    assert ax.get_yscale() == "log"
+    lines = ax.get_lines()
+    assert len(lines) == 3  # two step lines and the tau line
+    assert lines[0].get_label() == "before warmup (50.0% of tokens below tau)"
+    assert lines[1].get_label() == "after warmup (10.0% of tokens below tau)"
+    assert lines[2].get_label() == "tau = 0.05" and lines[2].get_xdata()[0] == 0.05
+    # normalised to shares of tokens: the bins (all but the repeated last point) sum to 1
+    assert np.sum(lines[1].get_ydata()[:-1]) == pytest.approx(1.0)
+
+
+def test_teacher_probability_histograms_without_tau_have_plain_labels():
+    evaluations = {
+        "a": evaluation("student", "vanilla", "before_kd", counts=[1] * 20),
+        "b": evaluation("warmup_student", "warmup", "before_kd", counts=[2] * 20),
+    }
+    ax = teacher_probability_histograms(evaluations).get_axes()[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["before warmup", "after warmup"]
+
+
+def test_a_subject_without_histogram_is_named():
+    evaluations = {
+        "student": evaluation("student", "vanilla", "before_kd", counts=[1] * 20),
+        "warmup_student": evaluation("warmup_student", "warmup", "before_kd", counts=None),
+    }
+    with pytest.raises(
+        ValueError, match=r"subject 'warmup_student': field 'distribution.teacher_prob_histogram'"
+    ):
+        teacher_probability_histograms(evaluations)
+    with pytest.raises(ValueError, match=r"subject 'control_student': no evaluation"):
+        teacher_probability_histograms(evaluations, subjects=("control_student",))
+
+
+def history(kd_key: str, kd_values: list[float], eval_kl: list[float]) -> dict:
+    training = [{"step": 10.0 * (i + 1), "loss": 2.0, "ce": 1.0, kd_key: v} for i, v in enumerate(kd_values)]
+    evaluation_steps = [
+        {"step": 100.0 * (i + 1), "eval/validation_nll": 0.3, "eval/validation_kl": v}
+        for i, v in enumerate(eval_kl)
+    ]
+    return {"history": training + evaluation_steps}
+
+
+def test_kd_loss_curves_plot_each_variant_in_both_panels():
+    metrics = {
+        "vanilla": history("kd", [0.9, 0.5, 0.3], [0.20, 0.15]),
+        "warmup": history("kd_student", [0.6, 0.4, 0.3], [0.18, 0.14]),
+    }
+    figure = kd_loss_curves(metrics, "fkl")
+    train_ax, eval_ax = figure.get_axes()
+    assert "the mismatch in the early stage of distillation" in figure.get_suptitle()
+    assert figure.get_suptitle().startswith("fkl")
+    assert [line.get_label() for line in train_ax.get_lines()] == ["vanilla", "warmup"]
+    np.testing.assert_allclose(train_ax.get_lines()[1].get_ydata(), [0.6, 0.4, 0.3])  # kd_student for DSKD
+    np.testing.assert_allclose(eval_ax.get_lines()[0].get_xdata(), [100.0, 200.0])
+    np.testing.assert_allclose(eval_ax.get_lines()[0].get_ydata(), [0.20, 0.15])  # KL preferred over NLL
+    assert train_ax.get_title() == "training KD term (kd, kd_student)"
+
+
+def test_kd_loss_curves_fall_back_to_loss_and_validation_nll():
+    metrics = {
+        "vanilla": {"history": [{"step": 1.0, "loss": 3.0}, {"step": 5.0, "eval/validation_nll": 0.7}]}
+    }
+    train_ax, eval_ax = kd_loss_curves(metrics, "sft").get_axes()
+    np.testing.assert_allclose(train_ax.get_lines()[0].get_ydata(), [3.0])
+    np.testing.assert_allclose(eval_ax.get_lines()[0].get_ydata(), [0.7])
+    assert eval_ax.get_title() == "held-out (eval/validation_nll)"
+
+
+def test_a_variant_without_history_is_named():
+    metrics = {"vanilla": history("kd", [0.5], [0.2]), "warmup": {"final": {"heldout_kl": 0.1}}}
+    with pytest.raises(ValueError, match=r"variant 'warmup' \(fkl\): field 'history' is missing"):
+        kd_loss_curves(metrics, "fkl")
