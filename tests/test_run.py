@@ -347,7 +347,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     _run(project_copy, ["__default__"])
 
     reporting = project_copy / "data/08_reporting"
-    subjects = ["teacher", "student", "warmup_student"] + [
+    subjects = ["teacher", "student", "warmup_student", "control_student"] + [
         f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")
     ]
     evaluations = {

@@ -210,3 +210,16 @@ def test_summary_lines(table):
         "warmup - vanilla on math",
         "warmup - vanilla on instruction",
     ]
+
+
+def test_a_control_student_outside_the_grid_is_a_reference_row_only(evaluations):
+    """The control student evaluated before KD, with no control cells in the grid: its column and the
+    warmup-control difference exist where it was measured, and nothing is reported missing elsewhere."""
+    evaluations["control_student"] = evaluation(
+        "control_student", "control", "before_kd", 0.31, (0.40, 0.41, 0.42)
+    )
+    table = build_table(evaluation_records(evaluations), VARIANTS, OBJECTIVES)
+    delta = row(table, "before_kd", "warmup-control", "math", "exact_match")
+    assert delta["mean"] == pytest.approx(0.28 - 0.31) and delta["status"] == "ok"
+    assert table[(table["objective"] == "fkl") & table["variant"].isin(["control", "warmup-control"])].empty
+    assert "warmup/akl" in render_markdown(table)  # the grid's own missing cell is still reported

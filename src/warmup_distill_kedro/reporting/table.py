@@ -85,7 +85,7 @@ def build_table(records: pd.DataFrame, variants: Sequence[str], objectives: Sequ
     stats = _with_missing_cells(stats, _expected_cells(variants, objectives))
     found_variants = [v for v in stats["variant"].unique() if v != TEACHER]
     all_variants = list(dict.fromkeys([*variants, *found_variants]))
-    stats = pd.concat([stats, _deltas(stats, all_variants)], ignore_index=True)
+    stats = pd.concat([stats, _deltas(stats, all_variants, expected=variants)], ignore_index=True)
     table = _ordered(stats, variants, objectives)
     table.attrs["seeds"] = {
         benchmark: sorted({str(seed) for seed in group["seed"]}, key=_seed_sort_key)
@@ -240,8 +240,11 @@ def _with_missing_cells(stats: pd.DataFrame, expected: Iterable[tuple[str, str]]
     return pd.concat([stats, pd.DataFrame(rows, columns=list(TABLE_COLUMNS))], ignore_index=True)
 
 
-def _deltas(stats: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
-    """``<minuend>-<subtrahend>`` rows for every objective but the teacher, for each pair in DELTA_PAIRS."""
+def _deltas(stats: pd.DataFrame, variants: Sequence[str], expected: Sequence[str]) -> pd.DataFrame:
+    """``<minuend>-<subtrahend>`` rows for every objective but the teacher, for each pair in DELTA_PAIRS.
+
+    A variant outside the ``expected`` grid (e.g. the control student, evaluated only before KD) gives
+    differences only where it has rows; elsewhere there is nothing missing, so no row."""
     indexed = stats.set_index(_KEY)
     rows = []
     for minuend, subtrahend in DELTA_PAIRS:
@@ -253,6 +256,9 @@ def _deltas(stats: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
         for objective, benchmark, metric in keys:
             left = _lookup(indexed, objective, minuend, benchmark, metric)
             right = _lookup(indexed, objective, subtrahend, benchmark, metric)
+            absent = [v for v, side in ((minuend, left), (subtrahend, right)) if side is None]
+            if any(variant not in expected for variant in absent):
+                continue
             if left is None or right is None or left["status"] != OK or right["status"] != OK:
                 rows.append(_empty_row(objective, name, benchmark, metric, MISSING))
                 continue

@@ -1,7 +1,7 @@
 """The evaluate pipeline: the same measurements for every model of the flow.
 
-Subjects: the teacher, the students before KD (`student` = vanilla, `warmup_student`, and
-`control_student` when the control variant is in the grid) and every distilled student of the grid
+Subjects: the teacher, the students before KD (`student` = vanilla, `warmup_student`, and the
+fairness control `control_student` whenever warmup is in the grid) and every distilled student of the grid
 (node `<variant>.<objective>.evaluate`, subject `<variant>.<objective>`). Each writes
 `<subject>.evaluation_metrics` and `<subject>.predictions`. A node's first input is the model it
 measures: for nodes tagged `evaluation` the MLflow hook logs the metrics to the run that trained it.
@@ -23,16 +23,28 @@ _SHARED = ["test_examples", "params:evaluate", "params:check"]
 
 def create_pipeline(**kwargs) -> Pipeline:
     cells = grid_cells()
-    variants = list(dict.fromkeys(variant for variant, _ in cells))
     subjects = [
         _subject("teacher", evaluate_teacher, "teacher_model", "teacher", "teacher", with_teacher=False),
-        *(_subject(STUDENT_SUBJECTS[v], None, STARTING_CHECKPOINTS[v], v, "before_kd") for v in variants),
+        *(
+            _subject(STUDENT_SUBJECTS[v], None, STARTING_CHECKPOINTS[v], v, "before_kd")
+            for v in students_before_kd(cells)
+        ),
         *(
             _subject(f"{variant}.{objective}", None, f"{variant}.{objective}.student", variant, objective)
             for variant, objective in cells
         ),
     ]
     return sum(subjects, Pipeline([]))
+
+
+def students_before_kd(cells: list[tuple[str, str]]) -> list[str]:
+    """The variants whose starting student is evaluated: the grid's, plus the fairness control whenever
+    warmup is in the grid (it is trained with the warmup student; its row says what warmup's extra steps
+    alone would have given)."""
+    variants = [variant for variant, _ in cells]
+    if "warmup" in variants:
+        variants.append("control")
+    return list(dict.fromkeys(variants))
 
 
 def _subject(

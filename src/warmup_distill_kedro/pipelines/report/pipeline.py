@@ -9,7 +9,7 @@ import warnings
 from kedro.pipeline import Pipeline, node
 
 from warmup_distill_kedro.pipelines.distill.grid import grid_cells
-from warmup_distill_kedro.pipelines.evaluate.pipeline import STUDENT_SUBJECTS
+from warmup_distill_kedro.pipelines.evaluate.pipeline import STUDENT_SUBJECTS, students_before_kd
 from warmup_distill_kedro.pipelines.report.nodes import (
     curves_function,
     plot_accuracy,
@@ -24,7 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     first_objective = cells[0][1]
     subjects = [
         "teacher",
-        *(STUDENT_SUBJECTS[v] for v in variants),
+        *(STUDENT_SUBJECTS[v] for v in students_before_kd(cells)),
         *(f"{variant}.{objective}" for variant, objective in cells),
     ]
     with warnings.catch_warnings():
