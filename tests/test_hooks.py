@@ -301,6 +301,40 @@ def test_unopenable_store_names_the_uri(tmp_path):
     assert mlflow.get_tracking_uri() == uri_before
 
 
+def test_unopenable_store_runs_untracked_when_asked(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    uri = f"sqlite:///{(tmp_path / 'a_file' / 'mlflow.db').as_posix()}"
+    hook = MLflowTrackingHook()
+    hook_manager = _create_hook_manager()
+    hook_manager.register(hook)
+    config = {"tracking_uri": uri, "on_store_error": "continue_untracked"}
+    context = make_context(tmp_path, tmp_path / "conf", config, hook_manager)
+    (tmp_path / "data" / "raw.csv" / RAW_VERSIONS[0]).mkdir(parents=True)
+    pd.DataFrame({"x": [1.0]}).to_csv(
+        tmp_path / "data" / "raw.csv" / RAW_VERSIONS[0] / "raw.csv", index=False
+    )
+    hook_manager.hook.after_context_created(context=context)
+    pipeline = Pipeline(
+        [node(train, ["raw", "params:training"], ["model_table", "train_metrics"], tags=TRAIN_TAGS)]
+    )
+    kedro_run(hook_manager, context, pipeline)  # the run itself completes, untracked
+    assert not hook.tracking
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_store_that_refuses_writes_stops_the_run_at_start(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("attempt to write a readonly database")
+
+    # Opening the store sets $MLFLOW_TRACKING_URI (MLflow's doing); monkeypatch restores it afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    context = make_context(tmp_path, tmp_path / "conf", {}, _create_hook_manager())
+    MLflowTrackingHook().after_context_created(context)  # the store and experiment exist and open...
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", read_only)  # ...but now refuse writes
+    with pytest.raises(TrackingStoreError, match=r"(?s)mlflow.db.*readonly database.*continue_untracked"):
+        MLflowTrackingHook().after_context_created(context)
+
+
 def test_locations(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path.resolve()

@@ -226,14 +226,21 @@ def test_bad_stage_parameters_fail_before_any_node(project_copy: Path, params, m
     assert not (project_copy / "data/07_model_output").exists()
 
 
-def test_probe_alone_is_deterministic(project_copy: Path) -> None:
+def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
+    """Same seeds, same inputs: identical rollouts, teacher scores and corrected sets, run after run."""
     _run(project_copy, ["data", "bootstrap"])
-    _run(project_copy, ["probe"])
-    _run(project_copy, ["probe"])
-    first, second = _versions(project_copy / "data/07_model_output/rollouts.parquet")
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(first / "rollouts.parquet"), pd.read_parquet(second / "rollouts.parquet")
-    )
+    _run(project_copy, ["probe", "check"])
+    _run(project_copy, ["probe", "check"])
+    for name in ("rollouts", "scored_rollouts", "corrected_set"):
+        first, second = _versions(project_copy / f"data/07_model_output/{name}.parquet")
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(first / f"{name}.parquet"), pd.read_parquet(second / f"{name}.parquet")
+        )
+    summaries = [
+        json.loads((v / "check_summary.json").read_text())
+        for v in _versions(project_copy / "data/08_reporting/check_summary.json")
+    ]
+    assert summaries[0] == summaries[1]
 
 
 def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
@@ -375,6 +382,8 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
         [row] = math[(math["variant"] == variant) & (math["objective"] == objective)].itertuples()
         assert row.mean == pytest.approx(evaluation["math"]["exact_match"]), subject
     assert (table["status"] == "ok").all()
+    _run(project_copy, ["report"])  # alone, on the latest evaluations
+    assert len(_versions(reporting / "report.md")) == 2
     markdown = _latest(reporting / "report.md").read_text()
     assert "fkl" in markdown and "js" in markdown and "warmup" in markdown
     for plot in ("accuracy", "kd_curves", "warmup_mismatch"):
@@ -390,3 +399,23 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
         assert run.data.metrics["evaluation.math.exact_match"] == pytest.approx(
             evaluations[subject]["math"]["exact_match"]
         )
+
+
+def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(project_copy: Path) -> None:
+    _run(project_copy, ["data"])
+    exploding = {"student": {"training": {"learning_rate": 1e30, "max_steps": 20}}}
+    with pytest.raises(
+        Exception, match=r"sft student: non-finite loss .* at optimizer step \d+, micro-batch \d+"
+    ):
+        _run(project_copy, ["bootstrap"], bootstrap=exploding)
+    student_versions = project_copy / "data/06_models/student_model"
+    assert not student_versions.exists() or not any(
+        student_versions.glob(f"*/student_model/{COMPLETE_MARKER}")
+    )
+    assert not list((project_copy / "data/09_training_state").glob("sft_student/*/*/state.pt"))
+
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+    student_run = next(r for r in runs if r.info.run_name == "sft_student")
+    assert student_run.info.status == "FAILED"
+    assert student_run.data.tags["error.type"] == "NonFiniteLossError"

@@ -134,6 +134,8 @@ def open_experiment(client: MlflowClient, tracking_uri: str, name: str, artifact
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it", name)
         client.restore_experiment(experiment.experiment_id)
+    # A store that opens may still refuse writes (read-only file, full disk): find out now, not mid-run.
+    client.set_experiment_tag(experiment.experiment_id, "warmup_distill.opened_at", str(int(time.time())))
     return experiment.experiment_id
 
 
@@ -265,12 +267,22 @@ class MLflowTrackingHook:
         self._enabled = True
 
     def _store_unavailable(self, uri: str, exc: Exception) -> None:
-        """The store at ``uri`` could not be opened. Raises; the place for a future "continue untracked"
-        switch (log a warning and return, leaving ``self._enabled`` False)."""
+        """The store at ``uri`` could not be opened or written: stop, or (``on_store_error:
+        continue_untracked``) say so and leave tracking off for the whole run."""
+        if self._config.on_store_error == "continue_untracked":
+            logger.warning(
+                "MLflow: the tracking store %r cannot be used (%s: %s); this run is NOT tracked "
+                "(mlflow.on_store_error: continue_untracked)",
+                _redact(uri),
+                type(exc).__name__,
+                exc,
+            )
+            return
         raise TrackingStoreError(
             f"Could not open the MLflow tracking store {_redact(uri)!r} "
             f"({type(exc).__name__}: {exc}). Fix 'mlflow.tracking_uri' in conf/<env>/mlflow.yml, "
-            "or set 'mlflow.enabled: false' there to run without tracking."
+            "or set 'mlflow.enabled: false' (or 'mlflow.on_store_error: continue_untracked') there to run "
+            "without tracking."
         ) from exc
 
     # --------------------------------------------------------------------------------------- pipeline

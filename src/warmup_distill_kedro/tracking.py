@@ -20,7 +20,7 @@ import posixpath
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -54,6 +54,9 @@ class TrackingConfig(BaseModel):
     # None -> file://<project root>/mlruns. Only used when the experiment is created.
     artifact_location: str | None = None
     experiment_name: str = DEFAULT_EXPERIMENT_NAME
+    # What a run does when the store cannot be opened or written at start: stop before any node runs, or
+    # say so and run untracked. Either way nothing is half-logged.
+    on_store_error: Literal["stop", "continue_untracked"] = "stop"
 
 
 # --------------------------------------------------------------------------------------------- locations

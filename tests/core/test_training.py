@@ -15,6 +15,7 @@ from warmup_distill_kedro.core.training import (
     ShuffledBatches,
     TrainingConfig,
     TrainingRun,
+    set_state_folder,
     train,
     warmup_cosine,
 )
@@ -306,3 +307,76 @@ def test_resume_from_state_dict_matches_uninterrupted_run():
     # Not a vacuous comparison: training moved the weights away from the start.
     start = _model(seed=0)
     assert not torch.allclose(start.model.embed_tokens.weight, straight.model.model.embed_tokens.weight)
+
+
+# -- resuming from the state folder ------------------------------------------------------------------------
+def _eval(model):
+    return {"weight_norm": float(sum(p.norm() for p in model.parameters()))}
+
+
+def test_a_crashed_run_resumes_from_its_state_folder_and_ends_as_an_uninterrupted_one(tmp_path):
+    config = _config(max_steps=7, checkpoint_every=2, eval_every=3, learning_rate=2e-2, warmup_steps=1)
+
+    def run(folder, sink=None, seed=0):
+        data = ShuffledBatches(_examples(12), config.batch_size, _collate, seed=1)
+        return TrainingRun(
+            _model(seed),
+            _noisy_loss,
+            data,
+            config,
+            eval_fn=_eval,
+            metrics_sink=sink,
+            state_folder=folder,
+            name="sft student",
+        )
+
+    straight = run(tmp_path / "straight").run()
+
+    def crash_at_5(metrics, step):
+        if step == 5 and "loss" in metrics:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run(tmp_path / "crashed", crash_at_5).run()
+    state_file = tmp_path / "crashed" / "sft_student" / "state.pt"
+    assert torch.load(state_file, weights_only=False)["step"] == 4  # the last multiple of checkpoint_every
+
+    resumed = run(tmp_path / "crashed", seed=99).run()  # another init: the state must overwrite it
+    assert resumed.steps == straight.steps == 7
+    _assert_weights_close(resumed.model, straight.model, atol=1e-6)
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]
+    assert resumed.final_eval == pytest.approx(straight.final_eval)
+
+    # The final state is saved too: a crash after training (while saving outputs) retrains nothing.
+    again = run(tmp_path / "crashed", seed=99)
+    assert again.resume() and again.step == 7
+    after = again.run()
+    assert after.history == resumed.history  # no step and no evaluation repeated
+    _assert_weights_close(after.model, straight.model, atol=1e-6)
+
+
+def test_the_state_folder_comes_from_the_context_and_can_be_switched_off(tmp_path):
+    config = _config(max_steps=2, checkpoint_every=1)
+    data = ShuffledBatches(_examples(8), config.batch_size, _collate, seed=0)
+    set_state_folder(tmp_path)
+    try:
+        TrainingRun(_model(), causal_lm_loss, data, config, name="warmup").run()
+    finally:
+        set_state_folder(None)
+    assert (tmp_path / "warmup" / "state.pt").is_file()
+    assert TrainingRun(_model(), causal_lm_loss, data, config).state_file is None
+    never = TrainingRun(
+        _model(), causal_lm_loss, data, _config(max_steps=2, checkpoint_every=0), state_folder=tmp_path / "x"
+    )
+    never.run()
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_state_beyond_the_budget_is_refused(tmp_path):
+    data = ShuffledBatches(_examples(8), 4, _collate, seed=0)
+    TrainingRun(
+        _model(), causal_lm_loss, data, _config(max_steps=3, checkpoint_every=1), state_folder=tmp_path
+    ).run()
+    shorter = TrainingRun(_model(), causal_lm_loss, data, _config(max_steps=2), state_folder=tmp_path)
+    with pytest.raises(ValueError, match=r"step 3, beyond max_steps 2.*delete it"):
+        shorter.run()

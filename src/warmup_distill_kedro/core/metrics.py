@@ -49,6 +49,8 @@ def heldout_distribution(
     """
     device = next(student.parameters()).device
     compare = teacher is not None and vocab_size is not None
+    if compare:
+        teacher = teacher.to(device)  # a frozen teacher may still sit where it was loaded
     was_training = student.training
     student.eval()
     sums = {"heldout_nll": 0.0, "heldout_entropy": 0.0, "teacher_heldout_entropy": 0.0, "heldout_kl": 0.0}

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -48,6 +52,9 @@ class TrainingConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     seed: int = 0
+    checkpoint_every: int = Field(
+        100, ge=0, description="save the resumable state every N steps when a state folder is set; 0: never"
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     show_progress: bool = True
@@ -109,6 +116,17 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+STATE_FILE = "state.pt"
+# Where runs save their resumable state when none is passed: set around a node by the project's
+# TrainingStateHook (a context variable, so the core needs no Kedro and nodes need no extra argument).
+_STATE_FOLDER: ContextVar[Path | None] = ContextVar("training_state_folder", default=None)
+
+
+def set_state_folder(folder: str | Path | None) -> None:
+    """The folder under which `TrainingRun`s save and resume their state (None: nowhere)."""
+    _STATE_FOLDER.set(Path(folder) if folder is not None else None)
+
+
 class TrainingRun:
     """All state of one training run, and the loop that advances it."""
 
@@ -123,6 +141,7 @@ class TrainingRun:
         eval_fn: EvalFn | None = None,
         metrics_sink: MetricsSink | None = None,
         name: str = "train",
+        state_folder: str | Path | None = None,
     ):
         self.config = config
         self.loss_fn = loss_fn
@@ -148,6 +167,10 @@ class TrainingRun:
         self.step = 0
         self.data_position = 0
         self.history: list[dict[str, float]] = []
+        self.final_eval: dict[str, float] = {}
+        # One sub-folder per run name: a node may train more than once (DSKD pre-trains its projectors).
+        root = Path(state_folder) if state_folder is not None else _STATE_FOLDER.get()
+        self.state_file = root / _slug(name) / STATE_FILE if root is not None else None
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -158,7 +181,9 @@ class TrainingRun:
             "step": self.step,
             "data_position": self.data_position,
             "history": list(self.history),
+            "final_eval": dict(self.final_eval),
             "rng": rng_state(),
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -168,11 +193,37 @@ class TrainingRun:
         self.step = state["step"]
         self.data_position = state["data_position"]
         self.history = list(state["history"])
+        self.final_eval = dict(state.get("final_eval", {}))
         set_rng_state(state["rng"])
+        if state.get("data") is not None:  # sources with state of their own (the adaptive replay buffer)
+            self.data.load_state_dict(state["data"])
+
+    def save_state(self) -> None:
+        """Write `state_dict()` to the state file atomically: a crash mid-write keeps the previous one."""
+        assert self.state_file is not None
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.state_file.with_suffix(".partial")
+        torch.save(self.state_dict(), partial)
+        os.replace(partial, self.state_file)
+
+    def resume(self) -> bool:
+        """Load the saved state when there is one; True when the run continues from it."""
+        if self.state_file is None or not self.state_file.is_file():
+            return False
+        state = torch.load(self.state_file, map_location="cpu", weights_only=False)  # our own file
+        if state["step"] > self.config.max_steps:
+            raise ValueError(
+                f"{self.name}: the saved state {self.state_file} is at step {state['step']}, beyond "
+                f"max_steps {self.config.max_steps}; delete it to start over"
+            )
+        self.load_state_dict(state)
+        logger.info("%s: resuming from step %d (%s)", self.name, self.step, self.state_file)
+        return True
 
     # -- loop ----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         config = self.config
+        self.resume()
         progress = tqdm(
             total=config.max_steps,
             initial=self.step,
@@ -180,7 +231,6 @@ class TrainingRun:
             disable=not (config.show_progress and self.accelerator.is_main_process),
             dynamic_ncols=True,
         )
-        final_eval: dict[str, float] = {}
         window: list[dict[str, float]] = []
         started = time.perf_counter()
         while self.step < config.max_steps:
@@ -197,12 +247,18 @@ class TrainingRun:
             if self.eval_fn is not None and (
                 is_last or (config.eval_every and self.step % config.eval_every == 0)
             ):
-                final_eval = self.evaluate()
+                self.final_eval = self.evaluate()
+            if (
+                self.state_file is not None
+                and config.checkpoint_every
+                and (is_last or self.step % config.checkpoint_every == 0)
+            ):
+                self.save_state()
         progress.close()
         return TrainResult(
             model=self.accelerator.unwrap_model(self.model),
             history=self.history,
-            final_eval=final_eval,
+            final_eval=self.final_eval,
             steps=self.step,
         )
 
@@ -249,6 +305,10 @@ class TrainingRun:
         self.history.append(record)
         if self.metrics_sink is not None and self.accelerator.is_main_process:
             self.metrics_sink(metrics, self.step)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "train"
 
 
 def train(

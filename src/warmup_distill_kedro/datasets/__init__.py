@@ -1,5 +1,13 @@
-"""Custom Kedro datasets: `save_pretrained` folders, saved atomically and versioned by Kedro."""
+"""Custom Kedro datasets, all saved atomically: `save_pretrained` folders (versioned by Kedro) and
+Kedro's own file datasets written to a partial file and renamed into place."""
 
+from warmup_distill_kedro.datasets.atomic import (
+    AtomicCSVDataset,
+    AtomicJSONDataset,
+    AtomicMatplotlibDataset,
+    AtomicParquetDataset,
+    AtomicTextDataset,
+)
 from warmup_distill_kedro.datasets.directory import (
     COMPLETE_MARKER,
     AtomicDirectoryDataset,
@@ -7,4 +15,14 @@ from warmup_distill_kedro.datasets.directory import (
     TokenizerDataset,
 )
 
-__all__ = ["COMPLETE_MARKER", "AtomicDirectoryDataset", "CheckpointDataset", "TokenizerDataset"]
+__all__ = [
+    "COMPLETE_MARKER",
+    "AtomicCSVDataset",
+    "AtomicDirectoryDataset",
+    "AtomicJSONDataset",
+    "AtomicMatplotlibDataset",
+    "AtomicParquetDataset",
+    "AtomicTextDataset",
+    "CheckpointDataset",
+    "TokenizerDataset",
+]

@@ -27,10 +27,9 @@ TITLE = "Warmup-Distill: objective x {vanilla, warmup}"
 
 
 def report_function(subjects: Sequence[str]) -> Callable[..., tuple[pd.DataFrame, str]]:
-    """The report node for these evaluation subjects (one positional input each, then params:distill)."""
+    """The report node for these evaluation subjects: params:distill, then one input per subject."""
 
-    def build_report(*inputs: Any) -> tuple[pd.DataFrame, str]:
-        *evaluations, params = inputs
+    def build_report(params: DistillParams, *evaluations: dict[str, Any]) -> tuple[pd.DataFrame, str]:
         return report(dict(zip(subjects, evaluations, strict=True)), params)
 
     return build_report

@@ -38,7 +38,7 @@ def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> li
     nodes = [
         node(
             report_function(subjects),
-            [*(f"{s}.evaluation_metrics" for s in subjects), "params:distill"],
+            ["params:distill", *(f"{s}.evaluation_metrics" for s in subjects)],
             ["report_table", "report_markdown"],
             name="build_report",
         ),

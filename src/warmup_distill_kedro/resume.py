@@ -1,0 +1,117 @@
+"""Resume a training node after a crash: rerun the same `kedro run` and it continues where it stopped.
+
+`TrainingStateHook` gives every node tagged `training` a state folder,
+`data/09_training_state/<node>/<inputs fingerprint>/`, through `core.training.set_state_folder`; the
+training loop saves its whole state there every `training.checkpoint_every` steps and resumes from it
+when it finds one. The fingerprint covers what the node computes from (its parameters and the content
+of its inputs), so a rerun after a crash resumes, while a run with other parameters or other data starts
+over. When the node's outputs are saved, its state is deleted; after a crash it stays for the next run.
+
+Content, not catalog versions: a rerun regenerates upstream outputs under new version timestamps, but
+with fixed seeds their content is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from kedro.framework.hooks import hook_impl
+from pydantic import BaseModel
+
+from warmup_distill_kedro.core.modeling import Checkpoint
+from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
+from warmup_distill_kedro.core.training import set_state_folder
+
+logger = logging.getLogger(__name__)
+
+STATE_ROOT = Path("data") / "09_training_state"
+TRAINING_TAG = "training"
+_SAMPLES_PER_TENSOR = 4096
+
+
+def input_fingerprint(inputs: Mapping[str, Any]) -> str:
+    """A short hash of a node's inputs by content: parameters, tables, checkpoints, tokenizers."""
+    digest = hashlib.sha256()
+    for name in sorted(inputs):
+        digest.update(name.encode())
+        digest.update(_content_digest(inputs[name]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _content_digest(value: Any) -> str:
+    if isinstance(value, Checkpoint):
+        return vocabulary_fingerprint(value.tokenizer) + _weights_digest(value.model)
+    if isinstance(value, pd.DataFrame):
+        try:
+            hashed = pd.util.hash_pandas_object(value, index=True)
+        except TypeError:  # list-valued columns (token ids, references) are not hashable as they are
+            hashed = pd.util.hash_pandas_object(value.astype(str), index=True)
+        return hashlib.sha256(hashed.to_numpy().tobytes() + str(list(value.columns)).encode()).hexdigest()
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
+    if hasattr(value, "get_vocab"):  # a tokenizer
+        return vocabulary_fingerprint(value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+@torch.no_grad()
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A checksum of every weight tensor from an evenly strided sample of its values: cheap even for a
+    7B model on its device, and different for any two trainings in practice."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)].float().cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TrainingStateHook:
+    """Sets the state folder of each training node, and deletes it once the node's outputs are saved."""
+
+    def __init__(self) -> None:
+        self._root: Path | None = None
+        self._unsaved: dict[str, tuple[Path, set[str]]] = {}  # node -> (its state folder, outputs to save)
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._root = Path(context.project_path) / STATE_ROOT
+
+    @hook_impl
+    def before_node_run(self, node: Any, inputs: dict[str, Any]) -> None:
+        if self._root is None or TRAINING_TAG not in node.tags:
+            return
+        folder = self._root / node.name / input_fingerprint(inputs)
+        if folder.exists():
+            logger.info("%s: found training state from an interrupted run in %s", node.name, folder)
+        set_state_folder(folder)
+        self._unsaved[node.name] = (folder, set(node.outputs))
+
+    @hook_impl
+    def after_node_run(self, node: Any) -> None:
+        set_state_folder(None)
+
+    @hook_impl
+    def on_node_error(self, node: Any) -> None:
+        set_state_folder(None)
+        self._unsaved.pop(node.name, None)  # keep the state: the next run resumes from it
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, node: Any) -> None:
+        entry = self._unsaved.get(node.name)
+        if entry is None:
+            return
+        folder, outputs = entry
+        outputs.discard(dataset_name)
+        if not outputs:  # every output is safely saved: the state is no longer needed
+            del self._unsaved[node.name]
+            shutil.rmtree(folder, ignore_errors=True)
