@@ -115,3 +115,6 @@ class TrainingStateHook:
         if not outputs:  # every output is safely saved: the state is no longer needed
             del self._unsaved[node.name]
             shutil.rmtree(folder, ignore_errors=True)
+            for empty in (folder.parent, folder.parent.parent):  # <node>/, then the state root
+                if empty.is_dir() and not any(empty.iterdir()):
+                    empty.rmdir()
