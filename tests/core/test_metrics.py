@@ -60,6 +60,7 @@ EXAMPLES = [
 ]
 
 
+@torch.no_grad()
 def _reference(student, teacher, examples, vocab_size):
     """Token by token in float64, one example at a time, no batching or masking tricks."""
     nll = entropy = teacher_entropy = kl = 0.0

@@ -46,13 +46,7 @@ def warmup_student(
     if params.loss.loss != "sft":
         encoded = with_reference_logprobs(reference, encoded, pad_id, params.training.batch_size)
     policy = copy.deepcopy(reference)
-    validation, _ = encode_examples(
-        tokenizer, validation_examples.head(params.validation_examples), params.max_length
-    )
-
-    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
-        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
-
+    validation_nll = _validation_nll(tokenizer, validation_examples, params)
     initial_nll = validation_nll(policy)["validation_nll"]
     logger.info(
         "warmup: %d training rows, loss %s, vanilla validation NLL %.4f",
@@ -115,13 +109,7 @@ def control_student(
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
     encoded, _ = encode_examples(tokenizer, examples, params.max_length)
-    validation, _ = encode_examples(
-        tokenizer, validation_examples.head(params.validation_examples), params.max_length
-    )
-
-    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
-        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
-
+    validation_nll = _validation_nll(tokenizer, validation_examples, params)
     policy = copy.deepcopy(student.model)
     initial_nll = validation_nll(policy)["validation_nll"]
     result = TrainingRun(
@@ -150,6 +138,19 @@ def control_student(
         "training": params.training.model_dump(mode="json"),
     }
     return Checkpoint(model=result.model, tokenizer=tokenizer, metadata=metadata), metrics
+
+
+def _validation_nll(tokenizer, validation_examples: pd.DataFrame, params: WarmupParams):
+    """The gold validation NLL guard both the warmup and its control are evaluated with."""
+    _, pad_id = eos_and_pad_ids(tokenizer)
+    validation, _ = encode_examples(
+        tokenizer, validation_examples.head(params.validation_examples), params.max_length
+    )
+
+    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
+        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
+
+    return validation_nll
 
 
 def _training_rows(corrected_set: pd.DataFrame, params: WarmupParams) -> pd.DataFrame:
