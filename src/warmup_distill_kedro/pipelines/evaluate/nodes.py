@@ -65,7 +65,7 @@ def evaluate_model(
         }
         predictions.append(rows.assign(task="instruction"))
 
-    metrics["distribution"] = _distribution(model, teacher, test_examples, params, check, subject)
+    metrics["distribution"] = _distribution(model, teacher, test_examples, params, check)
     _log(metrics)
     return metrics, pd.concat(predictions, ignore_index=True)
 
@@ -76,7 +76,6 @@ def _distribution(
     test_examples: pd.DataFrame,
     params: EvaluateParams,
     check: CheckParams,
-    subject: str,
 ) -> dict[str, Any]:
     """Held-out NLL/entropy/KL on gold test responses; the share of sampled tokens the teacher rejects."""
     _, pad_id = eos_and_pad_ids(model.tokenizer)
