@@ -419,3 +419,20 @@ def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(projec
     student_run = next(r for r in runs if r.info.run_name == "sft_student")
     assert student_run.info.status == "FAILED"
     assert student_run.data.tags["error.type"] == "NonFiniteLossError"
+
+
+def test_prompts_longer_than_max_length_stop_or_are_cut_and_counted(project_copy: Path) -> None:
+    _run(project_copy, ["data"])
+    short = {"student": {"max_length": 16}}
+    with pytest.raises(Exception, match=r"prompt of \d+ tokens does not fit max_length 16.*keep_end"):
+        _run(project_copy, ["bootstrap"], bootstrap=short)
+    assert not (project_copy / "data/06_models/student_model").exists() or not any(
+        (project_copy / "data/06_models/student_model").glob(f"*/student_model/{COMPLETE_MARKER}")
+    )
+
+    _run(
+        project_copy, ["bootstrap"], bootstrap={"student": {"max_length": 16, "prompt_overflow": "keep_end"}}
+    )
+    metrics = json.loads(_latest(project_copy / "data/08_reporting/student_sft_metrics.json").read_text())
+    assert metrics["truncated_prompts"] > 0  # cut by the declared policy, and counted
+    assert metrics["truncated_prompts"] <= metrics["train_sequences"]

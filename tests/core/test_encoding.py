@@ -8,6 +8,7 @@ import torch
 
 from warmup_distill_kedro.core.encoding import (
     IGNORE_INDEX,
+    PROMPT_KEEP_SHARE,
     EncodedExample,
     causal_lm_loss,
     collate,
@@ -99,6 +100,28 @@ def test_prompt_too_long_raises(tokenizer):
         encode_pair(tokenizer, prompt, " 1", max_length=n - 1)
     with pytest.raises(ValueError, match="does not fit"):  # no room left for any response token
         encode_pair(tokenizer, prompt, " 1", max_length=n)
+
+
+def test_a_long_prompt_follows_the_declared_policy_and_is_counted(tokenizer):
+    long_prompt = "Question: what is 12 plus 345? The cat sat on the mat. The cat sat on the mat."
+    prompts, responses = [long_prompt, "Question:"], [" 1", " 2"]
+    n = len(_ids(tokenizer, long_prompt))
+    max_length = n - 4
+    with pytest.raises(ValueError, match=r"does not fit max_length .*prompt_overflow to keep_end"):
+        encode_pairs(tokenizer, prompts, responses, max_length=max_length)
+
+    encoded, report = encode_pairs(
+        tokenizer, prompts, responses, max_length=max_length, prompt_overflow="keep_end"
+    )
+    assert (report.n_examples, report.n_prompts_truncated) == (2, 1)
+    assert [e.prompt_truncated for e in encoded] == [True, False]
+    kept = int(max_length * PROMPT_KEEP_SHARE)
+    first = encoded[0]
+    assert first.input_ids[:kept] == _ids(tokenizer, long_prompt)[-kept:]  # the prompt's end survives
+    assert first.labels[:kept] == [IGNORE_INDEX] * kept
+    assert first.input_ids[kept:] == _ids(tokenizer, " 1") + [tokenizer.eos_token_id]  # so does the response
+    assert len(first.input_ids) <= max_length
+    assert encoded[1] == encode_pairs(tokenizer, prompts[1:], responses[1:], max_length=max_length)[0][0]
 
 
 def test_encode_examples_uses_separator(tokenizer):

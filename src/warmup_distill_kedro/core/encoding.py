@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -20,17 +21,25 @@ from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
 
+# What happens to a prompt that does not fit `max_length`: stop with the prompt named, or keep its end
+# (the question usually comes last) in PROMPT_KEEP_SHARE of the length, leaving the rest to the response.
+PromptOverflow = Literal["error", "keep_end"]
+PROMPT_KEEP_SHARE = 0.75
+
+
 @dataclass(frozen=True)
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt positions
-    truncated: bool
+    truncated: bool  # the response lost its tail
+    prompt_truncated: bool = False  # the prompt lost its beginning (prompt_overflow "keep_end")
 
 
 @dataclass(frozen=True)
 class EncodingReport:
     n_examples: int
     n_truncated: int
+    n_prompts_truncated: int = 0
 
 
 def encode_pair(
@@ -47,7 +56,10 @@ def encode_pairs(
     responses: Sequence[str],
     max_length: int,
     add_eos: bool = True,
+    prompt_overflow: PromptOverflow = "error",
 ) -> tuple[list[EncodedExample], EncodingReport]:
+    """Prompt + response + EOS per pair, cut to `max_length`: the response loses its tail; a prompt that
+    does not fit follows `prompt_overflow`. Both kinds of cut are counted in the report."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     eos_id, _ = eos_and_pad_ids(tokenizer)
@@ -55,31 +67,47 @@ def encode_pairs(
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     encoded = [
-        _assemble(p_ids, r_ids + ([eos_id] if add_eos else []), max_length, prompt)
+        _assemble(p_ids, r_ids + ([eos_id] if add_eos else []), max_length, prompt, prompt_overflow)
         for p_ids, r_ids, prompt in zip(prompt_ids, response_ids, prompts, strict=True)
     ]
-    return encoded, EncodingReport(len(encoded), sum(e.truncated for e in encoded))
+    report = EncodingReport(
+        len(encoded), sum(e.truncated for e in encoded), sum(e.prompt_truncated for e in encoded)
+    )
+    return encoded, report
 
 
-def _assemble(prompt_ids: list[int], response_ids: list[int], max_length: int, prompt: str) -> EncodedExample:
-    if len(prompt_ids) >= max_length:
-        raise ValueError(
-            f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}: {prompt[:80]!r}..."
-        )
+def _assemble(
+    prompt_ids: list[int], response_ids: list[int], max_length: int, prompt: str, overflow: PromptOverflow
+) -> EncodedExample:
+    prompt_truncated = len(prompt_ids) >= max_length
+    if prompt_truncated:
+        if overflow != "keep_end":
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}: {prompt[:80]!r}... "
+                "Raise the stage's max_length, or set its prompt_overflow to keep_end (keeps the prompt's "
+                f"last {PROMPT_KEEP_SHARE:.0%} of max_length tokens, and counts it)."
+            )
+        prompt_ids = prompt_ids[-int(max_length * PROMPT_KEEP_SHARE) :]
     room = max_length - len(prompt_ids)
     return EncodedExample(
         input_ids=prompt_ids + response_ids[:room],
         labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids[:room],
         truncated=len(response_ids) > room,
+        prompt_truncated=prompt_truncated,
     )
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: pd.DataFrame, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    examples: pd.DataFrame,
+    max_length: int,
+    prompt_overflow: PromptOverflow = "error",
 ) -> tuple[list[EncodedExample], EncodingReport]:
     """Encode a task table's `prompt` and `response` columns, the response after the task's separator."""
     responses = [RESPONSE_SEPARATOR + r for r in examples["response"]]
-    return encode_pairs(tokenizer, examples["prompt"].tolist(), responses, max_length)
+    return encode_pairs(
+        tokenizer, examples["prompt"].tolist(), responses, max_length, prompt_overflow=prompt_overflow
+    )
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -22,7 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.encoding import EncodedExample, collate, encode_pairs, shifted_token_logprobs
+from warmup_distill_kedro.core.encoding import (
+    EncodedExample,
+    PromptOverflow,
+    collate,
+    encode_pairs,
+    shifted_token_logprobs,
+)
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")  # sequence_logprobs' argument order
 
@@ -49,6 +55,7 @@ def encode_preference_pairs(
     chosen: Sequence[str],
     rejected: Sequence[str],
     max_length: int,
+    prompt_overflow: PromptOverflow = "error",
 ) -> list[PreferencePair]:
     """Encode both sides of each pair with the same prompt; responses are used as given, EOS appended."""
     if not len(prompts) == len(chosen) == len(rejected):
@@ -56,8 +63,10 @@ def encode_preference_pairs(
             f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses: "
             "each prompt needs exactly one of each"
         )
-    chosen_encoded, _ = encode_pairs(tokenizer, prompts, chosen, max_length)
-    rejected_encoded, _ = encode_pairs(tokenizer, prompts, rejected, max_length)
+    chosen_encoded, _ = encode_pairs(tokenizer, prompts, chosen, max_length, prompt_overflow=prompt_overflow)
+    rejected_encoded, _ = encode_pairs(
+        tokenizer, prompts, rejected, max_length, prompt_overflow=prompt_overflow
+    )
     return [PreferencePair(c, r) for c, r in zip(chosen_encoded, rejected_encoded, strict=True)]
 
 

@@ -57,9 +57,9 @@ def sft_model(
     """Build a model from its config and fine-tune it on gold (or all reference) responses."""
     model = build_model(params.model, tokenizer, seed=params.seed)
     train = _training_pairs(train_examples, params)
-    encoded, report = encode_examples(tokenizer, train, params.max_length)
+    encoded, report = encode_examples(tokenizer, train, params.max_length, params.prompt_overflow)
     validation, _ = encode_examples(
-        tokenizer, validation_examples.head(_VALIDATION_EXAMPLES), params.max_length
+        tokenizer, validation_examples.head(_VALIDATION_EXAMPLES), params.max_length, params.prompt_overflow
     )
     _, pad_id = eos_and_pad_ids(tokenizer)
     label_smoothing = params.label_smoothing
@@ -103,6 +103,7 @@ def sft_model(
         "parameters": float(count_parameters(result.model)),
         "train_sequences": float(report.n_examples),
         "truncated_sequences": float(report.n_truncated),
+        "truncated_prompts": float(report.n_prompts_truncated),
         **{k.replace("eval/", "final_"): v for k, v in result.final_eval.items()},
     }
     return Checkpoint(model=result.model, tokenizer=tokenizer, metadata=metadata), metrics

@@ -90,9 +90,12 @@ def distill_student(
     """Distill `teacher` into a copy of `student` with one objective; the teacher stays frozen."""
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
-    encoded, report = encode_examples(tokenizer, kd_examples, params.max_length)
+    encoded, report = encode_examples(tokenizer, kd_examples, params.max_length, params.prompt_overflow)
     validation, _ = encode_examples(
-        tokenizer, validation_examples.head(params.validation_examples), params.max_length
+        tokenizer,
+        validation_examples.head(params.validation_examples),
+        params.max_length,
+        params.prompt_overflow,
     )
     teacher_model = teacher.model.eval().requires_grad_(False)
     if objective in DUAL_SPACE_OBJECTIVES:
@@ -136,6 +139,7 @@ def distill_student(
         "objective": objective,
         "steps": result.steps,
         "train_sequences": report.n_examples,
+        "truncated_prompts": report.n_prompts_truncated,
         "data_mode": params.data.mode,
         **(_source_counts(source)),
         **{f"initial_{k}": v for k, v in initial.items()},

@@ -79,7 +79,12 @@ def _distribution(
 ) -> dict[str, Any]:
     """Held-out NLL/entropy/KL on gold test responses; the share of sampled tokens the teacher rejects."""
     _, pad_id = eos_and_pad_ids(model.tokenizer)
-    gold, _ = encode_examples(model.tokenizer, test_examples.head(params.heldout_examples), params.max_length)
+    gold, _ = encode_examples(
+        model.tokenizer,
+        test_examples.head(params.heldout_examples),
+        params.max_length,
+        params.prompt_overflow,
+    )
     shares_vocabulary = teacher is not None and vocabulary_fingerprint(
         teacher.tokenizer
     ) == vocabulary_fingerprint(model.tokenizer)

@@ -40,7 +40,12 @@ def warmup_student(
     _, pad_id = eos_and_pad_ids(tokenizer)
     rejected = pairs["rejected"].fillna(pairs["chosen"])  # sft rows have no rejected side; sft ignores it
     encoded = encode_preference_pairs(
-        tokenizer, pairs["prompt"].tolist(), pairs["chosen"].tolist(), rejected.tolist(), params.max_length
+        tokenizer,
+        pairs["prompt"].tolist(),
+        pairs["chosen"].tolist(),
+        rejected.tolist(),
+        params.max_length,
+        params.prompt_overflow,
     )
     reference = student.model
     if params.loss.loss != "sft":
@@ -108,7 +113,7 @@ def control_student(
     examples = pd.DataFrame({"prompt": rows["prompt"], "response": gold.loc[rows["prompt_id"]].to_numpy()})
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
-    encoded, _ = encode_examples(tokenizer, examples, params.max_length)
+    encoded, _ = encode_examples(tokenizer, examples, params.max_length, params.prompt_overflow)
     validation_nll = _validation_nll(tokenizer, validation_examples, params)
     policy = copy.deepcopy(student.model)
     initial_nll = validation_nll(policy)["validation_nll"]
@@ -144,7 +149,10 @@ def _validation_nll(tokenizer, validation_examples: pd.DataFrame, params: Warmup
     """The gold validation NLL guard both the warmup and its control are evaluated with."""
     _, pad_id = eos_and_pad_ids(tokenizer)
     validation, _ = encode_examples(
-        tokenizer, validation_examples.head(params.validation_examples), params.max_length
+        tokenizer,
+        validation_examples.head(params.validation_examples),
+        params.max_length,
+        params.prompt_overflow,
     )
 
     def validation_nll(model: torch.nn.Module) -> dict[str, float]:
