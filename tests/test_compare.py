@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
+from tests.reporting import row
 from warmup_distill_kedro.compare import commands, compare_table, runs_records
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -123,17 +124,6 @@ def store(tmp_path_factory) -> Store:
     )
     store.client.delete_tag(bad, "evaluation.variant")
     return store
-
-
-def row(table: pd.DataFrame, objective: str, variant: str, benchmark: str, metric: str) -> pd.Series:
-    match = table[
-        (table["objective"] == objective)
-        & (table["variant"] == variant)
-        & (table["benchmark"] == benchmark)
-        & (table["metric"] == metric)
-    ]
-    assert len(match) == 1, (objective, variant, benchmark, metric)
-    return match.iloc[0]
 
 
 def test_runs_records_use_training_seeds_and_count_the_teacher_once(store, caplog):

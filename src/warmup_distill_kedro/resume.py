@@ -29,11 +29,11 @@ from pydantic import BaseModel
 from warmup_distill_kedro.core.modeling import Checkpoint
 from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.training import set_state_folder
+from warmup_distill_kedro.hooks import TRAINING_TAG
 
 logger = logging.getLogger(__name__)
 
 STATE_ROOT = Path("data") / "09_training_state"
-TRAINING_TAG = "training"
 _SAMPLES_PER_TENSOR = 4096
 
 

@@ -1,9 +1,12 @@
-"""Tests of the reporting package; ``evaluation`` builds an evaluation JSON in the producers' contract."""
+"""Tests of the reporting package; ``evaluation`` builds an evaluation JSON in the producers' contract,
+``row`` picks one row of a comparison table."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+import pandas as pd
 
 EDGES = [i / 20 for i in range(21)]
 
@@ -43,3 +46,14 @@ def evaluation(
             "teacher_prob_histogram": None if counts is None else {"edges": EDGES, "counts": list(counts)},
         },
     }
+
+
+def row(table: pd.DataFrame, objective: str, variant: str, benchmark: str, metric: str) -> pd.Series:
+    match = table[
+        (table["objective"] == objective)
+        & (table["variant"] == variant)
+        & (table["benchmark"] == benchmark)
+        & (table["metric"] == metric)
+    ]
+    assert len(match) == 1, (objective, variant, benchmark, metric)
+    return match.iloc[0]

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from tests.reporting import evaluation
+from tests.reporting import evaluation, row
 from warmup_distill_kedro.reporting.records import RECORD_COLUMNS, evaluation_records
 from warmup_distill_kedro.reporting.table import TABLE_COLUMNS, build_table, render_markdown, summary_lines
 
@@ -28,17 +28,6 @@ def evaluations():
 @pytest.fixture
 def table(evaluations):
     return build_table(evaluation_records(evaluations), VARIANTS, OBJECTIVES)
-
-
-def row(table: pd.DataFrame, objective: str, variant: str, benchmark: str, metric: str) -> pd.Series:
-    match = table[
-        (table["objective"] == objective)
-        & (table["variant"] == variant)
-        & (table["benchmark"] == benchmark)
-        & (table["metric"] == metric)
-    ]
-    assert len(match) == 1, (objective, variant, benchmark, metric)
-    return match.iloc[0]
 
 
 def test_seed_statistics_match_hand_computed_values(table):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
 import torch.nn.functional
+from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
@@ -25,6 +26,11 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 # (the question usually comes last) in PROMPT_KEEP_SHARE of the length, leaving the rest to the response.
 PromptOverflow = Literal["error", "keep_end"]
 PROMPT_KEEP_SHARE = 0.75
+# The stage parameter that declares it (bootstrap, warmup, distill, evaluate).
+PromptOverflowParameter = Annotated[
+    PromptOverflow,
+    Field(description="a prompt longer than max_length: error (named) | keep_end (cut its start, counted)"),
+]
 
 
 @dataclass(frozen=True)

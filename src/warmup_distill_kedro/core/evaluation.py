@@ -3,12 +3,12 @@
 * ``math_accuracy``: exact match of the final ``#### N`` under greedy decoding.
 * ``instruction_rouge``: Rouge-L of sampled responses, one mean per sampling seed.
 * ``sampled_token_check``: the share of the model's sampled tokens the teacher's check rule rejects.
-* ``response_nll``: gold-response NLL (the SFT loss), for validation during training.
+* ``response_nll``: gold-response NLL (the SFT loss); ``validation_nll_fn`` makes it a training eval_fn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,17 @@ def response_nll(
         tokens += metrics["tokens"]
     model.train(was_training)
     return total / max(tokens, 1.0)
+
+
+def validation_nll_fn(
+    encoded: Sequence[EncodedExample], pad_id: int, batch_size: int
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """The eval_fn of an SFT-style training run: `{"validation_nll": ...}` on `encoded` gold examples."""
+
+    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
+        return {"validation_nll": response_nll(model, encoded, pad_id, batch_size)}
+
+    return validation_nll
 
 
 def instruction_rouge(

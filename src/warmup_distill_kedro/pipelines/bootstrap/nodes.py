@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
-from warmup_distill_kedro.core.evaluation import math_accuracy, response_nll
+from warmup_distill_kedro.core.evaluation import math_accuracy, validation_nll_fn
 from warmup_distill_kedro.core.modeling import Checkpoint, build_model, count_parameters
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, train_bpe_tokenizer
@@ -67,9 +67,6 @@ def sft_model(
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         return causal_lm_loss(model, batch, label_smoothing=label_smoothing)
 
-    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
-        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
-
     logger.info(
         "%s: %d parameters, %d training sequences (%d cut at max_length %d)",
         role,
@@ -85,7 +82,7 @@ def sft_model(
             encoded, params.training.batch_size, lambda b: collate(b, pad_id), params.training.seed
         ),
         params.training,
-        eval_fn=validation_nll,
+        eval_fn=validation_nll_fn(validation, pad_id, params.training.batch_size),
         metrics_sink=log_step_metrics,
         name=f"sft {role}",
     )

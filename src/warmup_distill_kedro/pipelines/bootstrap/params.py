@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.encoding import PromptOverflow
+from warmup_distill_kedro.core.encoding import PromptOverflowParameter
 from warmup_distill_kedro.core.modeling import ModelSize
 from warmup_distill_kedro.core.sampling import SamplingConfig
 from warmup_distill_kedro.core.tokenization import TokenizerConfig
@@ -28,10 +28,7 @@ class SFTParams(BaseModel):
     model: ModelSize
     training: TrainingConfig
     max_length: int = Field(192, gt=8, description="prompt + response tokens; longer responses are cut")
-    prompt_overflow: PromptOverflow = Field(
-        "error",
-        description="a prompt longer than max_length: error (named) | keep_end (cut its start, counted)",
-    )
+    prompt_overflow: PromptOverflowParameter = "error"
     max_train_examples: int | None = Field(None, gt=0, description="limit the gold data this model sees")
     train_on_references: bool = Field(
         False,

@@ -201,9 +201,7 @@ def _sft_cell(teacher: Checkpoint, student: Checkpoint, encoded: list, params: D
     """Plain SFT on gold examples (the teacher is not asked): what KD must beat at equal steps."""
     shared = vocabulary_fingerprint(teacher.tokenizer) == vocabulary_fingerprint(student.tokenizer)
     model = copy.deepcopy(student.model)
-    _, pad_id = eos_and_pad_ids(student.tokenizer)
-    training = params.training
-    source = ShuffledBatches(encoded, training.batch_size, lambda b: collate(b, pad_id), training.seed)
+    source = _gold_batches(encoded, student.tokenizer, params)
     return _Cell(model, model, causal_lm_loss, source, None, len(student.tokenizer) if shared else None)
 
 
@@ -295,11 +293,17 @@ def _dual_space_cell(
 def _data_source(encoded, model, tokenizer, params: DistillParams):
     """Gold batches (off_policy, sequence_kd) or gold batches partly replaced by student samples."""
     training = params.training
-    _, pad_id = eos_and_pad_ids(tokenizer)
     if params.data.mode in ("on_policy", "adaptive"):
         return StudentSampledBatches(
             encoded, model, tokenizer, params.data, training.batch_size, training.seed, params.max_length
         )
+    return _gold_batches(encoded, tokenizer, params)
+
+
+def _gold_batches(encoded, tokenizer, params: DistillParams) -> ShuffledBatches:
+    """The examples as they are, shuffled per epoch by the training seed (every cell sees the same order)."""
+    _, pad_id = eos_and_pad_ids(tokenizer)
+    training = params.training
     return ShuffledBatches(encoded, training.batch_size, lambda b: collate(b, pad_id), training.seed)
 
 

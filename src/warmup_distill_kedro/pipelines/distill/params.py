@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from warmup_distill_kedro.core.dskd import DSKDConfig
-from warmup_distill_kedro.core.encoding import PromptOverflow
+from warmup_distill_kedro.core.encoding import PromptOverflowParameter
 from warmup_distill_kedro.core.kd_data import KDDataConfig
 from warmup_distill_kedro.core.objectives import OBJECTIVES, validate_options
 from warmup_distill_kedro.core.training import TrainingConfig
@@ -45,10 +45,7 @@ class DistillParams(BaseModel):
     )
     training: TrainingConfig
     max_length: int = Field(192, gt=8)
-    prompt_overflow: PromptOverflow = Field(
-        "error",
-        description="a prompt longer than max_length: error (named) | keep_end (cut its start, counted)",
-    )
+    prompt_overflow: PromptOverflowParameter = "error"
     validation_examples: int = Field(256, gt=0)
 
     @model_validator(mode="after")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.encoding import PromptOverflow
+from warmup_distill_kedro.core.encoding import PromptOverflowParameter
 from warmup_distill_kedro.core.sampling import SamplingConfig
 
 
@@ -28,7 +28,4 @@ class EvaluateParams(BaseModel):
     histogram_bins: int = Field(20, ge=5, le=200, description="teacher-probability histogram bins")
     batch_size: int = Field(64, gt=0, description="sequences per forward pass for the held-out statistics")
     max_length: int = Field(192, gt=8)
-    prompt_overflow: PromptOverflow = Field(
-        "error",
-        description="a prompt longer than max_length: error (named) | keep_end (cut its start, counted)",
-    )
+    prompt_overflow: PromptOverflowParameter = "error"

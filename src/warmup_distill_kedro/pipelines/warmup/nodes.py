@@ -7,10 +7,9 @@ import logging
 from typing import Any
 
 import pandas as pd
-import torch
 
 from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
-from warmup_distill_kedro.core.evaluation import response_nll
+from warmup_distill_kedro.core.evaluation import validation_nll_fn
 from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
 from warmup_distill_kedro.core.preference import (
     collate_pairs,
@@ -154,11 +153,7 @@ def _validation_nll(tokenizer, validation_examples: pd.DataFrame, params: Warmup
         params.max_length,
         params.prompt_overflow,
     )
-
-    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
-        return {"validation_nll": response_nll(model, validation, pad_id, params.training.batch_size)}
-
-    return validation_nll
+    return validation_nll_fn(validation, pad_id, params.training.batch_size)
 
 
 def _training_rows(corrected_set: pd.DataFrame, params: WarmupParams) -> pd.DataFrame:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.encoding import PromptOverflow
+from warmup_distill_kedro.core.encoding import PromptOverflowParameter
 from warmup_distill_kedro.core.preference import PreferenceLossConfig
 from warmup_distill_kedro.core.training import TrainingConfig
 
@@ -17,8 +17,5 @@ class WarmupParams(BaseModel):
     loss: PreferenceLossConfig = PreferenceLossConfig()
     training: TrainingConfig
     max_length: int = Field(192, gt=8, description="prompt + response tokens; longer responses are cut")
-    prompt_overflow: PromptOverflow = Field(
-        "error",
-        description="a prompt longer than max_length: error (named) | keep_end (cut its start, counted)",
-    )
+    prompt_overflow: PromptOverflowParameter = "error"
     validation_examples: int = Field(256, gt=0, description="gold validation examples for the NLL guard")
