@@ -39,7 +39,12 @@ def build_examples(params: DataParams) -> pd.DataFrame:
 
 
 def split(examples: pd.DataFrame, params: DataParams) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Train / validation / test with no example and no prompt text in two splits."""
+    """Train / validation / test with no example and no prompt text in two splits, each in seeded order.
+
+    Stages take the head of a split (the student's gold examples, the probe and KD prompts), so a
+    split keeps no order of its source: generated tasks come one kind after the other and files are
+    often sorted, and either would give every head only the first kind.
+    """
     if "fixed_split" in examples:
         fixed_test = examples[examples["fixed_split"] == "test"].drop(columns="fixed_split")
         rest = examples[examples["fixed_split"] != "test"].drop(columns="fixed_split")
@@ -54,7 +59,10 @@ def split(examples: pd.DataFrame, params: DataParams) -> tuple[pd.DataFrame, pd.
     else:
         table = split_examples(examples, params.split)
     parts = tuple(
-        table[table["split"] == name].drop(columns="split").reset_index(drop=True)
+        table[table["split"] == name]
+        .drop(columns="split")
+        .sample(frac=1.0, random_state=params.split.seed)
+        .reset_index(drop=True)
         for name in ("train", "validation", "test")
     )
     logger.info("split sizes: train %d, validation %d, test %d", *(len(p) for p in parts))
