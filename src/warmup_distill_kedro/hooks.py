@@ -20,6 +20,8 @@ Configured by the ``mlflow:`` block of ``conf/<env>/mlflow*.yml`` (see ``trackin
   child run of the training node that loaded/saved them.
 * status: FINISHED after the pipeline, FAILED for a failing node's child run and, on a pipeline error, for
   every open run, with tags ``error.type`` / ``error.message``.
+* several processes (``accelerate launch ... -m kedro run``, docs/scaling.md): only the main process opens
+  the store and tracks; the others start no run.
 
 Kedro calls the dataset hooks outside the node hooks (loads before ``before_node_run``, saves after
 ``after_node_run``, see kedro/runner/task.py), so load tags are buffered until the child starts and save
@@ -46,6 +48,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import BaseModel, ValidationError
 
+from warmup_distill_kedro.distributed import is_main_process, process_index
 from warmup_distill_kedro.tracking import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
@@ -250,6 +253,9 @@ class MLflowTrackingHook:
         self._config = config
         if not config.enabled:
             logger.info("MLflow tracking is disabled (mlflow.enabled: false)")
+            return
+        if not is_main_process():  # `accelerate launch -m kedro run`: one tracked run, by the main process
+            logger.info("MLflow: process %d tracks nothing; the main process does", process_index())
             return
         uri = resolve_tracking_uri(config.tracking_uri, context.project_path)
         artifact_location = resolve_artifact_location(config.artifact_location, context.project_path)

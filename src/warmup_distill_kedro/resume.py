@@ -6,6 +6,8 @@ training loop saves its whole state there every `training.checkpoint_every` step
 when it finds one. The fingerprint covers what the node computes from (its parameters and the content
 of its inputs), so a rerun after a crash resumes, while a run with other parameters or other data starts
 over. When the node's outputs are saved, its state is deleted; after a crash it stays for the next run.
+Under several processes (docs/scaling.md) the folder is the main process's, and only the main process
+writes and deletes it; every process resumes from it.
 
 Content, not catalog versions: a rerun regenerates upstream outputs under new version timestamps, but
 with fixed seeds their content is the same.
@@ -29,6 +31,7 @@ from pydantic import BaseModel
 from warmup_distill_kedro.core.modeling import Checkpoint
 from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.training import set_state_folder
+from warmup_distill_kedro.distributed import broadcast_from_main, is_main_process
 from warmup_distill_kedro.hooks import TRAINING_TAG
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,9 @@ class TrainingStateHook:
         if self._root is None or TRAINING_TAG not in node.tags:
             return
         folder = self._root / node.name / input_fingerprint(inputs)
+        # Several processes: the main one's folder for all (another process's inputs may come from memory,
+        # where a table's column types can differ from what the main process read back from parquet).
+        folder = Path(broadcast_from_main(str(folder)))
         if folder.exists():
             logger.info("%s: found training state from an interrupted run in %s", node.name, folder)
         set_state_folder(folder)
@@ -114,6 +120,8 @@ class TrainingStateHook:
         outputs.discard(dataset_name)
         if not outputs:  # every output is safely saved: the state is no longer needed
             del self._unsaved[node.name]
+            if not is_main_process():  # its "saves" are in memory; the main process's decide
+                return
             shutil.rmtree(folder, ignore_errors=True)
             for empty in (folder.parent, folder.parent.parent):  # <node>/, then the state root
                 if empty.is_dir() and not any(empty.iterdir()):

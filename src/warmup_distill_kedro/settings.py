@@ -1,14 +1,17 @@
-"""Kedro project settings: the hooks (distill grid shape, MLflow, resumable training), and the config
-patterns the project adds."""
+"""Kedro project settings: the hooks (distill grid shape, MLflow, resumable training, several processes),
+and the config patterns the project adds."""
 
 from transformers.utils import logging as transformers_logging
 
+from warmup_distill_kedro.distributed import MainProcessWritesHook
 from warmup_distill_kedro.hooks import MLflowTrackingHook
 from warmup_distill_kedro.pipelines.distill.grid import GridParametersHook
 from warmup_distill_kedro.resume import TrainingStateHook
 
 # GridParametersHook first: it reads the distill grid's shape before any pipeline is built.
-HOOKS = (GridParametersHook(), MLflowTrackingHook(), TrainingStateHook())
+# MainProcessWritesHook: under `accelerate launch`, processes other than the main one keep their outputs
+# in memory (docs/scaling.md); with one process it does nothing.
+HOOKS = (GridParametersHook(), MLflowTrackingHook(), TrainingStateHook(), MainProcessWritesHook())
 
 # kedro_mlflow may be installed in a user's environment; it would take over tracking with its file store.
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow",)

@@ -380,3 +380,83 @@ def test_a_state_beyond_the_budget_is_refused(tmp_path):
     shorter = TrainingRun(_model(), causal_lm_loss, data, _config(max_steps=2), state_folder=tmp_path)
     with pytest.raises(ValueError, match=r"step 3, beyond max_steps 2.*delete it"):
         shorter.run()
+
+
+# -- gradient checkpointing ----------------------------------------------------------------------------------
+def test_gradient_checkpointing_gives_the_same_training_and_is_switched_off_after():
+    grads_plain, plain = _first_step_gradients(batch_size=4, accumulation=2)
+    config = _config(
+        max_steps=1,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        max_grad_norm=None,
+        learning_rate=1e-3,
+        gradient_checkpointing=True,
+    )
+    model = _model(seed=5)
+    run = TrainingRun(model, causal_lm_loss, ShuffledBatches(_examples(8), 4, _collate, seed=3), config)
+    assert model.is_activation_checkpointing
+    result = run.run()
+    beta1 = run.optimizer.param_groups[0]["betas"][0]
+    for name, p in model.named_parameters():
+        grad = run.optimizer.state[p]["exp_avg"] / (1 - beta1)
+        assert torch.allclose(grad, grads_plain[name], rtol=1e-5, atol=1e-8), name
+    _assert_weights_close(result.model, plain, atol=1e-7)
+    assert not result.model.is_activation_checkpointing  # the model leaves the loop as it came
+
+
+def test_gradient_checkpointing_on_a_model_without_it_names_the_parameter():
+    module = torch.nn.Linear(4, 4)
+    data = ShuffledBatches([[0.0] * 4] * 8, 4, lambda b: {"x": torch.tensor(b)}, seed=0)
+    with pytest.raises(ValueError, match=r"training\.gradient_checkpointing.*Linear"):
+        TrainingRun(module, lambda m, b: (m(b["x"]).sum(), {}), data, _config(gradient_checkpointing=True))
+
+
+# -- the copy trained under FSDP / ZeRO-3 ---------------------------------------------------------------------
+def test_a_sharded_run_trains_a_copy_and_writes_the_weights_back(monkeypatch):
+    """Under FSDP the loop trains a copy and writes its full weights into the caller's model. Without a GPU
+    FSDP cannot run: here the copy is trained as a plain model (what the write-back sees is the same),
+    with two parameter groups at their own rates, which must follow the copy."""
+    import warmup_distill_kedro.core.training as training
+
+    config = _config(max_steps=3, learning_rate=1e-2, eval_every=2)
+
+    def run(shards: bool):
+        monkeypatch.setattr(training, "shards_parameters", lambda accelerator: shards)
+        model = _model(seed=2)
+        groups = [
+            {"params": list(model.model.layers.parameters()), "lr": 5e-2},
+            {"params": [p for n, p in model.named_parameters() if ".layers." not in n]},
+        ]
+        seen = []
+        result = TrainingRun(
+            model,
+            causal_lm_loss,
+            ShuffledBatches(_examples(12), 4, _collate, seed=1),
+            config,
+            parameter_groups=groups,
+            # evaluates the caller's model, as the distill node's eval_fn does (it ignores its argument)
+            eval_fn=lambda _: seen.append(float(model.lm_head.weight.sum())) or {"x": seen[-1]},
+            state_folder=None,
+        ).run()
+        return model, result, seen
+
+    plain_model, plain, plain_seen = run(shards=False)
+    caller, sharded, sharded_seen = run(shards=True)
+    assert sharded.model is caller  # the caller's object, holding the trained weights
+    _assert_weights_close(caller, plain_model, atol=1e-7)
+    assert sharded_seen == pytest.approx(plain_seen)  # each evaluation saw the weights of its step
+    for a, b in zip(sharded.history, plain.history, strict=True):
+        assert {k: v for k, v in a.items() if k != "steps_per_second"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "steps_per_second"}
+        )
+
+
+def test_runs_with_different_mixed_precision_share_one_process():
+    """A kedro run trains several nodes in one process; each may set its own training.mixed_precision."""
+    for precision in ("no", "bf16", "no"):
+        config = _config(max_steps=1, mixed_precision=precision)
+        data = ShuffledBatches(_examples(8), config.batch_size, _collate, seed=0)
+        run = TrainingRun(_model(), causal_lm_loss, data, config, name=precision)
+        assert run.accelerator.mixed_precision == precision
+        assert run.run().steps == 1

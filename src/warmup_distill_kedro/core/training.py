@@ -5,10 +5,22 @@ processes), the step budget, warmup + cosine schedule, gradient accumulation and
 evaluation, the progress bar and per-step metrics. Every piece of mutable state lives in `TrainingRun`
 (model, optimizer, scheduler, RNG streams, step, data position) so that it can be saved and restored
 as one object.
+
+Data parallel (`accelerate launch` with N processes; docs/scaling.md): every process holds the whole
+data source and reads its own share of each global batch, process r reading position
+`data_position + r` while `data_position` advances by N per micro-batch. With `ShuffledBatches` an
+optimizer step then sees the same examples as one process with N times the batch (within an epoch), and
+`data_position` counts batches of the source whatever the number of processes, so a saved state stays
+meaningful. Gradients are averaged across processes (DDP), so a loss that is a mean over tokens gives
+the single-process gradient exactly when every process has the same number of tokens. Logged metrics
+are the mean over processes; every process evaluates (the weights are identical, and a source that
+adapts to the validation loss must see it on every process); only the main process reports metrics
+and writes the resumable state.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -16,7 +28,6 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +36,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
@@ -57,6 +70,10 @@ class TrainingConfig(BaseModel):
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute activations in the backward pass (non-reentrant): less memory, ~30% slower",
+    )
     show_progress: bool = True
 
 
@@ -149,33 +166,88 @@ class TrainingRun:
         self.eval_fn = eval_fn
         self.metrics_sink = metrics_sink
         self.name = name
+        _allow_mixed_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()),
             mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
+        self.num_processes = self.accelerator.num_processes
+        self.process_index = self.accelerator.process_index
+        launched = os.environ.get("WORLD_SIZE")  # set by torchrun (accelerate launch) and DeepSpeed
+        if launched and int(launched) != self.num_processes:  # each would train alone, on the same batches
+            raise RuntimeError(
+                f"{name}: launched as {launched} processes (WORLD_SIZE) but accelerate joined "
+                f"{self.num_processes} ({self.accelerator.distributed_type.value}); was accelerate's state "
+                "created earlier in this process without cpu=True on a machine without CUDA?"
+            )
         seed_everything(config.seed)
+        self._checkpointing = config.gradient_checkpointing and enable_gradient_checkpointing(model)
         # Default: every trainable parameter at the configured rate. A stage with parts that learn at
         # their own rate (DSKD's projectors) passes its groups; a group without "lr" gets the default.
-        groups = parameter_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        optimizer = torch.optim.AdamW(list(groups), lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        groups = [
+            {**group, "params": list(group["params"])}
+            for group in (
+                parameter_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+            )
+        ]
+        # FSDP and DeepSpeed ZeRO-3 rewrite the module they shard: the loop trains a copy and writes its
+        # full weights back into the caller's model (which other references, e.g. `eval_fn`, point at).
+        self._caller_model = model
+        self._shards = shards_parameters(self.accelerator)
+        if self._shards:
+            if getattr(data, "model", None) is not None:
+                raise ValueError(
+                    f"{name}: the data source samples from the model being trained, and under "
+                    f"{self.accelerator.distributed_type.value} the loop trains a sharded copy of it; use DDP "
+                    "(conf/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 for on-policy and adaptive sources"
+                )
+            model, groups = copy.deepcopy((model, groups))  # one memo: the groups point into the copy
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            _fill_deepspeed_config(self.accelerator, config)
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # The loss runs inside the prepared module's forward, so that a loss reaching into the model (a head,
+        # DSKD's projectors) still goes through DDP / FSDP / DeepSpeed, which sync gradients and gather
+        # shards around that forward; `loss_fn` gets the plain model.
+        self.prepared, self.optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
+        if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise ValueError(
+                f"{name}: the accelerate config accumulates {self.accelerator.gradient_accumulation_steps} "
+                f"micro-batches, training.gradient_accumulation_steps is {config.gradient_accumulation_steps}: "
+                "set the DeepSpeed config's gradient_accumulation_steps to auto"
+            )
         # Stepped by hand, once per optimizer step: accelerate's wrapper would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: warmup_cosine(step, config.warmup_steps, config.max_steps, config.min_lr_ratio),
         )
         self.step = 0
-        self.data_position = 0
+        self.data_position = 0  # batches of the data source consumed, over all processes
         self.history: list[dict[str, float]] = []
         self.final_eval: dict[str, float] = {}
         # One sub-folder per run name: a node may train more than once (DSKD pre-trains its projectors).
         root = Path(state_folder) if state_folder is not None else _STATE_FOLDER.get()
         self.state_file = root / _slug(name) / STATE_FILE if root is not None else None
+        partitioned = self._shards or self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.state_file is not None and partitioned:
+            logger.warning(
+                "%s: no resumable state under %s (each process holds part of the optimizer state; not "
+                "supported): a crashed run starts over",
+                name,
+                self.accelerator.distributed_type.value,
+            )
+            self.state_file = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model being trained, without the wrappers (under FSDP / ZeRO-3: the sharded copy)."""
+        return self.accelerator.unwrap_model(self.prepared).model
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The whole state of this process (DDP: the same on every process but the data source's)."""
         return {
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
@@ -184,10 +256,11 @@ class TrainingRun:
             "final_eval": dict(self.final_eval),
             "rng": rng_state(),
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "num_processes": self.num_processes,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
@@ -195,21 +268,47 @@ class TrainingRun:
         self.history = list(state["history"])
         self.final_eval = dict(state.get("final_eval", {}))
         set_rng_state(state["rng"])
-        if state.get("data") is not None:  # sources with state of their own (the adaptive replay buffer)
-            self.data.load_state_dict(state["data"])
+        data_state = state.get("data")
+        by_process = state.get("data_by_process")
+        if by_process is not None and len(by_process) == self.num_processes:
+            data_state = by_process[self.process_index]  # each process's own source (its replay buffer)
+        if data_state is not None:  # sources with state of their own (the adaptive replay buffer)
+            self.data.load_state_dict(data_state)
 
     def save_state(self) -> None:
-        """Write `state_dict()` to the state file atomically: a crash mid-write keeps the previous one."""
+        """Write `state_dict()` to the state file atomically: a crash mid-write keeps the previous one.
+
+        Called on every process (the data sources' states are gathered); only the main one writes.
+        """
         assert self.state_file is not None
+        state = self.state_dict()
+        if self.num_processes > 1 and state["data"] is not None:
+            state["data_by_process"] = gather_object([state["data"]])
+        if not self.accelerator.is_main_process:
+            return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         partial = self.state_file.with_suffix(".partial")
-        torch.save(self.state_dict(), partial)
+        torch.save(state, partial)
         os.replace(partial, self.state_file)
 
     def resume(self) -> bool:
-        """Load the saved state when there is one; True when the run continues from it."""
-        if self.state_file is None or not self.state_file.is_file():
+        """Load the saved state when there is one; True when the run continues from it.
+
+        The main process decides (whether the file exists); every process then loads it.
+        """
+        if self.state_file is None:
             return False
+        found = self.state_file.is_file()
+        if self.num_processes > 1:
+            found = broadcast_object_list([found])[0]
+        if not found:
+            return False
+        if not self.state_file.is_file():
+            raise FileNotFoundError(
+                f"{self.name}: process {self.process_index} cannot read the training state "
+                f"{self.state_file} that the main process found: the processes of one run must share the "
+                "project's data/ folder (one machine, or a shared filesystem)"
+            )
         state = torch.load(self.state_file, map_location="cpu", weights_only=False)  # our own file
         if state["step"] > self.config.max_steps:
             raise ValueError(
@@ -224,6 +323,14 @@ class TrainingRun:
     def run(self) -> TrainResult:
         config = self.config
         self.resume()
+        if self.num_processes > 1 and self.accelerator.is_main_process:
+            logger.info(
+                "%s: data parallel on %d processes (%s), %d examples per optimizer step",
+                self.name,
+                self.num_processes,
+                self.accelerator.distributed_type.value,
+                config.batch_size * self.num_processes * config.gradient_accumulation_steps,
+            )
         progress = tqdm(
             total=config.max_steps,
             initial=self.step,
@@ -237,11 +344,11 @@ class TrainingRun:
             metrics = self._optimizer_step()
             window.append(metrics)
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")  # this process's loss
             if self.step % config.log_every == 0 or self.step == config.max_steps:
                 summary = _mean_metrics(window)
                 summary["steps_per_second"] = len(window) / max(1e-9, time.perf_counter() - started)
-                self._emit(summary)
+                self._emit(self._mean_over_processes(summary))
                 window, started = [], time.perf_counter()
             is_last = self.step == config.max_steps
             if self.eval_fn is not None and (
@@ -256,34 +363,45 @@ class TrainingRun:
                 self.save_state()
         progress.close()
         return TrainResult(
-            model=self.accelerator.unwrap_model(self.model),
-            history=self.history,
-            final_eval=self.final_eval,
-            steps=self.step,
+            model=self.trained_model(), history=self.history, final_eval=self.final_eval, steps=self.step
         )
+
+    def trained_model(self) -> torch.nn.Module:
+        """The model with its trained weights, as a plain module (no DDP or mixed-precision wrapper).
+
+        Under FSDP / ZeRO-3 a collective: call it on every process.
+        """
+        if self._shards:
+            return self._sync_caller_model()
+        model = self.accelerator.unwrap_model(self.prepared, keep_fp32_wrapper=False).model
+        if self._checkpointing:
+            for target in _checkpointing_targets(model):
+                _call_either(target, "activation_checkpointing_disable", "gradient_checkpointing_disable")
+        return model
 
     def _optimizer_step(self) -> dict[str, float]:
         config = self.config
-        self.model.train()
+        accelerator = self.accelerator
+        self.prepared.train()
+        # accelerate counts micro-batches per Accelerator, but how many to accumulate lives in a state shared
+        # by every Accelerator of the process (a singleton): set it for this run before every step.
+        accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
         accumulated: list[Mapping[str, float]] = []
-        for micro in range(config.gradient_accumulation_steps):
-            batch = {k: v.to(self.accelerator.device) for k, v in self.data.batch(self.data_position).items()}
-            last_micro = micro == config.gradient_accumulation_steps - 1
-            sync = nullcontext() if last_micro else self.accelerator.no_sync(self.model)
-            with sync, self.accelerator.autocast():
-                loss, loss_metrics = self.loss_fn(self.model, batch)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"{self.name}: non-finite loss {loss.item()} at optimizer step {self.step + 1}, "
-                        f"micro-batch {self.data_position} (epoch position of the data source)"
-                    )
-                self.accelerator.backward(loss / config.gradient_accumulation_steps)
+        for _ in range(config.gradient_accumulation_steps):
+            position = self.data_position + self.process_index
+            batch = {k: v.to(accelerator.device) for k, v in self.data.batch(position).items()}
+            # accumulate(): no gradient sync but on the last micro-batch (DDP no_sync, FSDP, DeepSpeed).
+            with accelerator.accumulate(self.prepared), accelerator.autocast():
+                loss, loss_metrics = self.prepared(batch)
+                self._check_finite(loss, position)
+                accelerator.backward(loss)  # divided by gradient_accumulation_steps
             accumulated.append({"loss": loss.item(), **loss_metrics})
-            self.data_position += 1
+            self.data_position += self.num_processes
         clipping: dict[str, float] = {}
         if config.max_grad_norm is not None:
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-            clipping["grad_norm"] = float(norm)
+            norm = accelerator.clip_grad_norm_(self.prepared.parameters(), config.max_grad_norm)
+            if norm is not None:
+                clipping["grad_norm"] = float(norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -291,20 +409,182 @@ class TrainingRun:
         self.step += 1
         return {**_mean_metrics(accumulated), "learning_rate": lr, **clipping}
 
+    def _check_finite(self, loss: torch.Tensor, position: int) -> None:
+        """Raise on a non-finite loss, on every process at once (one that raised alone would leave the
+        others waiting in the gradient all-reduce)."""
+        finite = bool(torch.isfinite(loss))
+        failing = 0 if finite else 1
+        if self.num_processes > 1:
+            flag = torch.tensor([float(failing)], device=self.accelerator.device)
+            failing = int(self.accelerator.reduce(flag, reduction="sum").item())
+        if failing:
+            what = f"{loss.item()}"
+            if self.num_processes > 1:
+                what = f"on {failing} of {self.num_processes} processes (this one: {loss.item()})"
+            raise NonFiniteLossError(
+                f"{self.name}: non-finite loss {what} at optimizer step {self.step + 1}, "
+                f"micro-batch {position} (epoch position of the data source)"
+            )
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each key's mean over the processes that report it (a no-op for one process)."""
+        if self.num_processes == 1:
+            return metrics
+        records = gather_object([metrics])
+        return _mean_metrics(records)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Run `eval_fn` on every process (same weights, same result: no process waits for another, and
+        a source that adapts to the validation loss sees it everywhere); the main one reports it."""
         assert self.eval_fn is not None
-        model = self.accelerator.unwrap_model(self.model)
+        if self._shards:
+            model = self._sync_caller_model()
+        else:
+            model = self.module
         model.eval()
         metrics = {f"eval/{k}": float(v) for k, v in self.eval_fn(model).items()}
         self._emit(metrics)
         return metrics
+
+    def _sync_caller_model(self) -> torch.nn.Module:
+        """FSDP / ZeRO-3: the full weights of the trained copy, written into the caller's model on every
+        process (on this process's device). A collective."""
+        full = self.accelerator.get_state_dict(
+            self.prepared
+        )  # full on the main process, maybe empty elsewhere
+        prefix = f"{_LossModule.MODEL}."
+        full = (
+            {k.removeprefix(prefix): v for k, v in full.items()} if self.accelerator.is_main_process else {}
+        )
+        target = self._caller_model.to(self.accelerator.device)
+        _broadcast_into(target, full, self.accelerator)
+        return target
 
     def _emit(self, metrics: Mapping[str, float]) -> None:
         record = {"step": float(self.step), **metrics}
         self.history.append(record)
         if self.metrics_sink is not None and self.accelerator.is_main_process:
             self.metrics_sink(metrics, self.step)
+
+
+def _allow_mixed_precision(mixed_precision: str) -> None:
+    """Let this run use its own mixed precision in a process where an earlier run used another.
+
+    accelerate keeps the precision in a per-process singleton (AcceleratorState) and refuses a second
+    Accelerator with another one; a `kedro run` trains several nodes in one process, and their
+    `training.mixed_precision` may differ (a float32 bootstrap, a bf16 stage). Only that part of the state
+    is reset: the process group (PartialState) stays. DeepSpeed takes its precision from its own config.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        if state.get("distributed_type") != DistributedType.DEEPSPEED:
+            AcceleratorState._reset_state()
+
+
+class _LossModule(torch.nn.Module):
+    """`loss_fn(model, batch)` as the forward of a module holding the model: what `prepare` wraps."""
+
+    MODEL = "model"
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, Mapping[str, float]]:
+        return self.loss_fn(self.model, batch)
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether the prepared model will hold only a shard of each parameter (FSDP, DeepSpeed ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+_DEEPSPEED_CONFIGS: dict[int, dict[str, Any]] = {}
+
+
+def _fill_deepspeed_config(accelerator: Accelerator, config: TrainingConfig) -> None:
+    """DeepSpeed sizes its batches from a DataLoader, which this loop has none of: fill its `auto`
+    values from the training config. Untested here (no GPU, no deepspeed on the CPU box)."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds_config = plugin.deepspeed_config
+    # accelerate fills `auto` values in place when it prepares a model, and the plugin is shared by every
+    # Accelerator of the process: restore the config as launched before each run fills it for itself.
+    original = _DEEPSPEED_CONFIGS.setdefault(id(plugin), copy.deepcopy(ds_config))
+    ds_config.clear()
+    ds_config.update(copy.deepcopy(original))
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    if plugin.is_auto("gradient_clipping"):
+        ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
+
+
+def _checkpointing_targets(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model itself when it is a transformers model, else its direct children that are (DSKD's
+    `StudentWithProjectors` holds the student)."""
+    if _is_transformers_model(model):
+        return [model]
+    return [child for child in model.children() if _is_transformers_model(child)]
+
+
+def _is_transformers_model(module: torch.nn.Module) -> bool:
+    return hasattr(module, "supports_gradient_checkpointing")
+
+
+def _call_either(module: torch.nn.Module, name: str, older_name: str, **kwargs: Any) -> None:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing (the old names warn)."""
+    if hasattr(module, name):
+        getattr(module, name)(**kwargs)
+    else:
+        getattr(module, older_name)(**{k.replace("activation_", "gradient_"): v for k, v in kwargs.items()})
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> bool:
+    """`training.gradient_checkpointing: true`: recompute activations in the backward pass."""
+    targets = _checkpointing_targets(model)
+    unsupported = [t for t in targets if not t.supports_gradient_checkpointing]
+    if not targets or unsupported:
+        raise ValueError(
+            f"training.gradient_checkpointing is true, but {type((unsupported or [model])[0]).__name__} does "
+            "not support gradient checkpointing; set training.gradient_checkpointing: false"
+        )
+    for target in targets:
+        # Non-reentrant: works with DDP's no_sync, with inputs that need no grad, and under FSDP.
+        _call_either(
+            target,
+            "activation_checkpointing_enable",
+            "gradient_checkpointing_enable",
+            activation_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return True
+
+
+@torch.no_grad()
+def _broadcast_into(
+    model: torch.nn.Module, full: Mapping[str, torch.Tensor], accelerator: Accelerator
+) -> None:
+    """Copy the main process's `full` state dict into `model` on every process, tensor by tensor (the
+    main process's tensors are cast to the model's dtype; other processes pass an empty dict)."""
+    names = list(full) if accelerator.is_main_process else None
+    names = broadcast_object_list([names])[0] if accelerator.num_processes > 1 else names
+    own = model.state_dict()
+    missing = [name for name in names if name not in own]
+    if missing:
+        raise KeyError(f"the trained weights have entries the model lacks: {missing[:5]}")
+    for name in names:
+        destination = own[name]
+        if accelerator.is_main_process:
+            tensor = full[name].to(device=accelerator.device, dtype=destination.dtype)
+        else:
+            tensor = torch.empty_like(destination, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast(tensor, src=0)
+        destination.copy_(tensor)
 
 
 def _slug(name: str) -> str:

@@ -1,0 +1,175 @@
+"""`kedro run` on several processes (`accelerate launch ... -m kedro run`, docs/scaling.md).
+
+Every process runs the whole pipeline: each training node trains data-parallel (core/training.py), and
+every other node runs on every process too. Kedro stays in charge of the catalog, but only the main
+process writes:
+
+* `ProcessLocalDataset`: on the other processes, each dataset of the pipeline is wrapped so that a save
+  keeps the data in memory for the downstream nodes of that process's own run, and a load returns it;
+  a dataset the run does not produce is read from disk as usual (it existed before the run). No process
+  ever reads a version the main process is writing.
+* `MainProcessWritesHook` installs the wrappers in `before_pipeline_run`, when the pipeline is known:
+  `after_catalog_created` is too early, datasets matched by catalog patterns (`{role}_model`) do not
+  exist yet then.
+* MLflow (hooks.py) tracks from the main process only; the training state (resume.py) has one folder,
+  chosen by the main process, written by it alone.
+
+The process index and count come from the launcher's environment (torchrun, DeepSpeed and MPI
+launchers), so the hooks need no process group; `broadcast_from_main` starts one (accelerate's
+`PartialState`) when it first needs to talk to the other processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+from kedro.io import AbstractDataset, DatasetError, MemoryDataset
+
+logger = logging.getLogger(__name__)
+
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+_WORLD_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _int_from_environment(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
+
+def process_index() -> int:
+    """This process's index among the processes of the run (0 when not launched on several)."""
+    return _int_from_environment(_RANK_VARIABLES, 0)
+
+
+def num_processes() -> int:
+    return _int_from_environment(_WORLD_VARIABLES, 1)
+
+
+def is_main_process() -> bool:
+    return process_index() == 0
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """The main process's `value` on every process (a collective: every process must call it)."""
+    if num_processes() == 1:
+        return value
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    # Joins the process group from the launcher's environment, once per process. Without `cpu=True` on a
+    # machine without CUDA accelerate would not join it at all (distributed type NO), and the training
+    # loop's Accelerator, created later, would inherit that state.
+    PartialState(cpu=not torch.cuda.is_available())
+    return broadcast_object_list([value])[0]
+
+
+_NOTHING = object()
+
+
+class ProcessLocalDataset(AbstractDataset):
+    """A dataset as a process other than the main one sees it: what the run saves stays in memory.
+
+    `load` returns what this process saved in this run (tables copied, other objects as they are: a
+    model is not duplicated), else what the wrapped dataset reads from disk (data that existed before
+    the run). After `release` a saved dataset cannot be loaded again: its data was this process's only.
+    """
+
+    def __init__(self, dataset: AbstractDataset, name: str):
+        self._dataset = dataset
+        self._name = name
+        self._data: Any = _NOTHING
+        self._saved = False
+
+    @property
+    def wrapped(self) -> AbstractDataset:
+        return self._dataset
+
+    def load(self) -> Any:
+        if not self._saved:
+            return self._dataset.load()
+        if self._data is _NOTHING:
+            raise DatasetError(
+                f"{self._name}: process {process_index()} kept this output in memory and it was released"
+            )
+        return _copy(self._data)
+
+    def save(self, data: Any) -> None:
+        self._data = _copy(data)
+        self._saved = True
+
+    def _exists(self) -> bool:
+        return self._saved or self._dataset.exists()
+
+    def _release(self) -> None:
+        self._data = _NOTHING
+
+    def _describe(self) -> dict[str, Any]:
+        return {"dataset": repr(self._dataset), "process": process_index(), "saved": self._saved}
+
+
+def _copy(data: Any) -> Any:
+    """Tables are copied (nodes may change them in place); anything else is handed on as it is."""
+    if hasattr(data, "copy") and type(data).__module__.split(".")[0] in ("pandas", "numpy"):
+        return data.copy()
+    return data
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    """Silence a logger (the catalog warns once per replaced dataset)."""
+    target = logging.getLogger(logger_name)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+def keep_outputs_in_memory(catalog: Any, dataset_names: set[str] | list[str]) -> list[str]:
+    """Wrap each named dataset of `catalog` in a `ProcessLocalDataset`; returns the names wrapped.
+
+    Parameters and memory datasets are left alone (nothing reaches the disk through them), as are the
+    names the catalog does not know (the runner gives those a `MemoryDataset`).
+    """
+    wrapped = []
+    with _quiet("kedro.io.data_catalog"):
+        for name in sorted(dataset_names):
+            if name == "parameters" or name.startswith("params:"):
+                continue
+            dataset = catalog.get(name)  # also materialises a dataset matched by a pattern
+            if dataset is None or isinstance(dataset, MemoryDataset | ProcessLocalDataset):
+                continue
+            catalog[name] = ProcessLocalDataset(dataset, name)
+            wrapped.append(name)
+    return wrapped
+
+
+class MainProcessWritesHook:
+    """Under a launcher with several processes, only the main process writes the catalog's datasets."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if num_processes() == 1:
+            return
+        if is_main_process():
+            logger.info(
+                "kedro run on %d processes: this main process writes the catalog and tracks the run",
+                num_processes(),
+            )
+            return
+        wrapped = keep_outputs_in_memory(catalog, pipeline.datasets())
+        logger.info(
+            "process %d of %d: %d datasets kept in memory, written by the main process only",
+            process_index(),
+            num_processes(),
+            len(wrapped),
+        )
