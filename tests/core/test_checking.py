@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +160,23 @@ def test_a_teacher_identical_to_the_student_reproduces_the_sampled_logprobs(stud
         if rollout.finished:  # the EOS decision is scored too
             assert result.scored.token_ids[-1] == tokenizer.eos_token_id
             assert result.scored.logprobs[-1] == pytest.approx(rollout.eos_logprob, abs=1e-4)
+
+
+def test_embedding_rows_past_the_tokenizer_stay_out_of_the_teachers_probabilities(
+    student, tokenizer, rollouts
+):
+    """Qwen2.5 pads its embeddings past the tokenizer: those rows name no token and get no mass."""
+    padded = copy.deepcopy(student)
+    padded.resize_token_embeddings(len(tokenizer) + 7)
+    with torch.no_grad():  # rows that would take real mass if they were in the softmax
+        torch.manual_seed(0)
+        padded.get_output_embeddings().weight[len(tokenizer) :] = torch.randn(7, SIZE.hidden_size) * 0.5
+    checked = check_rollouts(
+        padded, tokenizer, rollouts, same_vocabulary=True, config=_config(), show_progress=False
+    )
+    for rollout, result in zip(rollouts, checked, strict=True):
+        n = len(rollout.token_ids)
+        np.testing.assert_allclose(result.scored.logprobs[:n], rollout.logprobs, atol=1e-4)
 
 
 # -- rules ----------------------------------------------------------------------------------------------

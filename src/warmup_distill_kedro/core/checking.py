@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.processes import gather_in_order, is_main_process, process_share
 from warmup_distill_kedro.core.sampling import SamplingConfig, generate_from_ids
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
 
@@ -127,10 +128,16 @@ def score_responses(
     desc: str = "score",
     show_progress: bool = True,
     vocab_size: int | None = None,
+    across_processes: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(log-probs, argmax ids, in-top-k) of every response token, in batched teacher forward passes.
 
     `vocab_size` (the tokenizer's size) drops embedding rows that name no token (Qwen2.5's padding).
+
+    `across_processes=True` (a collective: every process calls it with the same arguments) splits the
+    batches round-robin across processes when torch.distributed is initialized with world size > 1 and
+    gathers the scores, in order, on every process. Scoring draws nothing at random and a batch keeps
+    its composition, so the scores equal one process's (bit for bit on CPU; the test checks it).
 
     Only the response rows of the logits go through a float32 log-softmax, one sequence at a time, so a
     152k vocabulary never needs a [batch, length, vocab] float32 tensor.
@@ -141,7 +148,9 @@ def score_responses(
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
     results: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(order)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for rows in tqdm(batches, desc=desc, disable=not show_progress):
+    mine = process_share(len(batches), across_processes)
+    for batch_index in tqdm(mine, desc=desc, disable=not (show_progress and is_main_process())):
+        rows = batches[batch_index]
         sequences = [list(prompt_ids[i]) + list(response_ids[i]) for i in rows]
         width = max(len(s) for s in sequences)
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -163,7 +172,7 @@ def score_responses(
                 (top == targets.unsqueeze(-1)).any(-1).cpu().numpy(),
             )
     model.train(was_training)
-    return [r for r in results if r is not None]
+    return gather_in_order(results, across_processes)
 
 
 def flag_tokens(
@@ -187,13 +196,20 @@ def continue_from_flags(
     scored: Sequence[ScoredResponse],
     first_flags: Sequence[int],
     config: CheckConfig,
+    across_processes: bool = False,
 ) -> list[str]:
-    """`continue`: keep the tokens before the first flag; the teacher picks that token and writes the rest."""
+    """`continue`: keep the tokens before the first flag; the teacher picks that token and writes the rest.
+
+    `across_processes`: as in `generate_from_ids` (with several processes, `choose: sample` draws what
+    one process draws only up to the device's determinism; greedy continuations are seed-free).
+    """
     sampling = config.continuation.model_copy(update={"do_sample": config.choose == "sample"})
     contexts = [
         list(p) + s.token_ids[:flag] for p, s, flag in zip(prompt_ids, scored, first_flags, strict=True)
     ]
-    generations = generate_from_ids(model, tokenizer, contexts, sampling, desc="teacher continues")
+    generations = generate_from_ids(
+        model, tokenizer, contexts, sampling, desc="teacher continues", across_processes=across_processes
+    )
     return [
         tokenizer.decode(s.token_ids[:flag] + g.token_ids, skip_special_tokens=True)
         for s, flag, g in zip(scored, first_flags, generations, strict=True)
@@ -243,11 +259,13 @@ def check_rollouts(
     same_vocabulary: bool,
     config: CheckConfig,
     show_progress: bool = True,
+    across_processes: bool = False,
 ) -> list[CheckedRollout]:
     """Score every rollout with the teacher and apply the check rule.
 
     With one vocabulary the teacher scores exactly the ids the student sampled. Otherwise the text is
     re-tokenized by the teacher and the student's log-probs are summed onto the teacher's tokens.
+    `across_processes`: the teacher's scoring passes are shared out, as in `score_responses`.
     """
     eos_id, _ = eos_and_pad_ids(teacher_tokenizer)
     prompt_ids, views, student_views = [], [], []
@@ -276,6 +294,9 @@ def check_rollouts(
         top_k,
         "teacher checks",
         show_progress,
+        # Embedding rows past the tokenizer (Qwen2.5's padding) name no token: keep them out of the softmax.
+        vocab_size=len(teacher_tokenizer),
+        across_processes=across_processes,
     )
     checked = []
     for (ids, starts), (logprobs, argmax, in_top_k), student in zip(
@@ -292,8 +313,12 @@ def correct_rollouts(
     rollouts: Sequence[Rollout],
     checked: Sequence[CheckedRollout],
     config: CheckConfig,
+    across_processes: bool = False,
 ) -> list[str | None]:
-    """The corrected response of every flagged rollout (None where nothing fired)."""
+    """The corrected response of every flagged rollout (None where nothing fired).
+
+    `across_processes`: the teacher's continuations are shared out, as in `generate_from_ids`.
+    """
     flagged = [i for i, c in enumerate(checked) if c.first_flag >= 0]
     corrected: list[str | None] = [None] * len(checked)
     if not flagged:
@@ -312,6 +337,7 @@ def correct_rollouts(
         [checked[i].scored for i in flagged],
         [checked[i].first_flag for i in flagged],
         config,
+        across_processes=across_processes,
     )
     for i, text in zip(flagged, texts, strict=True):
         corrected[i] = text

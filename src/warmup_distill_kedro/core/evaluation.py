@@ -4,6 +4,11 @@
 * ``instruction_rouge``: Rouge-L of sampled responses, one mean per sampling seed.
 * ``sampled_token_check``: the share of the model's sampled tokens the teacher's check rule rejects.
 * ``response_nll``: gold-response NLL (the SFT loss); ``validation_nll_fn`` makes it a training eval_fn.
+
+Several processes (torch.distributed initialized, world size > 1): the generation-based scores are
+collectives by default (`across_processes=True`): every process calls them with the same model and
+examples, each generates a share of the batches and every process gets every prediction, in order
+(see `core.sampling.generate_from_ids`). Pass `across_processes=False` where one process evaluates alone.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ def math_accuracy(
     examples: pd.DataFrame,
     sampling: SamplingConfig,
     desc: str = "math eval",
+    across_processes: bool = True,
 ) -> tuple[float, pd.DataFrame]:
     """Exact match of the final `#### N` answer under greedy decoding; returns the rate and the rows."""
     if examples.empty:
         raise ValueError("no math examples to evaluate")
     greedy = sampling.model_copy(update={"do_sample": False})
-    generations = generate(model, tokenizer, examples["prompt"].tolist(), greedy, desc=desc)
+    generations = generate(
+        model, tokenizer, examples["prompt"].tolist(), greedy, desc=desc, across_processes=across_processes
+    )
     predictions = examples[["example_id", "prompt", "answer"]].copy()
     predictions["prediction"] = [g.text for g in generations]
     predictions["finished"] = [g.finished for g in generations]
@@ -81,6 +89,7 @@ def instruction_rouge(
     sampling: SamplingConfig,
     seeds: Sequence[int],
     desc: str = "rouge eval",
+    across_processes: bool = True,
 ) -> tuple[dict[int, float], pd.DataFrame]:
     """Mean Rouge-L (max over each prompt's references) of sampled responses, one score per seed.
 
@@ -96,7 +105,12 @@ def instruction_rouge(
     for seed in seeds:
         config = sampling.model_copy(update={"do_sample": True, "seed": int(seed)})
         generations = generate(
-            model, tokenizer, examples["prompt"].tolist(), config, desc=f"{desc} seed {seed}"
+            model,
+            tokenizer,
+            examples["prompt"].tolist(),
+            config,
+            desc=f"{desc} seed {seed}",
+            across_processes=across_processes,
         )
         predictions = [g.text.removeprefix(RESPONSE_SEPARATOR).strip() for g in generations]
         per_example = [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
@@ -124,11 +138,16 @@ def sampled_token_check(
     prompts: Sequence[str],
     sampling: SamplingConfig,
     check: CheckConfig,
+    across_processes: bool = True,
 ) -> tuple[float, np.ndarray]:
     """The share of the student's sampled tokens the teacher's check rule rejects, and the teacher's
     probability of every sampled token (the EOS decision included): the mismatch warmup targets."""
     generations = generate(
-        student, student_tokenizer, prompts, sampling.model_copy(update={"do_sample": True})
+        student,
+        student_tokenizer,
+        prompts,
+        sampling.model_copy(update={"do_sample": True}),
+        across_processes=across_processes,
     )
     rollouts = [
         Rollout(
@@ -144,7 +163,13 @@ def sampled_token_check(
     ]
     same_vocabulary = vocabulary_fingerprint(student_tokenizer) == vocabulary_fingerprint(teacher_tokenizer)
     checked = check_rollouts(
-        teacher, teacher_tokenizer, rollouts, same_vocabulary, check, show_progress=sampling.show_progress
+        teacher,
+        teacher_tokenizer,
+        rollouts,
+        same_vocabulary,
+        check,
+        show_progress=sampling.show_progress,
+        across_processes=across_processes,
     )
     flags = np.concatenate([c.flags for c in checked]) if checked else np.zeros(0, dtype=bool)
     if flags.size == 0:

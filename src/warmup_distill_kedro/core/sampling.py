@@ -3,19 +3,62 @@
 Batched `generate` with the KV cache and left padding. Every generated token carries the model's own
 log-probability (raw logits, temperature 1, no top-p/top-k filtering), which is what the check stage
 compares with the teacher.
+
+Two backends behind the same interface (`SamplingConfig.backend`, docs/sampling.md):
+
+* ``transformers`` (the default, the tested one): `model.generate` on the model in memory.
+* ``vllm`` (optional, `pip install '.[vllm]'`, a GPU): a `vllm.LLM` engine built from the checkpoint
+  folder the model was loaded from. vllm is imported only when this backend runs.
+
+Several processes (`accelerate launch`, torchrun): callers that pass the same prompts on every process
+may ask for `across_processes=True`; each process then generates a share of the batches and every
+process gets the whole list back, in order. With one process nothing changes.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.processes import gather_in_order, is_main_process, process_share
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
+
+logger = logging.getLogger(__name__)
+
+VLLM_INSTALL_HINT = "pip install '.[vllm]'"
+
+
+def vllm_is_installed() -> bool:
+    """Whether `import vllm` would find a module (without importing it: that takes seconds)."""
+    if "vllm" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _backend_available(backend: str) -> str:
+    if backend == "vllm" and not vllm_is_installed():
+        raise ValueError(
+            f"backend 'vllm' needs the vllm package, which is not installed: {VLLM_INSTALL_HINT} "
+            "(on a machine with a GPU), or set backend: transformers"
+        )
+    return backend
+
+
+# Checked when the parameters are validated, so a missing vllm fails before the first node runs, with
+# the parameter's dotted path in the message.
+SamplingBackend = Annotated[Literal["transformers", "vllm"], AfterValidator(_backend_available)]
 
 
 class SamplingConfig(BaseModel):
@@ -26,9 +69,17 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, gt=0, description="None: off")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="transformers: sequences per generate call")
     seed: int = 0
     show_progress: bool = True
+    backend: SamplingBackend = Field(
+        "transformers",
+        description="transformers (the model in memory) | vllm (an engine on the model's checkpoint folder)",
+    )
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="backend vllm: more vllm.LLM(...) arguments, e.g. gpu_memory_utilization, max_model_len",
+    )
 
 
 @dataclass(frozen=True)
@@ -46,10 +97,17 @@ def generate(
     prompts: Sequence[str],
     config: SamplingConfig,
     desc: str = "generate",
+    across_processes: bool = False,
 ) -> list[Generation]:
-    """Continue each prompt text; results come back in the order of `prompts`."""
+    """Continue each prompt text; results come back in the order of `prompts`.
+
+    `across_processes`: see `generate_from_ids`.
+    """
+    _check_backend(config, desc)
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return generate_from_ids(model, tokenizer, prompt_ids, config, desc=desc)
+    return generate_from_ids(
+        model, tokenizer, prompt_ids, config, desc=desc, across_processes=across_processes
+    )
 
 
 @torch.no_grad()
@@ -59,7 +117,28 @@ def generate_from_ids(
     prompt_ids: Sequence[list[int]],
     config: SamplingConfig,
     desc: str = "generate",
+    across_processes: bool = False,
 ) -> list[Generation]:
+    """Continue each prompt (token ids); results come back in the order of `prompt_ids`.
+
+    Prompts are sorted longest first and cut into batches of `config.batch_size`; batch `b` samples
+    under the seed `config.seed * 1_000_003 + b`, so the same prompts, order and batch size give the
+    same samples whatever ran before.
+
+    `across_processes=True` (a collective: every process must call it with the same arguments) splits
+    the batches round-robin across the processes when torch.distributed is initialized with world size
+    > 1, and gathers the results so every process returns the full list in the original order. A batch
+    keeps its composition and its seed, so N processes sample what one process samples, up to the
+    device's floating-point determinism (bit for bit on CPU; the test checks it); results are
+    deterministic for a given N and batch size in any case. With one process, or without the flag,
+    nothing changes. Leave it False where processes hold different prompts (on-policy KD inside
+    data-parallel training).
+    """
+    _check_backend(config, desc)
+    if config.backend == "vllm":
+        from warmup_distill_kedro.core.vllm_backend import vllm_generate
+
+        return vllm_generate(model, tokenizer, prompt_ids, config, desc)
     eos_id, pad_id = eos_and_pad_ids(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
@@ -68,7 +147,10 @@ def generate_from_ids(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     results: list[Generation | None] = [None] * len(prompt_ids)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    for batch_index, rows in enumerate(tqdm(batches, desc=desc, disable=not config.show_progress)):
+    mine = process_share(len(batches), across_processes)
+    progress = config.show_progress and is_main_process()
+    for batch_index in tqdm(mine, desc=desc, disable=not progress):
+        rows = batches[batch_index]
         width = max(len(prompt_ids[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -98,7 +180,7 @@ def generate_from_ids(
                 eos_logprob=float(token_logprobs[r, n]) if finished else None,
             )
     model.train(was_training)
-    return [g for g in results if g is not None]
+    return gather_in_order(results, across_processes)
 
 
 def _generate_batch(
@@ -121,3 +203,10 @@ def _generate_batch(
         return_dict_in_generate=True,
         output_logits=True,
     )
+
+
+def _check_backend(config: SamplingConfig, desc: str) -> None:
+    if config.backend == "vllm":
+        from warmup_distill_kedro.core.vllm_backend import require_backend
+
+        require_backend(config, desc)

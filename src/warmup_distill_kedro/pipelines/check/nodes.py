@@ -33,14 +33,23 @@ CORRECTED_SET_COLUMNS = [
 
 
 def score_rollouts(rollouts: pd.DataFrame, teacher: Checkpoint, params: CheckParams) -> pd.DataFrame:
-    """The teacher's log-probability of every sampled token and the rule's verdict, one row per rollout."""
+    """The teacher's log-probability of every sampled token and the rule's verdict, one row per rollout.
+
+    Under several processes every process scores a share of the batches and returns the whole table.
+    """
     if rollouts.empty:
         raise ValueError("check: the rollouts table is empty; run the probe pipeline first")
     same_vocabulary = set(rollouts["vocabulary"]) == {vocabulary_fingerprint(teacher.tokenizer)}
     if not same_vocabulary:
         logger.info("check: the teacher has its own tokenizer; responses are re-tokenized, aligned by text")
     checked = check_rollouts(
-        teacher.model, teacher.tokenizer, _rollouts(rollouts), same_vocabulary, params, params.show_progress
+        teacher.model,
+        teacher.tokenizer,
+        _rollouts(rollouts),
+        same_vocabulary,
+        params,
+        params.show_progress,
+        across_processes=True,
     )
     return rollouts.assign(
         teacher_token_ids=[c.scored.token_ids for c in checked],
@@ -66,7 +75,9 @@ def build_corrected_set(
     """
     table = scored_rollouts.reset_index(drop=True)
     checked = _checked(table)
-    corrected = correct_rollouts(teacher.model, teacher.tokenizer, _rollouts(table), checked, params)
+    corrected = correct_rollouts(
+        teacher.model, teacher.tokenizer, _rollouts(table), checked, params, across_processes=True
+    )
     flag_chars = [c.scored.char_starts[c.first_flag] if c.first_flag >= 0 else -1 for c in checked]
     rows = table.assign(
         chosen=corrected,
@@ -175,7 +186,7 @@ def _teacher_mean_logprobs(teacher: Checkpoint, pairs: pd.DataFrame, params: Che
     response_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos_id] for c in pairs["chosen"]]
     scores = score_responses(
         teacher.model, prompt_ids, response_ids, params.batch_size, desc="teacher scores corrections",
-        show_progress=params.show_progress, vocab_size=len(tokenizer),
+        show_progress=params.show_progress, vocab_size=len(tokenizer), across_processes=True,
     )  # fmt: skip
     return [float(np.mean(logprobs)) for logprobs, _, _ in scores]
 

@@ -26,6 +26,11 @@ def probe(student: Checkpoint, train_examples: pd.DataFrame, params: ProbeParams
     Rows carry the text, the sampled ids with the student's log-probability of each, where each token
     starts in the text (so a teacher with another tokenizer can map its flags back), and whether the
     response ended with EOS or was cut at `max_new_tokens`.
+
+    Under several processes (torch.distributed initialized) every process probes the same prompts:
+    each samples a share of the batches and all of them return the whole table (see
+    `core.sampling.generate_from_ids`; the samples are those of one process, up to the device's
+    floating-point determinism).
     """
     prompts = train_examples.drop_duplicates("prompt").iloc[params.skip_prompts :]
     if params.max_prompts is not None:
@@ -40,7 +45,12 @@ def probe(student: Checkpoint, train_examples: pd.DataFrame, params: ProbeParams
     repeated = pd.concat([prompts.assign(sample_index=i) for i in range(params.n_samples)], ignore_index=True)
     tokenizer = student.tokenizer
     generations = generate(
-        student.model, tokenizer, repeated["prompt"].tolist(), params.sampling(), desc="probe"
+        student.model,
+        tokenizer,
+        repeated["prompt"].tolist(),
+        params.sampling(),
+        desc="probe",
+        across_processes=True,
     )
     rollouts = pd.DataFrame(
         {

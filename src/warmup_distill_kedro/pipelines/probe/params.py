@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.sampling import SamplingConfig
+from warmup_distill_kedro.core.sampling import SamplingBackend, SamplingConfig
 
 
 class ProbeParams(BaseModel):
@@ -26,6 +28,12 @@ class ProbeParams(BaseModel):
         None, gt=0, description="probe at most N prompts (after the skipped ones)"
     )
     show_progress: bool = True
+    backend: SamplingBackend = Field(
+        "transformers", description="transformers | vllm (pip install '.[vllm]', a GPU; docs/sampling.md)"
+    )
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="backend vllm: more vllm.LLM(...) arguments"
+    )
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(
@@ -37,4 +45,6 @@ class ProbeParams(BaseModel):
             batch_size=self.batch_size,
             seed=self.seed,
             show_progress=self.show_progress,
+            backend=self.backend,
+            vllm_engine_args=self.vllm_engine_args,
         )
