@@ -502,3 +502,57 @@ def test_kd_config():
     for bad in ({"temperature": 0.0}, {"kd_rate": 1.5}, {"chunk_size": 0}, {"objectve": "fkl"}):
         with pytest.raises(ValidationError):
             KDConfig(**bad)
+
+
+# -- the closed form of fkl and rkl (value, CE and the student's gradient in one chunked pass) ---------------
+def _mix64(student, teacher, labels, objective, temperature, kd_rate, vocab):
+    """(1 - kd_rate) CE over the student's full width + kd_rate KD over the first `vocab` columns, float64."""
+    student = student.double()
+    targets = labels[:, 1:]
+    response = targets != IGNORE_INDEX
+    shifted = student[:, :-1][response]
+    ce = torch.nn.functional.cross_entropy(shifted, targets[response], reduction="mean")
+    kd = _reference(objective, shifted[:, :vocab], teacher[:, :-1][response][:, :vocab], temperature).mean()
+    return (1.0 - kd_rate) * ce + kd_rate * kd
+
+
+@pytest.mark.parametrize("objective", ["fkl", "rkl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.7])
+@pytest.mark.parametrize("kd_rate", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize(("extra_columns", "chunk_size"), [(0, None), (3, None), (0, 2), (3, 4)])
+def test_closed_form_matches_float64_value_and_gradient(
+    objective, temperature, kd_rate, extra_columns, chunk_size
+):
+    """Every branch of the closed form (T = 1 and 2 reuse q's exponentials for CE; a wider student vocabulary
+    does not; kd_rate 0 and 1 drop a term) against float64 autograd on the textbook formulas."""
+    labels = _labels()
+    student = _logits(60, B, T + 1, V + extra_columns)
+    teacher = _logits(61, B, T + 1, V)
+    expected_student = student.double().requires_grad_(True)
+    expected = _mix64(expected_student, teacher.double(), labels, objective, temperature, kd_rate, V)
+    expected.backward()
+
+    student32 = student.clone().requires_grad_(True)
+    config = KDConfig(objective=objective, kd_rate=kd_rate, temperature=temperature, chunk_size=chunk_size)
+    loss, metrics = distillation_loss(student32, teacher, labels, config, vocab_size=V)
+    (2.0 * loss).backward()  # a non-unit upstream gradient scales the precomputed one
+
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["tokens"] == 6.0
+    torch.testing.assert_close(student32.grad.double(), 2.0 * expected_student.grad, rtol=1e-4, atol=1e-6)
+    assert student32.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("objective", ["fkl", "rkl"])
+def test_closed_form_falls_back_to_autograd_for_minus_infinity_logits(objective):
+    """A student logit of -inf (a masked token) reaches the log floor, where the closed form's gradient
+    would differ from the clamp's: that chunk goes through autograd and still matches the masked formula."""
+    student, teacher, mask = _logits(62, B, T, V), _logits(63, B, T, V), _mask()
+    student[..., 0] = float("-inf")
+    teacher[..., 0] = -1e4  # the teacher agrees the token is impossible, so KL stays finite
+    closed = student.clone().requires_grad_(True)
+    kd_loss(objective, closed, teacher, mask, 1.0).backward()
+    assert torch.isfinite(closed.grad).all() and (closed.grad[..., 0] == 0).all()
+    finite = student[..., 1:].clone().requires_grad_(True)
+    kd_loss(objective, finite, teacher[..., 1:], mask, 1.0).backward()
+    torch.testing.assert_close(closed.grad[..., 1:], finite.grad, rtol=1e-4, atol=1e-6)

@@ -21,6 +21,7 @@ from warmup_distill_kedro.core.dskd import (
     projector_pretraining_loss,
 )
 from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
+from warmup_distill_kedro.core.fused_kd import fused_model_distillation_loss
 from warmup_distill_kedro.core.kd_data import StudentSampledBatches
 from warmup_distill_kedro.core.metrics import heldout_distribution
 from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
@@ -189,8 +190,11 @@ def _token_level_cell(
     teacher_model = teacher.model
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        teacher_on_device = teacher_model.to(batch["input_ids"].device)
+        if params.fused_head:  # from the last hidden states and the heads, chunk by chunk
+            return fused_model_distillation_loss(model, teacher_on_device, batch, kd, vocab_size)
         with torch.no_grad():
-            teacher_logits = _logits(teacher_model.to(batch["input_ids"].device), batch)
+            teacher_logits = _logits(teacher_on_device, batch)
         return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size)
 
     source = _data_source(encoded, model, student.tokenizer, params)

@@ -32,6 +32,13 @@ class DistillParams(BaseModel):
     temperature: float = Field(2.0, gt=0)
     kd_rate: float = Field(0.5, ge=0, le=1, description="loss = (1 - kd_rate) CE + kd_rate KD")
     chunk_size: int | None = Field(None, gt=0, description="positions per chunk of the KD loss; null: all")
+    fused_head: bool = Field(
+        False,
+        description="compute the KD loss from the last hidden states and the LM heads chunk by chunk, never "
+        "materializing either model's full logits (core/fused_kd.py); needs chunk_size. Applies to the "
+        f"token-level objectives ({', '.join(OBJECTIVES)}); the dskd, dskd_cma and sft cells of the same grid "
+        "ignore it; refused when no objective of the grid is token-level. Not with FSDP (sharded heads)",
+    )
     options: dict[str, dict[str, Any]] = Field(
         {},
         description="per-objective options, e.g. {js: {beta: 0.5}, dskd: {divergence: fkl, projector_lr: 0.001}}",
@@ -55,6 +62,13 @@ class DistillParams(BaseModel):
             raise ValueError(f"variants: unknown {unknown}; choose from {list(VARIANTS)}")
         if unknown := sorted(set(self.objectives) - set(GRID_OBJECTIVES)):
             raise ValueError(f"objectives: unknown {unknown}; choose from {list(GRID_OBJECTIVES)}")
+        if self.fused_head and self.chunk_size is None:
+            raise ValueError("fused_head: true needs chunk_size (positions per chunk, e.g. 128); it is null")
+        if self.fused_head and not set(self.objectives) & set(OBJECTIVES):
+            raise ValueError(
+                f"fused_head: true applies to the token-level objectives ({', '.join(OBJECTIVES)}), and the "
+                f"grid has none ({', '.join(self.objectives)}); set fused_head: false"
+            )
         for objective, options in self.options.items():
             if objective not in GRID_OBJECTIVES:
                 raise ValueError(

@@ -1,0 +1,306 @@
+"""The distill loss from the last hidden states and the LM heads, chunk by chunk (as Liger-Kernel's fused
+distillation losses do): neither model's full [positions, vocab] logits ever exist.
+
+`distillation_loss` (objectives.py) takes both models' logits; at Qwen2.5's 152,064-token vocabulary
+those are the largest tensors of a step (one [1024, 152064] float32 copy is 594 MiB, and the loss makes
+several). `fused_distillation_loss` takes what the heads read instead, the last hidden states, plus the
+heads' weights, and returns the same value and metrics: an autograd function walks the response
+positions `chunk_size` at a time, computes that chunk's logits of both models (hidden @ W^T in the
+head's dtype, as the model's own head would, then float32 for the loss), the chunk's CE and KD sums and,
+at once, their gradient with respect to the chunk's logits; that gradient goes straight into the
+gradients of the student's hidden states ([positions, hidden], small) and of its head (weight and bias,
+accumulated over chunks), and the chunk's logits are freed. backward then hands out the precomputed
+gradients. The divergences are objectives.py's own per-position math, not a copy.
+
+Only positions whose next label is a response token are visited (prompt and padding count in neither
+term, as in distillation_loss). The peak holds one chunk's float32 [chunk_size, vocab] intermediates plus
+the head's gradient, which training allocates anyway. With a low-precision head the weight gradient is
+accumulated chunk by chunk in the head's dtype (as Liger-Kernel does), so it may differ from one
+full-size matmul by that dtype's rounding.
+
+The heads must be plain linear maps of the last hidden state (Qwen2, Llama, Mistral ...): a model that
+post-processes its logits (soft-capping, scaling) is refused. `fused_model_distillation_loss` is the
+same loss from two causal LMs and a batch (what the distill stage calls with `distill.fused_head`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from warmup_distill_kedro.core.encoding import IGNORE_INDEX
+from warmup_distill_kedro.core.objectives import KDConfig, _common_vocab, _divergence, _release_or_copy
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What every chunk needs besides tensors."""
+
+    objective: str
+    options: dict[str, Any]
+    temperature: float
+    vocab: int  # KD compares the first `vocab` columns; CE uses the student's full head
+    chunk_size: int
+    ce_weight: float
+    kd_weight: float
+    need_hidden: bool
+    need_weight: bool
+    need_bias: bool
+
+    @property
+    def need_grad(self) -> bool:
+        return self.need_hidden or self.need_weight or self.need_bias
+
+
+def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Logits in the head's dtype (what the model's own lm_head computes), upcast to float32."""
+    return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+
+
+def _chunk_terms(
+    logits: Tensor, teacher_logits: Tensor, targets: Tensor, spec: _Spec, n: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The chunk's CE sum, KD sum and the gradient of its share of the loss w.r.t. the student logits."""
+    if spec.need_grad:
+        logits.requires_grad_(True)
+    with torch.set_grad_enabled(spec.need_grad and spec.ce_weight > 0.0):
+        # as shifted_token_logprobs: the student's full vocabulary, no temperature
+        log_q = torch.log_softmax(logits, dim=-1)
+        ce_sum = -log_q.gather(-1, targets.unsqueeze(-1)).sum()
+        del log_q
+    with torch.set_grad_enabled(spec.need_grad and spec.kd_weight > 0.0):
+        kd_sum = _divergence(
+            spec.objective, logits[:, : spec.vocab], teacher_logits, spec.temperature, spec.options
+        ).sum()
+    if not spec.need_grad:
+        return ce_sum, kd_sum, None
+    with torch.enable_grad():
+        share = []
+        if spec.ce_weight > 0.0:
+            share.append(ce_sum * (spec.ce_weight / n))
+        if spec.kd_weight > 0.0:
+            share.append(kd_sum * (spec.kd_weight / n))
+        (grad,) = torch.autograd.grad(sum(share), logits)
+    return ce_sum.detach(), kd_sum.detach(), grad
+
+
+class _FusedKD(torch.autograd.Function):
+    """(1 - kd_rate) CE + kd_rate KD from hidden states and heads; see the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+        positions: Tensor,
+        targets: Tensor,
+        spec: _Spec,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        hidden_flat = hidden.reshape(-1, hidden.shape[-1])
+        teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        teacher_weight = teacher_weight[: spec.vocab]
+        teacher_bias = None if teacher_bias is None else teacher_bias[: spec.vocab]
+        n = positions.numel()
+        grad_hidden = torch.zeros_like(hidden_flat) if spec.need_hidden else None
+        grad_weight = torch.zeros_like(weight) if spec.need_weight else None
+        grad_bias = torch.zeros_like(bias) if spec.need_bias and bias is not None else None
+        ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, spec.chunk_size):
+            index = positions[start : start + spec.chunk_size]
+            rows = hidden_flat[index].to(weight.dtype)
+            logits = _head(rows, weight, bias)
+            teacher_logits = _head(teacher_flat[index], teacher_weight, teacher_bias)
+            ce_sum, kd_sum, grad = _chunk_terms(logits, teacher_logits, targets[index], spec, n)
+            del logits, teacher_logits
+            ce_total += ce_sum
+            kd_total += kd_sum
+            if grad is None:
+                continue
+            grad = grad.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[index] = (grad @ weight).to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, rows)
+            if grad_bias is not None:
+                grad_bias += grad.sum(dim=0).to(grad_bias.dtype)
+            del grad
+        ctx.grad_hidden, ctx.grad_weight, ctx.grad_bias = grad_hidden, grad_weight, grad_bias
+        ctx.hidden_shape = hidden.shape
+        denominator = max(n, 1)
+        ce, kd = ce_total / denominator, kd_total / denominator
+        if spec.kd_weight == 0.0:
+            loss = ce.clone()
+        elif spec.kd_weight == 1.0:
+            loss = kd.clone()
+        else:
+            loss = spec.ce_weight * ce + spec.kd_weight * kd
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
+    ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_hidden = _release_or_copy(ctx, "grad_hidden", grad_loss)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+        grad_weight = _release_or_copy(ctx, "grad_weight", grad_loss)
+        grad_bias = _release_or_copy(ctx, "grad_bias", grad_loss)
+        return (grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None)
+
+
+def _check_head(name: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if hidden.dim() != 3:
+        raise ValueError(f"{name} hidden states must be [batch, time, hidden], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{name} head weight must be [vocab, {hidden.shape[-1]}] for hidden size {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{name} head bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def fused_distillation_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head_weight: Tensor,
+    labels: Tensor,
+    config: KDConfig,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    student_head_bias: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """distillation_loss(student_hidden @ W_s^T, teacher_hidden @ W_t^T, labels, config, vocab_size),
+    chunk by chunk, without either model's full logits.
+
+    student_hidden [B, T, Hs] and the student head [V_s, Hs] (+ bias [V_s]) get gradients; the teacher's
+    [B, T, Ht] and [V_t, Ht] are detached. Position t predicts labels[:, t + 1]; positions whose next
+    label is IGNORE_INDEX count in neither term. CE is over the student's V_s columns; KD over the first
+    vocab_size columns of both (without vocab_size, V_s and V_t must agree). chunk_size: positions per
+    chunk, config.chunk_size when None (one of the two is required). Returns the loss (a float32 scalar)
+    and the metrics loss, ce, kd, tokens.
+    """
+    chunk = config.chunk_size if chunk_size is None else chunk_size
+    if chunk is None:
+        raise ValueError(
+            "fused_distillation_loss needs a chunk size: pass chunk_size or set config.chunk_size"
+        )
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk!r}")
+    _check_head("student", student_hidden, student_head_weight, student_head_bias)
+    _check_head("teacher", teacher_hidden, teacher_head_weight, teacher_head_bias)
+    if teacher_hidden.shape[:2] != student_hidden.shape[:2] or labels.shape != student_hidden.shape[:2]:
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)}, teacher hidden {tuple(teacher_hidden.shape)} and "
+            f"labels {tuple(labels.shape)} must share [batch, time]"
+        )
+    vocab = _common_vocab(student_head_weight.shape[0], teacher_head_weight.shape[0], vocab_size)
+
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    targets = targets.to(student_hidden.device)
+    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    grad = torch.is_grad_enabled()
+    spec = _Spec(
+        objective=config.objective,
+        options=config.options,
+        temperature=float(config.temperature),
+        vocab=vocab,
+        chunk_size=chunk,
+        ce_weight=1.0 - config.kd_rate,
+        kd_weight=float(config.kd_rate),
+        need_hidden=grad and student_hidden.requires_grad,
+        need_weight=grad and student_head_weight.requires_grad,
+        need_bias=grad and student_head_bias is not None and student_head_bias.requires_grad,
+    )
+    loss, ce, kd = _FusedKD.apply(
+        student_hidden,
+        student_head_weight,
+        student_head_bias,
+        teacher_hidden.detach(),
+        teacher_head_weight.detach(),
+        None if teacher_head_bias is None else teacher_head_bias.detach(),
+        positions,
+        targets.masked_fill(targets == IGNORE_INDEX, 0),
+        spec,
+    )
+    metrics = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(positions.numel())}
+    return loss, metrics
+
+
+# -- from causal LMs -----------------------------------------------------------------------------------------
+def lm_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The output projection of a causal LM (under a DDP / DeepSpeed wrapper: of the model inside it)."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    config = getattr(inner, "config", None)
+    post_processing = [
+        name
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        if getattr(config, name, None) not in (None, 1, 1.0)
+    ]
+    if not isinstance(head, torch.nn.Linear) or post_processing:
+        raise ValueError(
+            f"{type(inner).__name__}: the fused KD loss needs logits that are a plain linear map of the last "
+            f"hidden state (head {type(head).__name__}{', ' + ', '.join(post_processing) if post_processing else ''}); "
+            "compute the loss from the model's logits instead (distill.fused_head: false)"
+        )
+    return head
+
+
+def last_hidden_state(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, T, H]: what the LM head reads at every position.
+
+    The forward goes through `model` itself, so that whatever wraps it (DDP, accelerate's precision
+    wrapper) sees it, but asks for the logits of the last position only (logits_to_keep=1); the decoder's
+    output is read by a forward hook on `get_decoder()`.
+    """
+    inner = getattr(model, "module", model)
+    captured: list[Tensor] = []
+    handle = inner.get_decoder().register_forward_hook(lambda _m, _a, output: captured.append(output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"{type(inner).__name__}: its decoder ran {len(captured)} times in one forward")
+    return captured[0]
+
+
+def fused_model_distillation_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batch: dict[str, Tensor],
+    config: KDConfig,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """distillation_loss(student logits, teacher logits, batch["labels"], config, vocab_size) for two causal
+    LMs, from their last hidden states and heads (the teacher under no_grad), never with full logits."""
+    with torch.no_grad():
+        teacher_hidden = last_hidden_state(teacher, batch["input_ids"], batch["attention_mask"])
+    hidden = last_hidden_state(student, batch["input_ids"], batch["attention_mask"])
+    student_head, teacher_head = lm_head(student), lm_head(teacher)
+    return fused_distillation_loss(
+        hidden,
+        student_head.weight,
+        teacher_hidden,
+        teacher_head.weight,
+        batch["labels"],
+        config,
+        vocab_size=vocab_size,
+        student_head_bias=student_head.bias,
+        teacher_head_bias=teacher_head.bias,
+    )
