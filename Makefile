@@ -18,6 +18,7 @@ help:
 	@echo "make test         run the test suite"
 	@echo "make viz          serve the pipeline lineage (kedro viz) on http://127.0.0.1:4141"
 	@echo "make mlflow-ui    serve the MLflow tracking UI on http://127.0.0.1:5000"
+	@echo "make bench        benchmarks (KD loss, distill step, rollouts, the demo stage by stage; ~30 min)"
 	@echo "make lint         ruff"
 	@echo "make clean-outputs  delete data/ outputs, mlflow.db and mlruns/ (asks first)"
 
@@ -46,9 +47,16 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest
 
+# Each script writes benchmarks/results/<name>.json and .md; docs/benchmarks.md quotes them.
+bench: install
+	$(BIN)/python benchmarks/kd_loss.py
+	$(BIN)/python benchmarks/distill_step.py
+	$(BIN)/python benchmarks/demo_stages.py
+	$(BIN)/python benchmarks/rollouts.py
+
 lint: install-dev
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 viz: install-dev
 	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141

@@ -1,0 +1,85 @@
+"""What every benchmark shares: the machine description, medians of repeats, peak memory, the reports.
+
+Each benchmark script writes `benchmarks/results/<name>.json` (every number, the machine, the command)
+and `benchmarks/results/<name>.md` (the table that goes into docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def describe_machine() -> dict[str, Any]:
+    """Processor, cores, threads, accelerator and package versions: what a reader needs to compare."""
+    import accelerate
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median, min and max wall time of `fn()` over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+    }
+
+
+def write_report(name: str, results: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write `<name>.json` (results + machine + command + date) and `<name>.md` under benchmarks/results/."""
+    RESULTS.mkdir(exist_ok=True)
+    record = {
+        "benchmark": name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": describe_machine(),
+        "results": results,
+    }
+    json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    machine = record["machine"]
+    header = (
+        f"<!-- {record['command']} on {record['date']} -->\n"
+        f"Machine: {machine['processor']}, {machine['cpu_count']} cores ({machine['torch_threads']} torch "
+        f"threads), GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}, transformers "
+        f"{machine['transformers']}.\n\n"
+    )
+    md_path.write_text(header + markdown.rstrip() + "\n")
+    return json_path, md_path
