@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, write_report  # noqa: E402
 
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX, causal_lm_loss  # noqa: E402
-from warmup_distill_kedro.core.objectives import KDConfig, distillation_loss  # noqa: E402
+from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate) of each model, vocabulary, batch, sequence length.
 PRESETS = {

@@ -39,7 +39,8 @@ from peak_memory import peak_memory  # noqa: E402
 
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX  # noqa: E402
 from warmup_distill_kedro.core.fused_kd import fused_distillation_loss  # noqa: E402
-from warmup_distill_kedro.core.objectives import KDConfig, distillation_loss, divergence, kd_loss  # noqa: E402
+from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss, kd_loss  # noqa: E402
+from warmup_distill_kedro.core.objectives import divergence  # noqa: E402
 
 MIB = 2**20
 QWEN_STUDENT_ROWS, QWEN_TEACHER_ROWS, QWEN_TOKENIZER = 151936, 152064, 151665

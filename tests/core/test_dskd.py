@@ -27,8 +27,9 @@ from warmup_distill_kedro.core.dskd import (
     projector_pretraining_loss,
 )
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX, causal_lm_loss, collate, encode_pairs
+from warmup_distill_kedro.core.kd_losses import kd_loss
 from warmup_distill_kedro.core.modeling import ModelSize, build_model
-from warmup_distill_kedro.core.objectives import OBJECTIVES, kd_loss
+from warmup_distill_kedro.core.objectives import OBJECTIVES
 from warmup_distill_kedro.core.sampling import SamplingConfig, generate
 from warmup_distill_kedro.core.tokenization import TokenizerConfig, eos_and_pad_ids, train_bpe_tokenizer
 from warmup_distill_kedro.core.training import ShuffledBatches, TrainingConfig, TrainingRun

@@ -12,14 +12,8 @@ import torch
 
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX
 from warmup_distill_kedro.core.fused_kd import fused_distillation_loss
-from warmup_distill_kedro.core.objectives import (
-    _LOG_FLOOR,
-    OBJECTIVES,
-    KDConfig,
-    _per_position,
-    distillation_loss,
-    kd_loss,
-)
+from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss, kd_loss
+from warmup_distill_kedro.core.objectives import _LOG_FLOOR, OBJECTIVES, _per_position
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from peak_memory import peak_memory  # noqa: E402

@@ -1,5 +1,6 @@
-"""KD objectives: per-position values and gradients against float64 formulas, identities, masking,
-temperature, dtypes, vocabulary trimming, the chunked path, the CE + KD mix and option validation."""
+"""KD objectives and losses: per-position values and gradients against float64 formulas, identities,
+masking, temperature, dtypes, vocabulary trimming, the chunked paths (closed form and autograd), the
+CE + KD mix and option validation."""
 
 from __future__ import annotations
 
@@ -8,14 +9,8 @@ import torch
 from pydantic import ValidationError
 
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX
-from warmup_distill_kedro.core.objectives import (
-    OBJECTIVES,
-    KDConfig,
-    distillation_loss,
-    divergence,
-    kd_loss,
-    validate_options,
-)
+from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss, kd_loss
+from warmup_distill_kedro.core.objectives import OBJECTIVES, divergence, validate_options
 
 torch.set_num_threads(1)
 

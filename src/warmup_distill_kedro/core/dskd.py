@@ -64,7 +64,8 @@ from warmup_distill_kedro.core.encoding import (
     encode_pairs,
     shifted_token_logprobs,
 )
-from warmup_distill_kedro.core.objectives import OBJECTIVES, _common_vocab, kd_loss, validate_options
+from warmup_distill_kedro.core.kd_losses import common_vocab, kd_loss
+from warmup_distill_kedro.core.objectives import OBJECTIVES, validate_options
 
 TEACHER_PREFIX = "teacher_"  # teacher-side keys of a dual batch: teacher_input_ids, ...
 _STD_EPS = 1e-6
@@ -247,7 +248,7 @@ def _t2s_same_tokenizer(
 
 
 def _shared_vocab(wrapper: StudentWithProjectors, teacher: PreTrainedModel, vocab_size: int | None) -> int:
-    return _common_vocab(
+    return common_vocab(
         wrapper.student.get_output_embeddings().weight.shape[0],
         teacher.get_output_embeddings().weight.shape[0],
         vocab_size,

@@ -1,7 +1,7 @@
 """The distill loss from the last hidden states and the LM heads, chunk by chunk (as Liger-Kernel's fused
 distillation losses do): neither model's full [positions, vocab] logits ever exist.
 
-`distillation_loss` (objectives.py) takes both models' logits; at Qwen2.5's 152,064-token vocabulary
+`distillation_loss` (kd_losses.py) takes both models' logits; at Qwen2.5's 152,064-token vocabulary
 those are the largest tensors of a step (one [1024, 152064] float32 copy is 594 MiB, and the loss makes
 several). `fused_distillation_loss` takes what the heads read instead, the last hidden states, plus the
 heads' weights, and returns the same value and metrics: an autograd function walks the response
@@ -33,8 +33,10 @@ import torch.nn.functional
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from warmup_distill_kedro.core.chunked_kd import release_or_copy
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX
-from warmup_distill_kedro.core.objectives import KDConfig, _common_vocab, _divergence, _release_or_copy
+from warmup_distill_kedro.core.kd_losses import KDConfig, common_vocab
+from warmup_distill_kedro.core.objectives import _divergence
 
 
 @dataclass(frozen=True)
@@ -152,11 +154,11 @@ class _FusedKD(torch.autograd.Function):
     def backward(
         ctx: Any, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
     ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_hidden = _release_or_copy(ctx, "grad_hidden", grad_loss)
+        grad_hidden = release_or_copy(ctx, "grad_hidden", grad_loss)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
-        grad_weight = _release_or_copy(ctx, "grad_weight", grad_loss)
-        grad_bias = _release_or_copy(ctx, "grad_bias", grad_loss)
+        grad_weight = release_or_copy(ctx, "grad_weight", grad_loss)
+        grad_bias = release_or_copy(ctx, "grad_bias", grad_loss)
         return (grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None)
 
 
@@ -208,7 +210,7 @@ def fused_distillation_loss(
             f"student hidden {tuple(student_hidden.shape)}, teacher hidden {tuple(teacher_hidden.shape)} and "
             f"labels {tuple(labels.shape)} must share [batch, time]"
         )
-    vocab = _common_vocab(student_head_weight.shape[0], teacher_head_weight.shape[0], vocab_size)
+    vocab = common_vocab(student_head_weight.shape[0], teacher_head_weight.shape[0], vocab_size)
 
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     targets = targets.to(student_hidden.device)

@@ -23,9 +23,9 @@ from warmup_distill_kedro.core.dskd import (
 from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
 from warmup_distill_kedro.core.fused_kd import fused_model_distillation_loss
 from warmup_distill_kedro.core.kd_data import StudentSampledBatches
+from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss
 from warmup_distill_kedro.core.metrics import heldout_distribution
 from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
-from warmup_distill_kedro.core.objectives import KDConfig, distillation_loss
 from warmup_distill_kedro.core.sampling import generate
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, vocabulary_fingerprint

@@ -31,7 +31,11 @@ class DistillParams(BaseModel):
     objectives: list[str] = Field(min_length=1, description="read by the grid")
     temperature: float = Field(2.0, gt=0)
     kd_rate: float = Field(0.5, ge=0, le=1, description="loss = (1 - kd_rate) CE + kd_rate KD")
-    chunk_size: int | None = Field(None, gt=0, description="positions per chunk of the KD loss; null: all")
+    chunk_size: int | None = Field(
+        None,
+        gt=0,
+        description="positions per chunk of the KD loss at most; null: fkl and rkl size their own chunks, the other objectives take all positions at once",
+    )
     fused_head: bool = Field(
         False,
         description="compute the KD loss from the last hidden states and the LM heads chunk by chunk, never "

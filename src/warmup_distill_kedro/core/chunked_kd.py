@@ -1,0 +1,399 @@
+"""The chunked paths of the KD loss: autograd Functions that walk the positions a chunk at a time and
+precompute the student's gradient, so that the full [positions, vocab] float32 distributions of both
+models never exist at once.
+
+ChunkedKD differentiates any objective's per-position formula (core.objectives) chunk by chunk with
+autograd. ClosedFormLoss computes fkl and rkl, and the cross-entropy mixed with them, in closed form:
+value and gradient in one pass over float32 scratch tensors that every chunk reuses, which is both the
+leanest in memory and several times faster than autograd on a CPU. Both hand their precomputed
+gradient buffer to autograd instead of copying it (release_or_copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from warmup_distill_kedro.core.objectives import _LOG_FLOOR, _divergence
+
+
+# -- any objective, with autograd, chunk by chunk -----------------------------------------------------------
+class ChunkedKD(torch.autograd.Function):
+    """Mean divergence over `positions`, computed chunk by chunk with the student's gradient precomputed.
+
+    forward loops over chunks of positions; each chunk's student rows are upcast to a detached float32
+    copy, the chunk's summed divergence is differentiated with torch.autograd.grad at once, and the
+    gradient (scaled by 1/n) is written into a buffer shaped like the student logits, in their dtype.
+    The chunk's float32 intermediates are freed before the next chunk, so the peak holds one chunk's
+    [chunk_size, V] float32 tensors instead of the full [N, V] ones of both models (log-softmaxes,
+    probabilities, mixtures and their saved-for-backward copies), plus the gradient buffer that autograd
+    would allocate for the student logits anyway. backward hands that buffer over as the gradient, scaled
+    in place by the incoming gradient, and lets go of it (see release_or_copy), so it is never copied and
+    not kept alive by the graph for as long as the loss tensor lives.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student_flat: Tensor,
+        teacher_flat: Tensor,
+        positions: Tensor,
+        objective: str,
+        options: dict[str, Any],
+        temperature: float,
+        vocab: int,
+        chunk_size: int,
+        need_grad: bool,
+    ) -> Tensor:
+        n = positions.numel()
+        total = torch.zeros((), dtype=torch.float32, device=student_flat.device)
+        grad_buffer = (
+            torch.zeros_like(student_flat, memory_format=torch.contiguous_format) if need_grad else None
+        )
+        for start in range(0, n, chunk_size):
+            index = positions[start : start + chunk_size]
+            teacher_rows = teacher_flat[index, :vocab]
+            student_rows = student_flat[index, :vocab].detach().float()
+            if grad_buffer is None:
+                chunk_loss = _divergence(objective, student_rows, teacher_rows, temperature, options).sum()
+            else:
+                with torch.enable_grad():
+                    student_rows.requires_grad_(True)
+                    chunk_loss = _divergence(
+                        objective, student_rows, teacher_rows, temperature, options
+                    ).sum()
+                    (chunk_grad,) = torch.autograd.grad(chunk_loss, student_rows)
+                grad_buffer[index, :vocab] = (chunk_grad / n).to(grad_buffer.dtype)
+            total += chunk_loss.detach()
+        ctx.grad_buffer = grad_buffer
+        return total / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad = release_or_copy(ctx, "grad_buffer", grad_output)
+        return (grad, None, None, None, None, None, None, None, None)
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward was asked to keep the graph (retain_graph=True); True if unknown."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
+
+
+_RELEASED = "released"  # what a ctx holds in place of a gradient buffer that a backward handed over
+
+
+def release_or_copy(ctx: Any, name: str, grad_output: Tensor) -> Tensor | None:
+    """The precomputed gradient `ctx.<name>` times grad_output, for a backward of a chunked Function.
+
+    A backward that frees the graph (the usual one) gets the buffer itself, scaled in place, and the ctx
+    lets go of it: no second full-size tensor is allocated (autograd then adopts it as .grad of a leaf),
+    and the memory is not held until the loss tensor dies. A second backward then raises, as autograd
+    does for a freed graph. With retain_graph=True, a scaled copy, so that the buffer stays intact.
+    """
+    buffer = getattr(ctx, name)
+    if buffer is None:
+        return None
+    if isinstance(buffer, str):
+        raise RuntimeError(
+            "Trying to backward through a chunked loss a second time: its precomputed gradient was handed "
+            "over by the first backward. Pass retain_graph=True to the first one, or compute the loss again."
+        )
+    scale = grad_output.to(buffer.dtype)
+    if _keeps_graph():
+        return buffer * scale
+    setattr(ctx, name, _RELEASED)
+    if not bool(grad_output == 1):
+        buffer.mul_(scale)
+    return buffer
+
+
+# -- closed forms: fkl and rkl, value and student gradient in one chunked pass, CE folded in ----------------
+# The objectives computed by ClosedFormLoss (kd_loss and distillation_loss pick it for them; the others
+# differentiate _divergence with autograd).
+CLOSED_FORM: frozenset[str] = frozenset({"fkl", "rkl"})
+
+# Default float32 elements per [rows, vocab] scratch tensor of one chunk, by device type. On a CPU a chunk's
+# few scratch tensors stay in the caches and are reused chunk after chunk (fresh full-size allocations cost
+# page faults there, more than the arithmetic); a GPU wants few, large kernels.
+_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 21, "cuda": 1 << 26}
+
+
+def chunk_rows(width: int, device: torch.device, chunk_size: int | None) -> int:
+    """Positions per chunk of the closed form: the device's default, capped by chunk_size when given."""
+    rows = max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cuda"]) // width)
+    return rows if chunk_size is None else min(rows, chunk_size)
+
+
+class _Scratch:
+    """Float32 [rows, width] scratch tensors by name, allocated once and reused chunk after chunk."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, rows: int, width: int) -> Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != width:
+            buffer = torch.empty(rows, width, dtype=torch.float32, device=self.device)
+            self.buffers[name] = buffer
+        return buffer[:rows]
+
+
+def _closed_form_chunk(
+    student: Tensor,
+    teacher: Tensor,
+    targets: Tensor | None,
+    objective: str,
+    temperature: float,
+    ce_scale: float,
+    kd_scale: float,
+    need_grad: bool,
+    scratch: _Scratch,
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """CE and KD sums of a chunk and the gradient of ce_scale * CE + kd_scale * KD w.r.t. its student rows.
+
+    student: float32 [c, W] logits (CE uses all W columns, KD the first V); teacher: float32 [c, V]. Both
+    are overwritten. With x = (s - max s) / T, y = (t - max t) / T, lx, ly their log-sum-exps, and
+    q = softmax(x), p = softmax(y) (log q = x - lx, log p = y - ly):
+        fkl  KL(p||q) = sum p (y - x) - (ly - lx),   d/ds = (q - p) / T
+        rkl  KL(q||p) = sum q (x - y) + (ly - lx),   d/ds_j = q_j (log q_j - log p_j - KL) / T
+        CE   lse(s) - s_target,                      d/ds = softmax(s) - onehot(target)
+    CE's exponentials exp(s - max s) are q's own at T = 1 and their squares at T = 2 (when W = V): no
+    second exp pass. Teacher log-probabilities are floored at _LOG_FLOOR as in _log_probs (a zero teacher
+    probability contributes 0); a student row that reaches the floor (a -inf logit) returns None, and the
+    caller takes the autograd path, whose gradient through the floor's clamp differs from the closed form.
+    The gradient is [c, W], or [c, V] when it has no CE part; it may be one of the scratch tensors.
+    """
+    rows, vocab = teacher.shape
+    width = student.shape[1]
+    inv_t = 1.0 / temperature
+    head = student[:, :vocab]
+    x_max = head.amax(dim=-1, keepdim=True)
+    x = torch.add(x_max * -inv_t, head, alpha=inv_t, out=scratch("x", rows, vocab))  # (s - max s) / T
+    if bool(x.amin() < _LOG_FLOOR):
+        return None
+    q = torch.exp(x, out=scratch("q", rows, vocab))  # unnormalized: softmax = q / q_sum
+    q_sum = q.sum(dim=-1, keepdim=True)
+    y = torch.add(teacher.amax(dim=-1, keepdim=True) * -inv_t, teacher, alpha=inv_t, out=teacher)
+    y.clamp_(min=_LOG_FLOOR)
+    p = torch.exp(y, out=scratch("p", rows, vocab))
+    p_sum = p.sum(dim=-1, keepdim=True)
+    log_ratio = p_sum.log() - q_sum.log()  # ly - lx
+
+    ce_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+    ce_exp: Tensor | None = None  # exp(s - max s) over all W columns, when q does not carry it
+    ce_exp_sum = q_sum
+    if targets is not None:
+        target_logits = student.gather(1, targets.unsqueeze(1))
+        ce_max = x_max
+        if width != vocab or temperature not in (1.0, 2.0):
+            ce_max = student.amax(dim=-1, keepdim=True)
+            ce_exp = torch.sub(student, ce_max, out=student).exp_()
+            ce_exp_sum = ce_exp.sum(dim=-1, keepdim=True)
+        elif temperature == 2.0:  # exp(s - max s) = q^2
+            ce_exp_sum = torch.linalg.vector_norm(q, dim=-1, keepdim=True).square()
+        ce_sum = (ce_max + ce_exp_sum.log() - target_logits).sum()
+
+    if objective == "fkl":
+        w = None
+        kd_rows = y.sub_(x).mul_(p).sum(dim=-1, keepdim=True) / p_sum - log_ratio
+    else:  # rkl
+        w = torch.sub(x, y, out=y).mul_(q)  # q_sum * q (x - y), kept for the gradient
+        w_mean = w.sum(dim=-1, keepdim=True) / q_sum  # sum q (x - y)
+        kd_rows = w_mean + log_ratio
+    kd_sum = kd_rows.sum()
+    if not need_grad:
+        return ce_sum, kd_sum, None
+
+    g = kd_scale * inv_t
+    a = ce_scale if targets is not None else 0.0
+    if g == 0.0:  # the CE gradient alone
+        if ce_exp is not None:
+            grad = ce_exp.mul_(a / ce_exp_sum)
+        elif temperature == 2.0:
+            grad = torch.mul(q, a / ce_exp_sum, out=x).mul_(q)
+        else:
+            grad = q.mul_(a / q_sum)
+    elif ce_exp is not None:  # CE's own exponentials, in the student's rows: add the KD gradient to them
+        grad = ce_exp.mul_(a / ce_exp_sum)
+        if w is None:
+            grad[:, :vocab].addcmul_(q, g / q_sum).addcmul_(p, -g / p_sum)
+        else:
+            grad[:, :vocab].addcmul_(w.addcmul_(q, -w_mean), g / q_sum)
+    elif a != 0.0 and temperature == 2.0:  # + a q^2 / sum(q^2)
+        ce_coef = a / ce_exp_sum
+        if w is None:
+            grad = torch.addcmul(g / q_sum, q, ce_coef, out=x).mul_(q).addcmul_(p, -g / p_sum)
+        else:
+            grad = w.addcmul_(q, -w_mean).mul_(g / q_sum).addcmul_(q, torch.mul(q, ce_coef, out=x))
+    elif w is None:  # no CE gradient, or T = 1: + a q / q_sum
+        grad = q.mul_((g + a) / q_sum).addcmul_(p, -g / p_sum)
+    else:
+        grad = w.addcmul_(q, a / g - w_mean).mul_(g / q_sum)
+    if a != 0.0:
+        grad.scatter_add_(1, targets.unsqueeze(1), grad.new_full((rows, 1), -a))  # type: ignore[union-attr]
+    return ce_sum, kd_sum, grad
+
+
+def _autograd_chunk(
+    student: Tensor,
+    teacher: Tensor,
+    targets: Tensor | None,
+    objective: str,
+    options: dict[str, Any],
+    temperature: float,
+    ce_scale: float,
+    kd_scale: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """What _closed_form_chunk returns, by differentiating _divergence (and the log-softmax) with autograd."""
+    student = student.detach().requires_grad_(need_grad)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+    if targets is not None:
+        with torch.set_grad_enabled(need_grad and ce_scale > 0.0):
+            log_q = torch.log_softmax(student, dim=-1)  # the student's full width, no temperature
+            ce_sum = -log_q.gather(1, targets.unsqueeze(1)).sum()
+            del log_q
+    with torch.set_grad_enabled(need_grad and kd_scale > 0.0):
+        kd_sum = _divergence(objective, student[:, : teacher.shape[1]], teacher, temperature, options).sum()
+    if not need_grad:
+        return ce_sum, kd_sum, None
+    with torch.enable_grad():
+        share = [
+            term * scale for term, scale in ((ce_sum, ce_scale), (kd_sum, kd_scale)) if term.requires_grad
+        ]
+        grad = torch.autograd.grad(sum(share), student)[0] if share else torch.zeros_like(student)
+    return ce_sum.detach(), kd_sum.detach(), grad
+
+
+def _chunk_loss(
+    student: Tensor,
+    teacher: Tensor,
+    targets: Tensor | None,
+    objective: str,
+    options: dict[str, Any],
+    temperature: float,
+    ce_scale: float,
+    kd_scale: float,
+    need_grad: bool,
+    scratch: _Scratch | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One chunk's CE sum (0 without targets), KD sum and the gradient of ce_scale * CE + kd_scale * KD
+    w.r.t. its float32 student rows [c, W] (None without need_grad; [c, V] when it has no CE part).
+
+    The closed form for the objectives in CLOSED_FORM, autograd otherwise; student [c, W] and teacher
+    [c, V] are float32 and may be overwritten. CE is over all W columns at temperature 1, KD over the first V.
+    """
+    if objective in CLOSED_FORM:
+        scratch = _Scratch(student.device) if scratch is None else scratch
+        result = _closed_form_chunk(
+            student, teacher, targets, objective, temperature, ce_scale, kd_scale, need_grad, scratch
+        )
+        if result is not None:
+            return result
+    return _autograd_chunk(
+        student, teacher, targets, objective, options, temperature, ce_scale, kd_scale, need_grad
+    )
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What ClosedFormLoss needs besides tensors."""
+
+    objective: str
+    options: dict[str, Any]
+    temperature: float
+    vocab: int  # KD compares the first `vocab` columns; CE uses the student's full width
+    rows: int  # positions per chunk
+    ce_weight: float
+    kd_weight: float
+    need_grad: bool
+
+
+def _gather_rows(source: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """source[index] as float32, written into `out`."""
+    if source.dtype == torch.float32:
+        return torch.index_select(source, 0, index, out=out)
+    return out.copy_(source.index_select(0, index))
+
+
+class ClosedFormLoss(torch.autograd.Function):
+    """ce_weight CE + kd_weight KD, token means over `positions`, with the student's gradient precomputed.
+
+    forward walks the positions `spec.rows` at a time: the chunk's student and teacher rows are gathered
+    into float32 scratch tensors that every chunk reuses, _chunk_loss gives the chunk's sums and gradient,
+    and the gradient goes into a buffer shaped like the student logits, in their dtype (rows outside
+    `positions` are zeroed, the others written once). backward hands that buffer over as ChunkedKD does
+    (see release_or_copy). targets (the gold next tokens at `positions`) or None for KD alone. Returns
+    (loss, ce, kd), the last two without gradient; loss is ce or kd itself when the other weight is 0.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student_flat: Tensor,
+        teacher_flat: Tensor,
+        positions: Tensor,
+        targets: Tensor | None,
+        spec: LossSpec,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, width, vocab = positions.numel(), student_flat.shape[1], spec.vocab
+        device = student_flat.device
+        ce_scale, kd_scale = spec.ce_weight / max(n, 1), spec.kd_weight / max(n, 1)
+        grad_buffer = None
+        if spec.need_grad:
+            grad_buffer = torch.empty_like(student_flat, memory_format=torch.contiguous_format)
+            outside = torch.ones(grad_buffer.shape[0], dtype=torch.bool, device=device)
+            outside[positions] = False
+            grad_buffer.index_fill_(0, outside.nonzero().squeeze(1), 0.0)
+            if width != vocab and (targets is None or spec.ce_weight == 0.0):
+                grad_buffer[:, vocab:] = 0.0  # no CE gradient: KD's reaches the first `vocab` columns only
+        scratch = _Scratch(device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=device)
+        for start in range(0, n, spec.rows):
+            index = positions[start : start + spec.rows]
+            rows = index.numel()
+            student = _gather_rows(student_flat, index, scratch("student", rows, width))
+            teacher = _gather_rows(teacher_flat[:, :vocab], index, scratch("teacher", rows, vocab))
+            chunk_targets = None if targets is None else targets[start : start + rows]
+            ce_sum, kd_sum, grad = _chunk_loss(
+                student,
+                teacher,
+                chunk_targets,
+                spec.objective,
+                spec.options,
+                spec.temperature,
+                ce_scale,
+                kd_scale,
+                spec.need_grad,
+                scratch,
+            )
+            ce_total += ce_sum
+            kd_total += kd_sum
+            if grad_buffer is not None and grad is not None:
+                destination = grad_buffer if grad.shape[1] == width else grad_buffer[:, :vocab]
+                destination.index_copy_(0, index, grad.to(grad_buffer.dtype))
+        ctx.grad_buffer = grad_buffer
+        ce, kd = ce_total / max(n, 1), kd_total / max(n, 1)
+        if spec.kd_weight == 0.0:
+            loss = ce.clone()
+        elif spec.ce_weight == 0.0:
+            loss = kd.clone()
+        else:
+            loss = spec.ce_weight * ce + spec.kd_weight * kd
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        return (release_or_copy(ctx, "grad_buffer", grad_loss), None, None, None, None)

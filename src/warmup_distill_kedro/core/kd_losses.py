@@ -1,0 +1,235 @@
+"""The KD losses training uses: masked means of a divergence over response positions.
+
+`kd_loss` averages a divergence (core.objectives) over the masked-in positions, chunk by chunk where
+core.chunked_kd has a path for it, so that the full [positions, vocab] float32 distributions of both
+models never exist at once; `distillation_loss` mixes it with the student's cross-entropy on the gold
+response: (1 - kd_rate) CE + kd_rate KD. KDConfig is the distill stage's parameter block for both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
+
+from warmup_distill_kedro.core.chunked_kd import CLOSED_FORM, ChunkedKD, ClosedFormLoss, LossSpec, chunk_rows
+from warmup_distill_kedro.core.encoding import IGNORE_INDEX, shifted_token_logprobs
+from warmup_distill_kedro.core.objectives import (
+    OBJECTIVES,
+    _check_temperature,
+    _divergence,
+    _unknown_objective,
+    validate_options,
+)
+
+
+# -- the masked mean ------------------------------------------------------------------------------------------
+def common_vocab(student_size: int, teacher_size: int, vocab_size: int | None) -> int:
+    if vocab_size is None:
+        if student_size != teacher_size:
+            raise ValueError(
+                f"student logits have {student_size} vocabulary columns but teacher logits have {teacher_size}: pass vocab_size (the tokenizer's real size) to drop the padding rows, once both tokenizers are known to be the same (equal vocabulary_fingerprint)"
+            )
+        return student_size
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if vocab_size > min(student_size, teacher_size):
+        raise ValueError(
+            f"vocab_size {vocab_size} exceeds the logits: student has {student_size} columns, teacher {teacher_size}"
+        )
+    return vocab_size
+
+
+def kd_loss(
+    objective: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    **options: Any,
+) -> Tensor:
+    """Mean divergence over the masked-in positions: logits [..., V] (e.g. [B, T, V]), mask [...] bool.
+
+    Returns a float32 scalar; 0.0 (still connected to the student's graph) when no position is masked in.
+    The teacher gets no gradient: teacher_logits is detached here, whatever its requires_grad.
+    vocab_size keeps only the first vocab_size columns of both (padding rows that one model has and the
+    tokenizer never produces, e.g. Qwen2.5 151936 vs 152064); without it the vocabulary sizes must agree.
+    fkl and rkl take the closed form (core.chunked_kd.ClosedFormLoss), chunked always: chunk_size caps the
+    positions per chunk, None lets it size chunks for the device. The other objectives: chunk_size=None
+    differentiates directly through the whole [n_positions, V] computation; chunk_size=k
+    runs k positions at a time (see ChunkedKD) with the same value and gradient and a peak memory of one
+    chunk's float32 intermediates instead of the full [n_positions, V] ones of both models.
+    """
+    resolved = validate_options(objective, **options)
+    temperature = _check_temperature(temperature)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if student_logits.dim() < 1 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} must share their leading (position) dims"
+        )
+    if mask.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must match the logits' positions {tuple(student_logits.shape[:-1])}"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+
+    teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    student_flat = student_logits.reshape(-1, student_logits.shape[-1])
+    flat_mask = mask.reshape(-1).to(student_flat.device)
+    if objective in CLOSED_FORM:
+        positions = flat_mask.nonzero().squeeze(1)
+        if positions.numel() == 0:
+            return student_flat[:0].float().sum()
+        spec = LossSpec(
+            objective=objective,
+            options=resolved,
+            temperature=temperature,
+            vocab=vocab,
+            rows=chunk_rows(student_flat.shape[1], student_flat.device, chunk_size),
+            ce_weight=0.0,
+            kd_weight=1.0,
+            need_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+        )
+        loss, _, _ = ClosedFormLoss.apply(student_flat, teacher_flat, positions, None, spec)
+        return loss
+    if chunk_size is None:
+        student_rows = student_flat[:, :vocab][flat_mask]
+        if student_rows.shape[0] == 0:
+            return student_rows.float().sum()  # 0.0 with the graph intact
+        teacher_rows = teacher_flat[:, :vocab][flat_mask]
+        return _divergence(objective, student_rows, teacher_rows, temperature, resolved).mean()
+    positions = flat_mask.nonzero().squeeze(1)
+    if positions.numel() == 0:
+        return student_flat[:0].float().sum()
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return ChunkedKD.apply(
+        student_flat, teacher_flat, positions, objective, resolved, temperature, vocab, chunk_size, need_grad
+    )
+
+
+# -- the distill stage's loss -------------------------------------------------------------------------------
+class KDConfig(BaseModel):
+    """The `distill` stage's typed parameter block for the divergence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str = Field("fkl", description=f"one of {', '.join(OBJECTIVES)}")
+    temperature: float = Field(2.0, gt=0, allow_inf_nan=False, description="logits are divided by it")
+    kd_rate: float = Field(0.5, ge=0, le=1, description="loss = (1 - kd_rate) CE + kd_rate KD")
+    options: dict[str, float | bool] = Field(
+        default_factory=dict,
+        description="the objective's options (js: beta, normalized; skl/srkl: alpha; akl: mu)",
+    )
+    chunk_size: int | None = Field(
+        None,
+        gt=0,
+        description="positions per KD chunk at most; null: fkl and rkl size their own chunks, the others take all positions at once",
+    )
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        if value not in OBJECTIVES:
+            raise ValueError(_unknown_objective(value))
+        return value
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> KDConfig:
+        self.options = validate_options(self.objective, **self.options)
+        return self
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    config: KDConfig,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """(1 - kd_rate) CE(student, labels) + kd_rate KD over the response positions, with metrics.
+
+    logits [B, T, V] at position t predict labels[:, t+1]; positions whose next label is IGNORE_INDEX
+    (prompt, padding) count in neither term. CE is the token mean over the student's full vocabulary,
+    as in causal_lm_loss; KD is kd_loss with the config's objective, temperature, options and chunk size.
+    A term whose weight is 0 is computed for its metric only, without a graph.
+    Metrics: loss, ce, kd, tokens (the number of response positions).
+    For the objectives with a closed form (fkl, rkl) both terms, their values and the student's gradient
+    come from one chunked pass over the response positions (ClosedFormLoss); the others go through
+    shifted_token_logprobs and kd_loss with autograd.
+    """
+    if config.objective in CLOSED_FORM:
+        return _closed_form_distillation_loss(student_logits, teacher_logits, labels, config, vocab_size)
+    grad_enabled = torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad_enabled and config.kd_rate < 1.0):
+        token_logprobs, mask = shifted_token_logprobs(student_logits, labels)
+        n_tokens = mask.sum()
+        ce = -token_logprobs.sum() / n_tokens.clamp(min=1)
+    kd_mask = torch.zeros(labels.shape, dtype=torch.bool, device=mask.device)
+    kd_mask[:, :-1] = mask  # logits at t are scored against the token at t + 1
+    with torch.set_grad_enabled(grad_enabled and config.kd_rate > 0.0):
+        kd = kd_loss(
+            config.objective,
+            student_logits,
+            teacher_logits,
+            kd_mask,
+            temperature=config.temperature,
+            chunk_size=config.chunk_size,
+            vocab_size=vocab_size,
+            **config.options,
+        )
+    if config.kd_rate == 0.0:
+        loss = ce
+    elif config.kd_rate == 1.0:
+        loss = kd
+    else:
+        loss = (1.0 - config.kd_rate) * ce + config.kd_rate * kd
+    metrics = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(n_tokens.item())}
+    return loss, metrics
+
+
+def _closed_form_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    config: KDConfig,
+    vocab_size: int | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """distillation_loss for an objective in CLOSED_FORM: CE and KD in one ClosedFormLoss pass."""
+    if student_logits.dim() != 3 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} must be [batch, time, vocab] with the same batch and time"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must match the logits' positions {tuple(student_logits.shape[:-1])}"
+        )
+    vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    student_flat = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    # Position t predicts labels[:, t + 1]; the last position predicts nothing.
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    next_labels = next_labels.to(student_flat.device)
+    positions = (next_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    spec = LossSpec(
+        objective=config.objective,
+        options=config.options,
+        temperature=float(config.temperature),
+        vocab=vocab,
+        rows=chunk_rows(student_flat.shape[1], student_flat.device, config.chunk_size),
+        ce_weight=1.0 - config.kd_rate,
+        kd_weight=float(config.kd_rate),
+        need_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+    )
+    loss, ce, kd = ClosedFormLoss.apply(student_flat, teacher_flat, positions, next_labels[positions], spec)
+    metrics = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(positions.numel())}
+    return loss, metrics
