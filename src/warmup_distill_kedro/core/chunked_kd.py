@@ -130,7 +130,7 @@ def chunk_rows(width: int, device: torch.device, chunk_size: int | None) -> int:
     return rows if chunk_size is None else min(rows, chunk_size)
 
 
-class _Scratch:
+class Scratch:
     """Float32 [rows, width] scratch tensors by name, allocated once and reused chunk after chunk."""
 
     def __init__(self, device: torch.device) -> None:
@@ -154,7 +154,7 @@ def _closed_form_chunk(
     ce_scale: float,
     kd_scale: float,
     need_grad: bool,
-    scratch: _Scratch,
+    scratch: Scratch,
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """CE and KD sums of a chunk and the gradient of ce_scale * CE + kd_scale * KD w.r.t. its student rows.
 
@@ -272,7 +272,7 @@ def _autograd_chunk(
     return ce_sum.detach(), kd_sum.detach(), grad
 
 
-def _chunk_loss(
+def chunk_loss(
     student: Tensor,
     teacher: Tensor,
     targets: Tensor | None,
@@ -282,7 +282,7 @@ def _chunk_loss(
     ce_scale: float,
     kd_scale: float,
     need_grad: bool,
-    scratch: _Scratch | None = None,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One chunk's CE sum (0 without targets), KD sum and the gradient of ce_scale * CE + kd_scale * KD
     w.r.t. its float32 student rows [c, W] (None without need_grad; [c, V] when it has no CE part).
@@ -291,7 +291,7 @@ def _chunk_loss(
     [c, V] are float32 and may be overwritten. CE is over all W columns at temperature 1, KD over the first V.
     """
     if objective in CLOSED_FORM:
-        scratch = _Scratch(student.device) if scratch is None else scratch
+        scratch = Scratch(student.device) if scratch is None else scratch
         result = _closed_form_chunk(
             student, teacher, targets, objective, temperature, ce_scale, kd_scale, need_grad, scratch
         )
@@ -327,7 +327,7 @@ class ClosedFormLoss(torch.autograd.Function):
     """ce_weight CE + kd_weight KD, token means over `positions`, with the student's gradient precomputed.
 
     forward walks the positions `spec.rows` at a time: the chunk's student and teacher rows are gathered
-    into float32 scratch tensors that every chunk reuses, _chunk_loss gives the chunk's sums and gradient,
+    into float32 scratch tensors that every chunk reuses, chunk_loss gives the chunk's sums and gradient,
     and the gradient goes into a buffer shaped like the student logits, in their dtype (rows outside
     `positions` are zeroed, the others written once). backward hands that buffer over as ChunkedKD does
     (see release_or_copy). targets (the gold next tokens at `positions`) or None for KD alone. Returns
@@ -354,7 +354,7 @@ class ClosedFormLoss(torch.autograd.Function):
             grad_buffer.index_fill_(0, outside.nonzero().squeeze(1), 0.0)
             if width != vocab and (targets is None or spec.ce_weight == 0.0):
                 grad_buffer[:, vocab:] = 0.0  # no CE gradient: KD's reaches the first `vocab` columns only
-        scratch = _Scratch(device)
+        scratch = Scratch(device)
         ce_total = torch.zeros((), dtype=torch.float32, device=device)
         kd_total = torch.zeros((), dtype=torch.float32, device=device)
         for start in range(0, n, spec.rows):
@@ -363,7 +363,7 @@ class ClosedFormLoss(torch.autograd.Function):
             student = _gather_rows(student_flat, index, scratch("student", rows, width))
             teacher = _gather_rows(teacher_flat[:, :vocab], index, scratch("teacher", rows, vocab))
             chunk_targets = None if targets is None else targets[start : start + rows]
-            ce_sum, kd_sum, grad = _chunk_loss(
+            ce_sum, kd_sum, grad = chunk_loss(
                 student,
                 teacher,
                 chunk_targets,

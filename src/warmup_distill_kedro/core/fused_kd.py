@@ -10,7 +10,8 @@ head's dtype, as the model's own head would, then float32 for the loss), the chu
 at once, their gradient with respect to the chunk's logits; that gradient goes straight into the
 gradients of the student's hidden states ([positions, hidden], small) and of its head (weight and bias,
 accumulated over chunks), and the chunk's logits are freed. backward then hands out the precomputed
-gradients. The divergences are objectives.py's own per-position math, not a copy.
+gradients. Each chunk's loss and gradient come from core.chunked_kd.chunk_loss, the same code as
+distillation_loss's (the closed form for fkl and rkl, autograd over objectives.py's formulas otherwise).
 
 Only positions whose next label is a response token are visited (prompt and padding count in neither
 term, as in distillation_loss). The peak holds one chunk's float32 [chunk_size, vocab] intermediates plus
@@ -33,10 +34,9 @@ import torch.nn.functional
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from warmup_distill_kedro.core.chunked_kd import release_or_copy
+from warmup_distill_kedro.core.chunked_kd import Scratch, chunk_loss, release_or_copy
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX
 from warmup_distill_kedro.core.kd_losses import KDConfig, common_vocab
-from warmup_distill_kedro.core.objectives import _divergence
 
 
 @dataclass(frozen=True)
@@ -62,33 +62,6 @@ class _Spec:
 def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Logits in the head's dtype (what the model's own lm_head computes), upcast to float32."""
     return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
-
-
-def _chunk_terms(
-    logits: Tensor, teacher_logits: Tensor, targets: Tensor, spec: _Spec, n: int
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The chunk's CE sum, KD sum and the gradient of its share of the loss w.r.t. the student logits."""
-    if spec.need_grad:
-        logits.requires_grad_(True)
-    with torch.set_grad_enabled(spec.need_grad and spec.ce_weight > 0.0):
-        # as shifted_token_logprobs: the student's full vocabulary, no temperature
-        log_q = torch.log_softmax(logits, dim=-1)
-        ce_sum = -log_q.gather(-1, targets.unsqueeze(-1)).sum()
-        del log_q
-    with torch.set_grad_enabled(spec.need_grad and spec.kd_weight > 0.0):
-        kd_sum = _divergence(
-            spec.objective, logits[:, : spec.vocab], teacher_logits, spec.temperature, spec.options
-        ).sum()
-    if not spec.need_grad:
-        return ce_sum, kd_sum, None
-    with torch.enable_grad():
-        share = []
-        if spec.ce_weight > 0.0:
-            share.append(ce_sum * (spec.ce_weight / n))
-        if spec.kd_weight > 0.0:
-            share.append(kd_sum * (spec.kd_weight / n))
-        (grad,) = torch.autograd.grad(sum(share), logits)
-    return ce_sum.detach(), kd_sum.detach(), grad
 
 
 class _FusedKD(torch.autograd.Function):
@@ -117,12 +90,24 @@ class _FusedKD(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if spec.need_bias and bias is not None else None
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        scratch = Scratch(hidden.device)
         for start in range(0, n, spec.chunk_size):
             index = positions[start : start + spec.chunk_size]
             rows = hidden_flat[index].to(weight.dtype)
             logits = _head(rows, weight, bias)
             teacher_logits = _head(teacher_flat[index], teacher_weight, teacher_bias)
-            ce_sum, kd_sum, grad = _chunk_terms(logits, teacher_logits, targets[index], spec, n)
+            ce_sum, kd_sum, grad = chunk_loss(
+                logits,
+                teacher_logits,
+                targets[index],
+                spec.objective,
+                spec.options,
+                spec.temperature,
+                spec.ce_weight / max(n, 1),
+                spec.kd_weight / max(n, 1),
+                spec.need_grad,
+                scratch,
+            )
             del logits, teacher_logits
             ce_total += ce_sum
             kd_total += kd_sum
