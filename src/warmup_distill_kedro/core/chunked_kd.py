@@ -125,7 +125,7 @@ _CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 21, "cuda": 1 << 26}
 
 
 def chunk_rows(width: int, device: torch.device, chunk_size: int | None) -> int:
-    """Positions per chunk of the closed form: the device's default, capped by chunk_size when given."""
+    """Positions per chunk: the device's default, capped by chunk_size when given."""
     rows = max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cuda"]) // width)
     return rows if chunk_size is None else min(rows, chunk_size)
 

@@ -34,7 +34,7 @@ class DistillParams(BaseModel):
     chunk_size: int | None = Field(
         None,
         gt=0,
-        description="positions per chunk of the KD loss at most; null: fkl and rkl size their own chunks, the other objectives take all positions at once",
+        description="positions per chunk of the KD loss at most; null: sized for the device",
     )
     fused_head: bool = Field(
         False,
