@@ -151,7 +151,8 @@ def main() -> None:
             + (f"; peak GPU memory {peak / 2**30:.1f} GiB." if peak else "."),
         ]
     )
-    name = f"distill_step_{args.preset}" + (f"_chunk{args.chunk_size}" if args.chunk_size else "")
+    name = f"distill_step_{args.preset}" + (f"_{args.objective}" if args.objective != "fkl" else "")
+    name += f"_chunk{args.chunk_size}" if args.chunk_size else ""
     json_path, _ = write_report(name, results, markdown)
     print(markdown)
     print(f"\nwrote {json_path}")

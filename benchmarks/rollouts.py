@@ -13,17 +13,25 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, write_report  # noqa: E402
 from demo_stages import PROJECT  # noqa: E402
 from kedro.framework.session import KedroSession  # noqa: E402
 from kedro.framework.startup import bootstrap_project  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 
 from warmup_distill_kedro.pipelines.check.nodes import score_rollouts  # noqa: E402
 from warmup_distill_kedro.pipelines.check.params import CheckParams  # noqa: E402
 from warmup_distill_kedro.pipelines.probe.nodes import probe  # noqa: E402
 from warmup_distill_kedro.pipelines.probe.params import ProbeParams  # noqa: E402
+
+
+def _typed(model: type[BaseModel], value: Any, **updates: Any) -> Any:
+    """A stage's parameters as its pydantic model, with `updates`: the context may hold the dict or the model."""
+    data = value.model_dump() if isinstance(value, BaseModel) else dict(value)
+    return model(**{**data, **updates})
 
 
 def main() -> None:
@@ -41,8 +49,8 @@ def main() -> None:
         catalog, params = context.catalog, context.params
         student, teacher = catalog.load("student_model"), catalog.load("teacher_model")
         train_examples = catalog.load("train_examples")
-    probe_params = ProbeParams(**{**params["probe"], "max_prompts": args.prompts, "show_progress": False})
-    check_params = CheckParams(**{**params["check"], "show_progress": False})
+    probe_params = _typed(ProbeParams, params["probe"], max_prompts=args.prompts, show_progress=False)
+    check_params = _typed(CheckParams, params["check"], show_progress=False)
 
     rollouts = probe(student, train_examples, probe_params)
     probe_time = median_seconds(lambda: probe(student, train_examples, probe_params), args.repeats, warmup=0)
