@@ -302,6 +302,23 @@ def chunk_loss(
     )
 
 
+def mixed_loss(
+    ctx: Any, ce_total: Tensor, kd_total: Tensor, n: int, ce_weight: float, kd_weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, ce, kd) of a chunked Function's forward from its CE and KD sums over n positions: token
+    means, ce and kd marked without gradient, loss = ce_weight CE + kd_weight KD (a copy of the term
+    itself when the other weight is 0, so that its value is bit for bit the metric's)."""
+    ce, kd = ce_total / max(n, 1), kd_total / max(n, 1)
+    if kd_weight == 0.0:
+        loss = ce.clone()
+    elif ce_weight == 0.0:
+        loss = kd.clone()
+    else:
+        loss = ce_weight * ce + kd_weight * kd
+    ctx.mark_non_differentiable(ce, kd)
+    return loss, ce, kd
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """What ClosedFormLoss needs besides tensors."""
@@ -381,15 +398,7 @@ class ClosedFormLoss(torch.autograd.Function):
                 destination = grad_buffer if grad.shape[1] == width else grad_buffer[:, :vocab]
                 destination.index_copy_(0, index, grad.to(grad_buffer.dtype))
         ctx.grad_buffer = grad_buffer
-        ce, kd = ce_total / max(n, 1), kd_total / max(n, 1)
-        if spec.kd_weight == 0.0:
-            loss = ce.clone()
-        elif spec.ce_weight == 0.0:
-            loss = kd.clone()
-        else:
-            loss = spec.ce_weight * ce + spec.kd_weight * kd
-        ctx.mark_non_differentiable(ce, kd)
-        return loss, ce, kd
+        return mixed_loss(ctx, ce_total, kd_total, n, spec.ce_weight, spec.kd_weight)
 
     @staticmethod
     @once_differentiable

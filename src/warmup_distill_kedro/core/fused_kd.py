@@ -34,7 +34,7 @@ import torch.nn.functional
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from warmup_distill_kedro.core.chunked_kd import Scratch, chunk_loss, release_or_copy
+from warmup_distill_kedro.core.chunked_kd import Scratch, chunk_loss, mixed_loss, release_or_copy
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX
 from warmup_distill_kedro.core.kd_losses import KDConfig, common_vocab
 
@@ -123,16 +123,7 @@ class _FusedKD(torch.autograd.Function):
             del grad
         ctx.grad_hidden, ctx.grad_weight, ctx.grad_bias = grad_hidden, grad_weight, grad_bias
         ctx.hidden_shape = hidden.shape
-        denominator = max(n, 1)
-        ce, kd = ce_total / denominator, kd_total / denominator
-        if spec.kd_weight == 0.0:
-            loss = ce.clone()
-        elif spec.kd_weight == 1.0:
-            loss = kd.clone()
-        else:
-            loss = spec.ce_weight * ce + spec.kd_weight * kd
-        ctx.mark_non_differentiable(ce, kd)
-        return loss, ce, kd
+        return mixed_loss(ctx, ce_total, kd_total, n, spec.ce_weight, spec.kd_weight)
 
     @staticmethod
     @once_differentiable
