@@ -1,12 +1,13 @@
-"""The chunked paths of the KD loss: autograd Functions that walk the positions a chunk at a time and
-precompute the student's gradient, so that the full [positions, vocab] float32 distributions of both
-models never exist at once.
+"""The chunked KD loss: an autograd Function that walks the positions a chunk at a time with the
+student's gradient precomputed, so that the full [positions, vocab] float32 distributions of both models
+never exist at once.
 
-ChunkedKD differentiates any objective's per-position formula (core.objectives) chunk by chunk with
-autograd. ClosedFormLoss computes fkl and rkl, and the cross-entropy mixed with them, in closed form:
-value and gradient in one pass over float32 scratch tensors that every chunk reuses, which is both the
-leanest in memory and several times faster than autograd on a CPU. Both hand their precomputed
-gradient buffer to autograd instead of copying it (release_or_copy).
+ChunkedLoss computes ce_weight CE + kd_weight KD. For fkl and rkl each chunk's values and gradient come
+in closed form, in one pass over float32 scratch tensors that every chunk reuses (the leanest in memory
+and several times faster than autograd on a CPU); the other objectives differentiate their
+per-position formula (core.objectives) with autograd, chunk by chunk. The precomputed gradient buffer is
+handed to autograd instead of being copied (release_or_copy); core.fused_kd reuses chunk_loss for its
+chunks.
 """
 
 from __future__ import annotations
@@ -21,64 +22,7 @@ from torch.autograd.function import once_differentiable
 from warmup_distill_kedro.core.objectives import _LOG_FLOOR, _divergence
 
 
-# -- any objective, with autograd, chunk by chunk -----------------------------------------------------------
-class ChunkedKD(torch.autograd.Function):
-    """Mean divergence over `positions`, computed chunk by chunk with the student's gradient precomputed.
-
-    forward loops over chunks of positions; each chunk's student rows are upcast to a detached float32
-    copy, the chunk's summed divergence is differentiated with torch.autograd.grad at once, and the
-    gradient (scaled by 1/n) is written into a buffer shaped like the student logits, in their dtype.
-    The chunk's float32 intermediates are freed before the next chunk, so the peak holds one chunk's
-    [chunk_size, V] float32 tensors instead of the full [N, V] ones of both models (log-softmaxes,
-    probabilities, mixtures and their saved-for-backward copies), plus the gradient buffer that autograd
-    would allocate for the student logits anyway. backward hands that buffer over as the gradient, scaled
-    in place by the incoming gradient, and lets go of it (see release_or_copy), so it is never copied and
-    not kept alive by the graph for as long as the loss tensor lives.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        student_flat: Tensor,
-        teacher_flat: Tensor,
-        positions: Tensor,
-        objective: str,
-        options: dict[str, Any],
-        temperature: float,
-        vocab: int,
-        chunk_size: int,
-        need_grad: bool,
-    ) -> Tensor:
-        n = positions.numel()
-        total = torch.zeros((), dtype=torch.float32, device=student_flat.device)
-        grad_buffer = (
-            torch.zeros_like(student_flat, memory_format=torch.contiguous_format) if need_grad else None
-        )
-        for start in range(0, n, chunk_size):
-            index = positions[start : start + chunk_size]
-            teacher_rows = teacher_flat[index, :vocab]
-            student_rows = student_flat[index, :vocab].detach().float()
-            if grad_buffer is None:
-                chunk_loss = _divergence(objective, student_rows, teacher_rows, temperature, options).sum()
-            else:
-                with torch.enable_grad():
-                    student_rows.requires_grad_(True)
-                    chunk_loss = _divergence(
-                        objective, student_rows, teacher_rows, temperature, options
-                    ).sum()
-                    (chunk_grad,) = torch.autograd.grad(chunk_loss, student_rows)
-                grad_buffer[index, :vocab] = (chunk_grad / n).to(grad_buffer.dtype)
-            total += chunk_loss.detach()
-        ctx.grad_buffer = grad_buffer
-        return total / n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad = release_or_copy(ctx, "grad_buffer", grad_output)
-        return (grad, None, None, None, None, None, None, None, None)
-
-
+# -- handing a precomputed gradient to autograd -------------------------------------------------------------
 def _keeps_graph() -> bool:
     """Whether the running backward was asked to keep the graph (retain_graph=True); True if unknown."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
@@ -114,7 +58,7 @@ def release_or_copy(ctx: Any, name: str, grad_output: Tensor) -> Tensor | None:
 
 
 # -- closed forms: fkl and rkl, value and student gradient in one chunked pass, CE folded in ----------------
-# The objectives computed by ClosedFormLoss (kd_loss and distillation_loss pick it for them; the others
+# The objectives computed by ChunkedLoss (kd_loss and distillation_loss pick it for them; the others
 # differentiate _divergence with autograd).
 CLOSED_FORM: frozenset[str] = frozenset({"fkl", "rkl"})
 
@@ -321,7 +265,7 @@ def mixed_loss(
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What ClosedFormLoss needs besides tensors."""
+    """What ChunkedLoss needs besides tensors."""
 
     objective: str
     options: dict[str, Any]
@@ -340,15 +284,18 @@ def _gather_rows(source: Tensor, index: Tensor, out: Tensor) -> Tensor:
     return out.copy_(source.index_select(0, index))
 
 
-class ClosedFormLoss(torch.autograd.Function):
+class ChunkedLoss(torch.autograd.Function):
     """ce_weight CE + kd_weight KD, token means over `positions`, with the student's gradient precomputed.
 
-    forward walks the positions `spec.rows` at a time: the chunk's student and teacher rows are gathered
-    into float32 scratch tensors that every chunk reuses, chunk_loss gives the chunk's sums and gradient,
-    and the gradient goes into a buffer shaped like the student logits, in their dtype (rows outside
-    `positions` are zeroed, the others written once). backward hands that buffer over as ChunkedKD does
-    (see release_or_copy). targets (the gold next tokens at `positions`) or None for KD alone. Returns
-    (loss, ce, kd), the last two without gradient; loss is ce or kd itself when the other weight is 0.
+        forward walks the positions `spec.rows` at a time: the chunk's student and teacher rows are gathered
+        into float32 scratch tensors that every chunk reuses, chunk_loss gives the chunk's sums and gradient,
+        and the gradient goes into a buffer shaped like the student logits, in their dtype (rows outside
+        `positions` are zeroed, the others written once). The peak holds one chunk's float32 intermediates
+    instead of the full [N, V] ones of both models, plus that buffer, which autograd would allocate for the
+    student logits anyway. backward hands the buffer over as the gradient
+        (see release_or_copy): scaled in place by the incoming gradient and let go of, so it is never copied
+        and not kept alive by the graph for as long as the loss tensor lives. targets (the gold next tokens at `positions`) or None for KD alone. Returns
+        (loss, ce, kd), the last two without gradient; loss is ce or kd itself when the other weight is 0.
     """
 
     @staticmethod

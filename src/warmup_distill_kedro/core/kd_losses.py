@@ -15,8 +15,8 @@ import torch.nn.functional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from warmup_distill_kedro.core.chunked_kd import CLOSED_FORM, ChunkedKD, ClosedFormLoss, LossSpec, chunk_rows
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, shifted_token_logprobs
+from warmup_distill_kedro.core.chunked_kd import ChunkedLoss, LossSpec, chunk_rows
+from warmup_distill_kedro.core.encoding import IGNORE_INDEX
 from warmup_distill_kedro.core.objectives import (
     OBJECTIVES,
     _check_temperature,
@@ -60,8 +60,8 @@ def kd_loss(
     tokenizer never produces, e.g. Qwen2.5 151936 vs 152064); without it the vocabulary sizes must agree.
     The positions are walked a chunk at a time, with the value and gradient of the whole computation and
     a peak memory of one chunk's float32 intermediates instead of the full [n_positions, V] ones of both
-    models: fkl and rkl in closed form (core.chunked_kd.ClosedFormLoss), the others with autograd chunk by
-    chunk (ChunkedKD). chunk_size caps the positions per chunk; None sizes chunks for the device
+    models (core.chunked_kd.ChunkedLoss: fkl and rkl in closed form, the others with autograd chunk by
+    chunk). chunk_size caps the positions per chunk; None sizes chunks for the device
     (chunk_rows: on a CPU, small enough to stay in the caches, which is also several times faster).
     """
     resolved = validate_options(objective, **options)
@@ -87,24 +87,18 @@ def kd_loss(
     positions = mask.reshape(-1).to(student_flat.device).nonzero().squeeze(1)
     if positions.numel() == 0:
         return student_flat[:0].float().sum()  # 0.0 with the graph intact
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    rows = chunk_rows(student_flat.shape[1], student_flat.device, chunk_size)
-    if objective in CLOSED_FORM:
-        spec = LossSpec(
-            objective=objective,
-            options=resolved,
-            temperature=temperature,
-            vocab=vocab,
-            rows=rows,
-            ce_weight=0.0,
-            kd_weight=1.0,
-            need_grad=need_grad,
-        )
-        loss, _, _ = ClosedFormLoss.apply(student_flat, teacher_flat, positions, None, spec)
-        return loss
-    return ChunkedKD.apply(
-        student_flat, teacher_flat, positions, objective, resolved, temperature, vocab, rows, need_grad
+    spec = LossSpec(
+        objective=objective,
+        options=resolved,
+        temperature=temperature,
+        vocab=vocab,
+        rows=chunk_rows(student_flat.shape[1], student_flat.device, chunk_size),
+        ce_weight=0.0,
+        kd_weight=1.0,
+        need_grad=torch.is_grad_enabled() and student_logits.requires_grad,
     )
+    loss, _, _ = ChunkedLoss.apply(student_flat, teacher_flat, positions, None, spec)
+    return loss
 
 
 # -- the distill stage's loss -------------------------------------------------------------------------------
@@ -153,48 +147,9 @@ def distillation_loss(
     as in causal_lm_loss; KD is kd_loss with the config's objective, temperature, options and chunk size.
     A term whose weight is 0 is computed for its metric only, without a graph.
     Metrics: loss, ce, kd, tokens (the number of response positions).
-    For the objectives with a closed form (fkl, rkl) both terms, their values and the student's gradient
-    come from one chunked pass over the response positions (ClosedFormLoss); the others go through
-    shifted_token_logprobs and kd_loss with autograd.
+    Both terms, their values and the student's gradient come from one chunked pass over the response
+    positions (core.chunked_kd.ChunkedLoss).
     """
-    if config.objective in CLOSED_FORM:
-        return _closed_form_distillation_loss(student_logits, teacher_logits, labels, config, vocab_size)
-    grad_enabled = torch.is_grad_enabled()
-    with torch.set_grad_enabled(grad_enabled and config.kd_rate < 1.0):
-        token_logprobs, mask = shifted_token_logprobs(student_logits, labels)
-        n_tokens = mask.sum()
-        ce = -token_logprobs.sum() / n_tokens.clamp(min=1)
-    kd_mask = torch.zeros(labels.shape, dtype=torch.bool, device=mask.device)
-    kd_mask[:, :-1] = mask  # logits at t are scored against the token at t + 1
-    with torch.set_grad_enabled(grad_enabled and config.kd_rate > 0.0):
-        kd = kd_loss(
-            config.objective,
-            student_logits,
-            teacher_logits,
-            kd_mask,
-            temperature=config.temperature,
-            chunk_size=config.chunk_size,
-            vocab_size=vocab_size,
-            **config.options,
-        )
-    if config.kd_rate == 0.0:
-        loss = ce
-    elif config.kd_rate == 1.0:
-        loss = kd
-    else:
-        loss = (1.0 - config.kd_rate) * ce + config.kd_rate * kd
-    metrics = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(n_tokens.item())}
-    return loss, metrics
-
-
-def _closed_form_distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor,
-    config: KDConfig,
-    vocab_size: int | None,
-) -> tuple[Tensor, dict[str, float]]:
-    """distillation_loss for an objective in CLOSED_FORM: CE and KD in one ClosedFormLoss pass."""
     if student_logits.dim() != 3 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} must be [batch, time, vocab] with the same batch and time"
@@ -220,6 +175,6 @@ def _closed_form_distillation_loss(
         kd_weight=float(config.kd_rate),
         need_grad=torch.is_grad_enabled() and student_logits.requires_grad,
     )
-    loss, ce, kd = ClosedFormLoss.apply(student_flat, teacher_flat, positions, next_labels[positions], spec)
+    loss, ce, kd = ChunkedLoss.apply(student_flat, teacher_flat, positions, next_labels[positions], spec)
     metrics = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(positions.numel())}
     return loss, metrics
