@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# $BENCHMARK_RESULTS moves the reports elsewhere (the smoke tests write them to a temporary folder).
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def describe_machine() -> dict[str, Any]:
@@ -64,7 +65,7 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> 
 
 def write_report(name: str, results: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """Write `<name>.json` (results + machine + command + date) and `<name>.md` under benchmarks/results/."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

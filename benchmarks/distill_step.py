@@ -33,6 +33,13 @@ PRESETS = {
         "batch": 8,
         "length": 128,
     },
+    "tiny": {  # the smoke test's: seconds, not a measurement
+        "student": (32, 1, 2, 2, 64),
+        "teacher": (64, 1, 2, 2, 128),
+        "vocab": 512,
+        "batch": 2,
+        "length": 16,
+    },
     "qwen2.5": {  # Qwen2.5-1.5B and Qwen2.5-7B configs, randomly initialised, 7B's padded vocabulary
         "student": (1536, 28, 12, 2, 8960),
         "teacher": (3584, 28, 28, 4, 18944),

@@ -58,8 +58,8 @@ def release_or_copy(ctx: Any, name: str, grad_output: Tensor) -> Tensor | None:
 
 
 # -- closed forms: fkl and rkl, value and student gradient in one chunked pass, CE folded in ----------------
-# The objectives computed by ChunkedLoss (kd_loss and distillation_loss pick it for them; the others
-# differentiate _divergence with autograd).
+# The objectives whose chunks chunk_loss computes in closed form; the others differentiate _divergence
+# with autograd, chunk by chunk.
 CLOSED_FORM: frozenset[str] = frozenset({"fkl", "rkl"})
 
 # Default float32 elements per [rows, vocab] scratch tensor of one chunk, by device type. On a CPU a chunk's
@@ -287,15 +287,16 @@ def _gather_rows(source: Tensor, index: Tensor, out: Tensor) -> Tensor:
 class ChunkedLoss(torch.autograd.Function):
     """ce_weight CE + kd_weight KD, token means over `positions`, with the student's gradient precomputed.
 
-        forward walks the positions `spec.rows` at a time: the chunk's student and teacher rows are gathered
-        into float32 scratch tensors that every chunk reuses, chunk_loss gives the chunk's sums and gradient,
-        and the gradient goes into a buffer shaped like the student logits, in their dtype (rows outside
-        `positions` are zeroed, the others written once). The peak holds one chunk's float32 intermediates
-    instead of the full [N, V] ones of both models, plus that buffer, which autograd would allocate for the
-    student logits anyway. backward hands the buffer over as the gradient
-        (see release_or_copy): scaled in place by the incoming gradient and let go of, so it is never copied
-        and not kept alive by the graph for as long as the loss tensor lives. targets (the gold next tokens at `positions`) or None for KD alone. Returns
-        (loss, ce, kd), the last two without gradient; loss is ce or kd itself when the other weight is 0.
+    forward walks the positions `spec.rows` at a time: the chunk's student and teacher rows are gathered
+    into float32 scratch tensors that every chunk reuses, chunk_loss gives the chunk's sums and gradient,
+    and the gradient goes into a buffer shaped like the student logits, in their dtype (rows outside
+    `positions` are zeroed, the others written once). The peak holds one chunk's float32 intermediates
+    instead of the full [N, V] ones of both models, plus that buffer, which autograd would allocate for
+    the student logits anyway. backward hands the buffer over as the gradient (see release_or_copy):
+    scaled in place by the incoming gradient and let go of, so it is never copied and not kept alive by
+    the graph for as long as the loss tensor lives.
+    targets: the gold next tokens at `positions`, or None for KD alone. Returns (loss, ce, kd), the last
+    two without gradient; loss is ce or kd itself when the other weight is 0.
     """
 
     @staticmethod
