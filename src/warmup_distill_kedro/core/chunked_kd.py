@@ -216,56 +216,9 @@ def _autograd_chunk(
     return ce_sum.detach(), kd_sum.detach(), grad
 
 
-def chunk_loss(
-    student: Tensor,
-    teacher: Tensor,
-    targets: Tensor | None,
-    objective: str,
-    options: dict[str, Any],
-    temperature: float,
-    ce_scale: float,
-    kd_scale: float,
-    need_grad: bool,
-    scratch: Scratch | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """One chunk's CE sum (0 without targets), KD sum and the gradient of ce_scale * CE + kd_scale * KD
-    w.r.t. its float32 student rows [c, W] (None without need_grad; [c, V] when it has no CE part).
-
-    The closed form for the objectives in CLOSED_FORM, autograd otherwise; student [c, W] and teacher
-    [c, V] are float32 and may be overwritten. CE is over all W columns at temperature 1, KD over the first V.
-    """
-    if objective in CLOSED_FORM:
-        scratch = Scratch(student.device) if scratch is None else scratch
-        result = _closed_form_chunk(
-            student, teacher, targets, objective, temperature, ce_scale, kd_scale, need_grad, scratch
-        )
-        if result is not None:
-            return result
-    return _autograd_chunk(
-        student, teacher, targets, objective, options, temperature, ce_scale, kd_scale, need_grad
-    )
-
-
-def mixed_loss(
-    ctx: Any, ce_total: Tensor, kd_total: Tensor, n: int, ce_weight: float, kd_weight: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, ce, kd) of a chunked Function's forward from its CE and KD sums over n positions: token
-    means, ce and kd marked without gradient, loss = ce_weight CE + kd_weight KD (a copy of the term
-    itself when the other weight is 0, so that its value is bit for bit the metric's)."""
-    ce, kd = ce_total / max(n, 1), kd_total / max(n, 1)
-    if kd_weight == 0.0:
-        loss = ce.clone()
-    elif ce_weight == 0.0:
-        loss = kd.clone()
-    else:
-        loss = ce_weight * ce + kd_weight * kd
-    ctx.mark_non_differentiable(ce, kd)
-    return loss, ce, kd
-
-
 @dataclass(frozen=True)
 class LossSpec:
-    """What ChunkedLoss needs besides tensors."""
+    """What a chunked loss needs besides tensors (ChunkedLoss, and core.fused_kd with its own chunks)."""
 
     objective: str
     options: dict[str, Any]
@@ -275,6 +228,61 @@ class LossSpec:
     ce_weight: float
     kd_weight: float
     need_grad: bool
+
+
+def chunk_loss(
+    student: Tensor, teacher: Tensor, targets: Tensor | None, spec: LossSpec, n: int, scratch: Scratch
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One chunk's CE sum (0 without targets), KD sum and the gradient of its share of the loss,
+    (ce_weight CE + kd_weight KD) / n over the n positions of the whole loss, w.r.t. its float32 student
+    rows [c, W] (None without spec.need_grad; [c, V] when it has no CE part).
+
+    The closed form for the objectives in CLOSED_FORM, autograd otherwise; student [c, W] and teacher
+    [c, V] are float32 and may be overwritten. CE is over all W columns at temperature 1, KD over the first V.
+    """
+    ce_scale, kd_scale = spec.ce_weight / max(n, 1), spec.kd_weight / max(n, 1)
+    if spec.objective in CLOSED_FORM:
+        result = _closed_form_chunk(
+            student,
+            teacher,
+            targets,
+            spec.objective,
+            spec.temperature,
+            ce_scale,
+            kd_scale,
+            spec.need_grad,
+            scratch,
+        )
+        if result is not None:
+            return result
+    return _autograd_chunk(
+        student,
+        teacher,
+        targets,
+        spec.objective,
+        spec.options,
+        spec.temperature,
+        ce_scale,
+        kd_scale,
+        spec.need_grad,
+    )
+
+
+def mixed_loss(
+    ctx: Any, ce_total: Tensor, kd_total: Tensor, n: int, spec: LossSpec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, ce, kd) of a chunked Function's forward from its CE and KD sums over n positions: token
+    means, ce and kd marked without gradient, loss = spec.ce_weight CE + spec.kd_weight KD (a copy of the term
+    itself when the other weight is 0, so that its value is bit for bit the metric's)."""
+    ce, kd = ce_total / max(n, 1), kd_total / max(n, 1)
+    if spec.kd_weight == 0.0:
+        loss = ce.clone()
+    elif spec.ce_weight == 0.0:
+        loss = kd.clone()
+    else:
+        loss = spec.ce_weight * ce + spec.kd_weight * kd
+    ctx.mark_non_differentiable(ce, kd)
+    return loss, ce, kd
 
 
 def _gather_rows(source: Tensor, index: Tensor, out: Tensor) -> Tensor:
@@ -310,7 +318,6 @@ class ChunkedLoss(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, width, vocab = positions.numel(), student_flat.shape[1], spec.vocab
         device = student_flat.device
-        ce_scale, kd_scale = spec.ce_weight / max(n, 1), spec.kd_weight / max(n, 1)
         grad_buffer = None
         if spec.need_grad:
             grad_buffer = torch.empty_like(student_flat, memory_format=torch.contiguous_format)
@@ -328,25 +335,14 @@ class ChunkedLoss(torch.autograd.Function):
             student = _gather_rows(student_flat, index, scratch("student", rows, width))
             teacher = _gather_rows(teacher_flat[:, :vocab], index, scratch("teacher", rows, vocab))
             chunk_targets = None if targets is None else targets[start : start + rows]
-            ce_sum, kd_sum, grad = chunk_loss(
-                student,
-                teacher,
-                chunk_targets,
-                spec.objective,
-                spec.options,
-                spec.temperature,
-                ce_scale,
-                kd_scale,
-                spec.need_grad,
-                scratch,
-            )
+            ce_sum, kd_sum, grad = chunk_loss(student, teacher, chunk_targets, spec, n, scratch)
             ce_total += ce_sum
             kd_total += kd_sum
             if grad_buffer is not None and grad is not None:
                 destination = grad_buffer if grad.shape[1] == width else grad_buffer[:, :vocab]
                 destination.index_copy_(0, index, grad.to(grad_buffer.dtype))
         ctx.grad_buffer = grad_buffer
-        return mixed_loss(ctx, ce_total, kd_total, n, spec.ce_weight, spec.kd_weight)
+        return mixed_loss(ctx, ce_total, kd_total, n, spec)
 
     @staticmethod
     @once_differentiable

@@ -26,7 +26,6 @@ same loss from two causal LMs and a batch (what the distill stage calls with `di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,29 +33,14 @@ import torch.nn.functional
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from warmup_distill_kedro.core.chunked_kd import Scratch, chunk_loss, mixed_loss, release_or_copy
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX
-from warmup_distill_kedro.core.kd_losses import KDConfig, common_vocab
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """What every chunk needs besides tensors."""
-
-    objective: str
-    options: dict[str, Any]
-    temperature: float
-    vocab: int  # KD compares the first `vocab` columns; CE uses the student's full head
-    chunk_size: int
-    ce_weight: float
-    kd_weight: float
-    need_hidden: bool
-    need_weight: bool
-    need_bias: bool
-
-    @property
-    def need_grad(self) -> bool:
-        return self.need_hidden or self.need_weight or self.need_bias
+from warmup_distill_kedro.core.chunked_kd import LossSpec, Scratch, chunk_loss, mixed_loss, release_or_copy
+from warmup_distill_kedro.core.kd_losses import (
+    KDConfig,
+    common_vocab,
+    distillation_metrics,
+    distillation_spec,
+    response_positions,
+)
 
 
 def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -78,35 +62,28 @@ class _FusedKD(torch.autograd.Function):
         teacher_bias: Tensor | None,
         positions: Tensor,
         targets: Tensor,
-        spec: _Spec,
+        spec: LossSpec,
+        needs: tuple[bool, bool, bool],
     ) -> tuple[Tensor, Tensor, Tensor]:
+        need_hidden, need_weight, need_bias = needs  # gradients for the hidden states, head weight, bias
         hidden_flat = hidden.reshape(-1, hidden.shape[-1])
         teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         teacher_weight = teacher_weight[: spec.vocab]
         teacher_bias = None if teacher_bias is None else teacher_bias[: spec.vocab]
         n = positions.numel()
-        grad_hidden = torch.zeros_like(hidden_flat) if spec.need_hidden else None
-        grad_weight = torch.zeros_like(weight) if spec.need_weight else None
-        grad_bias = torch.zeros_like(bias) if spec.need_bias and bias is not None else None
+        grad_hidden = torch.zeros_like(hidden_flat) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         scratch = Scratch(hidden.device)
-        for start in range(0, n, spec.chunk_size):
-            index = positions[start : start + spec.chunk_size]
+        for start in range(0, n, spec.rows):
+            index = positions[start : start + spec.rows]
             rows = hidden_flat[index].to(weight.dtype)
             logits = _head(rows, weight, bias)
             teacher_logits = _head(teacher_flat[index], teacher_weight, teacher_bias)
             ce_sum, kd_sum, grad = chunk_loss(
-                logits,
-                teacher_logits,
-                targets[index],
-                spec.objective,
-                spec.options,
-                spec.temperature,
-                spec.ce_weight / max(n, 1),
-                spec.kd_weight / max(n, 1),
-                spec.need_grad,
-                scratch,
+                logits, teacher_logits, targets[start : start + spec.rows], spec, n, scratch
             )
             del logits, teacher_logits
             ce_total += ce_sum
@@ -123,7 +100,7 @@ class _FusedKD(torch.autograd.Function):
             del grad
         ctx.grad_hidden, ctx.grad_weight, ctx.grad_bias = grad_hidden, grad_weight, grad_bias
         ctx.hidden_shape = hidden.shape
-        return mixed_loss(ctx, ce_total, kd_total, n, spec.ce_weight, spec.kd_weight)
+        return mixed_loss(ctx, ce_total, kd_total, n, spec)
 
     @staticmethod
     @once_differentiable
@@ -135,7 +112,7 @@ class _FusedKD(torch.autograd.Function):
             grad_hidden = grad_hidden.view(ctx.hidden_shape)
         grad_weight = release_or_copy(ctx, "grad_weight", grad_loss)
         grad_bias = release_or_copy(ctx, "grad_bias", grad_loss)
-        return (grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None)
+        return (grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None)
 
 
 def _check_head(name: str, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -188,22 +165,14 @@ def fused_distillation_loss(
         )
     vocab = common_vocab(student_head_weight.shape[0], teacher_head_weight.shape[0], vocab_size)
 
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    targets = targets.to(student_hidden.device)
-    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     grad = torch.is_grad_enabled()
-    spec = _Spec(
-        objective=config.objective,
-        options=config.options,
-        temperature=float(config.temperature),
-        vocab=vocab,
-        chunk_size=chunk,
-        ce_weight=1.0 - config.kd_rate,
-        kd_weight=float(config.kd_rate),
-        need_hidden=grad and student_hidden.requires_grad,
-        need_weight=grad and student_head_weight.requires_grad,
-        need_bias=grad and student_head_bias is not None and student_head_bias.requires_grad,
+    needs = (
+        grad and student_hidden.requires_grad,
+        grad and student_head_weight.requires_grad,
+        grad and student_head_bias is not None and student_head_bias.requires_grad,
     )
+    positions, targets = response_positions(labels, student_hidden.device)
+    spec = distillation_spec(config, vocab, chunk, any(needs))
     loss, ce, kd = _FusedKD.apply(
         student_hidden,
         student_head_weight,
@@ -212,11 +181,11 @@ def fused_distillation_loss(
         teacher_head_weight.detach(),
         None if teacher_head_bias is None else teacher_head_bias.detach(),
         positions,
-        targets.masked_fill(targets == IGNORE_INDEX, 0),
+        targets,
         spec,
+        needs,
     )
-    metrics = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(positions.numel())}
-    return loss, metrics
+    return loss, distillation_metrics(loss, ce, kd, positions)
 
 
 # -- from causal LMs -----------------------------------------------------------------------------------------

@@ -161,20 +161,37 @@ def distillation_loss(
     vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])
     teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    # Position t predicts labels[:, t + 1]; the last position predicts nothing.
-    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    next_labels = next_labels.to(student_flat.device)
+    positions, targets = response_positions(labels, student_flat.device)
+    rows = chunk_rows(student_flat.shape[1], student_flat.device, config.chunk_size)
+    spec = distillation_spec(config, vocab, rows, torch.is_grad_enabled() and student_logits.requires_grad)
+    loss, ce, kd = ChunkedLoss.apply(student_flat, teacher_flat, positions, targets, spec)
+    return loss, distillation_metrics(loss, ce, kd, positions)
+
+
+def response_positions(labels: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The flat positions [B * T] whose next label is a response token, and those next labels.
+
+    Position t predicts labels[:, t + 1]; the last position predicts nothing; IGNORE_INDEX (prompt,
+    padding) counts in neither term of the loss.
+    """
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1).to(device)
     positions = (next_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    spec = LossSpec(
+    return positions, next_labels[positions]
+
+
+def distillation_spec(config: KDConfig, vocab: int, rows: int, need_grad: bool) -> LossSpec:
+    """The chunked loss's spec for the distill stage's (1 - kd_rate) CE + kd_rate KD."""
+    return LossSpec(
         objective=config.objective,
         options=config.options,
         temperature=float(config.temperature),
         vocab=vocab,
-        rows=chunk_rows(student_flat.shape[1], student_flat.device, config.chunk_size),
+        rows=rows,
         ce_weight=1.0 - config.kd_rate,
         kd_weight=float(config.kd_rate),
-        need_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+        need_grad=need_grad,
     )
-    loss, ce, kd = ChunkedLoss.apply(student_flat, teacher_flat, positions, next_labels[positions], spec)
-    metrics = {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(positions.numel())}
-    return loss, metrics
+
+
+def distillation_metrics(loss: Tensor, ce: Tensor, kd: Tensor, positions: Tensor) -> dict[str, float]:
+    return {"loss": loss.item(), "ce": ce.item(), "kd": kd.item(), "tokens": float(positions.numel())}
