@@ -34,7 +34,10 @@ from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
 
 logger = logging.getLogger(__name__)
 
-VLLM_INSTALL_HINT = "pip install '.[vllm]'"
+VLLM_MISSING = (
+    "needs the vllm package, which is not installed: pip install '.[vllm]' (on a machine with a GPU), "
+    "or set backend: transformers"
+)
 
 
 def vllm_is_installed() -> bool:
@@ -49,10 +52,7 @@ def vllm_is_installed() -> bool:
 
 def _backend_available(backend: str) -> str:
     if backend == "vllm" and not vllm_is_installed():
-        raise ValueError(
-            f"backend 'vllm' needs the vllm package, which is not installed: {VLLM_INSTALL_HINT} "
-            "(on a machine with a GPU), or set backend: transformers"
-        )
+        raise ValueError(f"backend 'vllm' {VLLM_MISSING}")
     return backend
 
 
@@ -103,7 +103,7 @@ def generate(
 
     `across_processes`: see `generate_from_ids`.
     """
-    _check_backend(config, desc)
+    _check_backend(config, desc)  # before tokenizing: a backend that cannot run fails before any work
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     return generate_from_ids(
         model, tokenizer, prompt_ids, config, desc=desc, across_processes=across_processes
@@ -209,4 +209,4 @@ def _check_backend(config: SamplingConfig, desc: str) -> None:
     if config.backend == "vllm":
         from warmup_distill_kedro.core.vllm_backend import require_backend
 
-        require_backend(config, desc)
+        require_backend(desc)

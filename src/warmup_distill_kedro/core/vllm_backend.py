@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.processes import process_rank_and_count
 from warmup_distill_kedro.core.sampling import (
-    VLLM_INSTALL_HINT,
+    VLLM_MISSING,
     Generation,
     SamplingConfig,
     vllm_is_installed,
@@ -31,15 +31,10 @@ from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
 logger = logging.getLogger(__name__)
 
 
-def require_backend(config: SamplingConfig, desc: str) -> None:
-    """Fail before any work when the vllm backend is asked for and cannot run here."""
-    if config.backend != "vllm":
-        return
+def require_backend(desc: str) -> None:
+    """Fail before any work when the vllm backend cannot run here (asked for by `backend: vllm`)."""
     if not vllm_is_installed():
-        raise ImportError(
-            f"{desc}: sampling backend 'vllm' (parameter backend: vllm) needs the vllm package, which is "
-            f"not installed: {VLLM_INSTALL_HINT} on a machine with a GPU, or set backend: transformers"
-        )
+        raise ImportError(f"{desc}: sampling backend 'vllm' (parameter backend: vllm) {VLLM_MISSING}")
     world = max(process_rank_and_count()[1], int(os.environ.get("WORLD_SIZE", "1") or 1))
     if world > 1:
         raise ValueError(
