@@ -72,7 +72,7 @@ class TrainingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gradient_checkpointing: bool = Field(
         False,
-        description="recompute activations in the backward pass (non-reentrant): less memory, ~30% slower",
+        description="recompute activations in the backward pass (non-reentrant): less memory, more compute",
     )
     show_progress: bool = True
 
