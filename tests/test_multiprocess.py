@@ -272,14 +272,16 @@ def test_kedro_run_on_two_processes_writes_once_and_tracks_once(tmp_path: Path) 
     assert not (project / "data/09_training_state").exists()  # the main process cleaned up after saving
     assert not list(project.rglob("*.partial")) and not list(project.rglob(".*.tmp-*"))
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+    # A client of its own: mlflow.set_tracking_uri would leak the store into later tests (and their env).
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("warmup-distill")
+    runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.run_name for r in children) == ["sft_student", "sft_teacher"]
     teacher = next(r for r in children if r.info.run_name == "sft_teacher")
-    history = mlflow.tracking.MlflowClient().get_metric_history(teacher.info.run_id, "loss")
+    history = client.get_metric_history(teacher.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # logged once, not once per process
     assert all(math.isfinite(m.value) for m in history)
     saved = _versions(project / "data/06_models/teacher_model")[0].name
