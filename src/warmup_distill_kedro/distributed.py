@@ -14,60 +14,35 @@ process writes:
 * MLflow (hooks.py) tracks from the main process only; the training state (resume.py) has one folder,
   chosen by the main process, written by it alone.
 
-The process index and count come from the launcher's environment (torchrun, DeepSpeed and MPI
-launchers), so the hooks need no process group; `broadcast_from_main` starts one (accelerate's
-`PartialState`) when it first needs to talk to the other processes.
+The process index and count come from core.processes (the launcher's environment until the process
+group exists, so the hooks need none); `broadcast_from_main` joins the group when it first needs to talk
+to the other processes.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
 from kedro.io import AbstractDataset, DatasetError, MemoryDataset
 
+from warmup_distill_kedro.core.processes import (
+    join_launched_processes,
+    process_rank_and_count,
+)
+
 logger = logging.getLogger(__name__)
-
-_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
-_WORLD_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
-
-
-def _int_from_environment(names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return default
-
-
-def process_index() -> int:
-    """This process's index among the processes of the run (0 when not launched on several)."""
-    return _int_from_environment(_RANK_VARIABLES, 0)
-
-
-def num_processes() -> int:
-    return _int_from_environment(_WORLD_VARIABLES, 1)
-
-
-def is_main_process() -> bool:
-    return process_index() == 0
 
 
 def broadcast_from_main(value: Any) -> Any:
     """The main process's `value` on every process (a collective: every process must call it)."""
-    if num_processes() == 1:
+    if process_rank_and_count()[1] == 1:
         return value
-    import torch
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    # Joins the process group from the launcher's environment, once per process. Without `cpu=True` on a
-    # machine without CUDA accelerate would not join it at all (distributed type NO), and the training
-    # loop's Accelerator, created later, would inherit that state.
-    PartialState(cpu=not torch.cuda.is_available())
+    join_launched_processes()
     return broadcast_object_list([value])[0]
 
 
@@ -97,7 +72,7 @@ class ProcessLocalDataset(AbstractDataset):
             return self._dataset.load()
         if self._data is _NOTHING:
             raise DatasetError(
-                f"{self._name}: process {process_index()} kept this output in memory and it was released"
+                f"{self._name}: process {process_rank_and_count()[0]} kept this output in memory and it was released"
             )
         return _copy(self._data)
 
@@ -112,7 +87,7 @@ class ProcessLocalDataset(AbstractDataset):
         self._data = _NOTHING
 
     def _describe(self) -> dict[str, Any]:
-        return {"dataset": repr(self._dataset), "process": process_index(), "saved": self._saved}
+        return {"dataset": repr(self._dataset), "process": process_rank_and_count()[0], "saved": self._saved}
 
 
 def _copy(data: Any) -> Any:
@@ -158,18 +133,18 @@ class MainProcessWritesHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        if num_processes() == 1:
+        rank, world = process_rank_and_count()
+        if world == 1:
             return
-        if is_main_process():
+        if rank == 0:
             logger.info(
-                "kedro run on %d processes: this main process writes the catalog and tracks the run",
-                num_processes(),
+                "kedro run on %d processes: this main process writes the catalog and tracks the run", world
             )
             return
         wrapped = keep_outputs_in_memory(catalog, pipeline.datasets())
         logger.info(
             "process %d of %d: %d datasets kept in memory, written by the main process only",
-            process_index(),
-            num_processes(),
+            rank,
+            world,
             len(wrapped),
         )

@@ -48,7 +48,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import BaseModel, ValidationError
 
-from warmup_distill_kedro.distributed import is_main_process, process_index
+from warmup_distill_kedro.core.processes import is_main_process, process_rank_and_count
 from warmup_distill_kedro.tracking import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
@@ -255,7 +255,9 @@ class MLflowTrackingHook:
             logger.info("MLflow tracking is disabled (mlflow.enabled: false)")
             return
         if not is_main_process():  # `accelerate launch -m kedro run`: one tracked run, by the main process
-            logger.info("MLflow: process %d tracks nothing; the main process does", process_index())
+            logger.info(
+                "MLflow: process %d tracks nothing; the main process does", process_rank_and_count()[0]
+            )
             return
         uri = resolve_tracking_uri(config.tracking_uri, context.project_path)
         artifact_location = resolve_artifact_location(config.artifact_location, context.project_path)

@@ -29,9 +29,10 @@ from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
 from warmup_distill_kedro.core.modeling import Checkpoint
+from warmup_distill_kedro.core.processes import is_main_process
 from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.training import set_state_folder
-from warmup_distill_kedro.distributed import broadcast_from_main, is_main_process
+from warmup_distill_kedro.distributed import broadcast_from_main
 from warmup_distill_kedro.hooks import TRAINING_TAG
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
-"""Work split across the processes of one run (`accelerate launch`, torchrun), for code outside the
-training loop: which share of the items this process handles, and every process's results gathered back
-in order. With one process (torch.distributed not initialized, no WORLD_SIZE > 1) every call is a no-op.
+"""The processes of one run (`accelerate launch`, torchrun, DeepSpeed and MPI launchers): this process's
+rank and their number, joining their group, and, for code outside the training loop, which share of the
+items this process handles and every process's results gathered back in order. With one process every
+call is a no-op.
 """
 
 from __future__ import annotations
@@ -12,12 +13,24 @@ import torch
 
 T = TypeVar("T")
 
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
+_WORLD_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _int_from_environment(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default
+
 
 def process_rank_and_count() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) unless torch.distributed is initialized."""
+    """(rank, world size) of this process: the process group's once joined, else what the launcher put
+    in the environment (so that hooks need no group); (0, 1) when not launched on several processes."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return _int_from_environment(_RANK_VARIABLES, 0), _int_from_environment(_WORLD_VARIABLES, 1)
 
 
 def is_main_process() -> bool:
@@ -25,8 +38,8 @@ def is_main_process() -> bool:
 
 
 def join_launched_processes() -> None:
-    """Join the process group a launcher described (`accelerate launch`, torchrun: WORLD_SIZE > 1 in the
-    environment) if this process has not joined it yet; a collective, like the calls that need it.
+    """Join the process group a launcher described (several processes in the environment) if this
+    process has not joined it yet; a collective, like the calls that need it.
 
     The probe and check stages may run before any training node has started the group (the
     `from_checkpoints` pipeline begins with them). accelerate's `PartialState` joins it the way the
@@ -34,10 +47,12 @@ def join_launched_processes() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if process_rank_and_count()[1] <= 1:
         return
     from accelerate import PartialState
 
+    # Without `cpu=True` on a machine without CUDA accelerate would not join the group at all (distributed
+    # type NO), and the training loop's Accelerator, created later, would inherit that state.
     PartialState(cpu=not torch.cuda.is_available())
 
 

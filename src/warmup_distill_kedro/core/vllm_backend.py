@@ -35,7 +35,7 @@ def require_backend(desc: str) -> None:
     """Fail before any work when the vllm backend cannot run here (asked for by `backend: vllm`)."""
     if not vllm_is_installed():
         raise ImportError(f"{desc}: sampling backend 'vllm' (parameter backend: vllm) {VLLM_MISSING}")
-    world = max(process_rank_and_count()[1], int(os.environ.get("WORLD_SIZE", "1") or 1))
+    world = process_rank_and_count()[1]
     if world > 1:
         raise ValueError(
             f"{desc}: sampling backend 'vllm' runs in one process, this run has {world}: vllm batches on "
