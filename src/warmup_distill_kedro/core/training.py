@@ -450,13 +450,10 @@ class TrainingRun:
     def _sync_caller_model(self) -> torch.nn.Module:
         """FSDP / ZeRO-3: the full weights of the trained copy, written into the caller's model on every
         process (on this process's device). A collective."""
-        full = self.accelerator.get_state_dict(
-            self.prepared
-        )  # full on the main process, maybe empty elsewhere
+        full = self.accelerator.get_state_dict(self.prepared)  # whole on the main process only
         prefix = f"{_LossModule.MODEL}."
-        full = (
-            {k.removeprefix(prefix): v for k, v in full.items()} if self.accelerator.is_main_process else {}
-        )
+        main = self.accelerator.is_main_process
+        full = {k.removeprefix(prefix): v for k, v in full.items()} if main else {}
         target = self._caller_model.to(self.accelerator.device)
         _broadcast_into(target, full, self.accelerator)
         return target
