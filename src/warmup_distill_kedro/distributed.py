@@ -148,3 +148,20 @@ class MainProcessWritesHook:
             world,
             len(wrapped),
         )
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        _leave_process_group()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the process group at the end of the run: a process that exits with it open may abort in the
+    backend's teardown (seen once with gloo: "terminate called without an active exception")."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
