@@ -42,25 +42,48 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median, min and max wall time of `fn()` over `repeats` calls, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+def wall_seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of one `fn()` call, the GPU's queued work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated wall times."""
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
-        "repeats": repeats,
+        "repeats": len(times),
     }
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median, min and max wall time of `fn()` over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    return summarize([wall_seconds(fn) for _ in range(repeats)])
+
+
+def interleaved_seconds(
+    steps: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall times of each of `steps` over `repeats` rounds, every round calling each step once in order
+    (after `warmup` untimed rounds): times meant to be compared come from the same minutes, so that the
+    machine's drift from minute to minute (about 10% on the project's CPU machine) does not bias them."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(wall_seconds(step))
+    return times
 
 
 def write_report(name: str, results: dict[str, Any], markdown: str) -> tuple[Path, Path]:

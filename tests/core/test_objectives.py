@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from warmup_distill_kedro.core.encoding import IGNORE_INDEX
 from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss, kd_loss
-from warmup_distill_kedro.core.objectives import OBJECTIVES, divergence, validate_options
+from warmup_distill_kedro.core.objectives import OBJECTIVES, akl_weights, divergence, validate_options
 
 torch.set_num_threads(1)
 
@@ -74,10 +74,12 @@ def _reference(objective: str, student: torch.Tensor, teacher: torch.Tensor, tem
     if objective == "rkl":
         return _kl64(q, p)
     if objective == "js":
-        beta = opts.get("beta", 0.5)
+        beta, normalized = opts.get("beta", 0.5), opts.get("normalized", False)
+        if normalized and beta in (0.0, 1.0):  # the limits of the normalized form
+            return _kl64(p, q) if beta == 0.0 else _kl64(q, p)
         m = beta * p + (1 - beta) * q
         value = beta * _kl64(p, m) + (1 - beta) * _kl64(q, m)
-        return value / (beta * (1 - beta)) if opts.get("normalized", False) else value
+        return value / (beta * (1 - beta)) if normalized else value
     if objective == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     if objective == "skl":
@@ -201,6 +203,40 @@ def test_akl_head_includes_the_token_crossing_mu():
     w_head = (0.2 + 0.1) / (0.2 + 0.1 + 0.1 + 0.1 + 0.1)
     expected = w_head * _kl64(p, q) + (1 - w_head) * _kl64(q, p)
     torch.testing.assert_close(divergence("akl", s, t, mu=0.5).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mu", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0, 12.0])
+def test_akl_head_matches_the_sorted_definition_at_large_vocabularies(mu, scale):
+    """akl_weights finds the head by bisection, not by sorting: it must pick the same tokens as the sorted
+    definition (top tokens until and including the one crossing mu) on flat and peaked rows alike."""
+    p = torch.softmax(_logits(70, 6, 5000, scale=scale), dim=-1)
+    q = torch.softmax(_logits(71, 6, 5000, scale=scale), dim=-1)
+    p64, q64 = p.double(), q.double()
+    order = p64.argsort(dim=-1, descending=True)
+    mass_before = p64.gather(-1, order).cumsum(dim=-1) - p64.gather(-1, order)
+    head = torch.zeros_like(p64, dtype=torch.bool).scatter(-1, order, mass_before < mu)
+    gap = (p64 - q64).abs()
+    expected_head = (gap * head).sum(-1) / gap.sum(-1)
+    w_head, w_tail = akl_weights(p, q, mu)
+    assert 0 < expected_head.min() and expected_head.max() < 1  # heads and tails both hold some gap
+    torch.testing.assert_close(w_head.double(), expected_head, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w_tail.double(), 1 - expected_head, rtol=1e-5, atol=1e-7)
+
+
+def test_akl_head_takes_every_token_tied_with_the_crossing_one():
+    """Ties with the crossing token join the head together, whatever order a sort would put them in:
+    the weights do not change when the vocabulary is permuted."""
+    p = torch.tensor([[0.4, 0.2, 0.2, 0.2]])
+    q = torch.tensor([[0.1, 0.3, 0.5, 0.1]])
+    w_head, w_tail = akl_weights(p, q, 0.5)  # cumulative 0.4 then 0.6: the 0.2s cross mu together
+    assert w_head.item() == pytest.approx(1.0) and w_tail.item() == pytest.approx(0.0)
+    w_head, w_tail = akl_weights(p, q, 0.3)  # the 0.4 alone crosses 0.3
+    assert w_head.item() == pytest.approx(0.3 / 0.8) and w_tail.item() == pytest.approx(
+        0.5 / 0.8
+    )  # gaps .3 .1 .3 .1
+    permutation = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(akl_weights(p[:, permutation], q[:, permutation], 0.5)[0], akl_weights(p, q, 0.5)[0])
 
 
 def test_akl_guard_when_the_gap_is_zero():
@@ -500,24 +536,41 @@ def test_kd_config():
             KDConfig(**bad)
 
 
-# -- the closed form of fkl and rkl (value, CE and the student's gradient in one chunked pass) ---------------
-def _mix64(student, teacher, labels, objective, temperature, kd_rate, vocab):
+# -- the closed forms (value, CE and the student's gradient in one chunked pass) -----------------------------
+def _mix64(student, teacher, labels, objective, options, temperature, kd_rate, vocab):
     """(1 - kd_rate) CE over the student's full width + kd_rate KD over the first `vocab` columns, float64."""
     student = student.double()
     targets = labels[:, 1:]
     response = targets != IGNORE_INDEX
     shifted = student[:, :-1][response]
     ce = torch.nn.functional.cross_entropy(shifted, targets[response], reduction="mean")
-    kd = _reference(objective, shifted[:, :vocab], teacher[:, :-1][response][:, :vocab], temperature).mean()
+    teacher_rows = teacher[:, :-1][response][:, :vocab]
+    kd = _reference(objective, shifted[:, :vocab], teacher_rows, temperature, **options).mean()
     return (1.0 - kd_rate) * ce + kd_rate * kd
 
 
-@pytest.mark.parametrize("objective", ["fkl", "rkl"])
+# Each objective's closed form, at its options' ends too: skl / srkl at alpha 0 and normalized js at beta
+# 0 and 1 take the fkl / rkl forms.
+CLOSED_FORM_CASES = [
+    *CASES,
+    ("skl", {"alpha": 0.0}),
+    ("srkl", {"alpha": 0.0}),
+    ("srkl", {"alpha": 0.9}),
+    ("js", {"beta": 0.0, "normalized": True}),
+    ("js", {"beta": 1.0, "normalized": True}),
+    ("js", {"beta": 0.999, "normalized": True}),
+]
+CLOSED_FORM_IDS = [
+    f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in CLOSED_FORM_CASES
+]
+
+
+@pytest.mark.parametrize(("objective", "options"), CLOSED_FORM_CASES, ids=CLOSED_FORM_IDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 1.7])
 @pytest.mark.parametrize("kd_rate", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize(("extra_columns", "chunk_size"), [(0, None), (3, None), (0, 2), (3, 4)])
 def test_closed_form_matches_float64_value_and_gradient(
-    objective, temperature, kd_rate, extra_columns, chunk_size
+    objective, options, temperature, kd_rate, extra_columns, chunk_size
 ):
     """Every branch of the closed form (T = 1 and 2 reuse q's exponentials for CE; a wider student vocabulary
     does not; kd_rate 0 and 1 drop a term) against float64 autograd on the textbook formulas."""
@@ -525,11 +578,13 @@ def test_closed_form_matches_float64_value_and_gradient(
     student = _logits(60, B, T + 1, V + extra_columns)
     teacher = _logits(61, B, T + 1, V)
     expected_student = student.double().requires_grad_(True)
-    expected = _mix64(expected_student, teacher.double(), labels, objective, temperature, kd_rate, V)
+    expected = _mix64(expected_student, teacher.double(), labels, objective, options, temperature, kd_rate, V)
     expected.backward()
 
     student32 = student.clone().requires_grad_(True)
-    config = KDConfig(objective=objective, kd_rate=kd_rate, temperature=temperature, chunk_size=chunk_size)
+    config = KDConfig(
+        objective=objective, options=options, kd_rate=kd_rate, temperature=temperature, chunk_size=chunk_size
+    )
     loss, metrics = distillation_loss(student32, teacher, labels, config, vocab_size=V)
     (2.0 * loss).backward()  # a non-unit upstream gradient scales the precomputed one
 
@@ -539,16 +594,39 @@ def test_closed_form_matches_float64_value_and_gradient(
     assert student32.grad.abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("objective", ["fkl", "rkl"])
-def test_closed_form_falls_back_to_autograd_for_minus_infinity_logits(objective):
+@pytest.mark.parametrize(("objective", "options"), CLOSED_FORM_CASES, ids=CLOSED_FORM_IDS)
+@pytest.mark.parametrize(("spread", "grad_rtol"), [(1e-2, 1e-4), (1e-3, 1e-3)])
+def test_closed_form_keeps_small_divergences(objective, options, spread, grad_rtol):
+    """Student and teacher close together: the divergences are O(spread^2) (tvd O(spread)), far below
+    float32's resolution of O(1) log-probabilities, so a value can only be right to about 1e-7 absolute
+    (autograd through the formulas does no better); the gradient, O(spread), must keep its relative
+    precision: the mixtures' log-ratios come through log1p / expm1, and the constant part of q / m drops
+    out before the centring (without that, srkl at alpha 0.9 lost two digits)."""
+    teacher = _logits(64, B, T, V)
+    student = teacher + spread * _logits(65, B, T, V, scale=1.0)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    closed = student.clone().requires_grad_(True)
+    value = kd_loss(objective, closed, teacher, mask, TEMPERATURE, **options)
+    value.backward()
+    expected_student = student.double().requires_grad_(True)
+    rows = (expected_student.flatten(0, 1), teacher.double().flatten(0, 1))
+    expected = _reference(objective, *rows, TEMPERATURE, **options).mean()
+    expected.backward()
+    assert 0 < expected.item() < 100 * spread
+    assert value.item() == pytest.approx(expected.item(), abs=1e-7)
+    assert _rel_diff(closed.grad.double(), expected_student.grad) < grad_rtol
+
+
+@pytest.mark.parametrize(("objective", "options"), CASES, ids=CASE_IDS)
+def test_closed_form_falls_back_to_autograd_for_minus_infinity_logits(objective, options):
     """A student logit of -inf (a masked token) reaches the log floor, where the closed form's gradient
     would differ from the clamp's: that chunk goes through autograd and still matches the masked formula."""
     student, teacher, mask = _logits(62, B, T, V), _logits(63, B, T, V), _mask()
     student[..., 0] = float("-inf")
     teacher[..., 0] = -1e4  # the teacher agrees the token is impossible, so KL stays finite
     closed = student.clone().requires_grad_(True)
-    kd_loss(objective, closed, teacher, mask, 1.0).backward()
+    kd_loss(objective, closed, teacher, mask, 1.0, **options).backward()
     assert torch.isfinite(closed.grad).all() and (closed.grad[..., 0] == 0).all()
     finite = student[..., 1:].clone().requires_grad_(True)
-    kd_loss(objective, finite, teacher[..., 1:], mask, 1.0).backward()
+    kd_loss(objective, finite, teacher[..., 1:], mask, 1.0, **options).backward()
     torch.testing.assert_close(closed.grad[..., 1:], finite.grad, rtol=1e-4, atol=1e-6)

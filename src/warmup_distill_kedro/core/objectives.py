@@ -112,42 +112,97 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
 
 
-def _kl_to_mix(log_a: Tensor, log_b: Tensor, w_b: float) -> Tensor:
-    """KL(a || m) with m = (1 - w_b) a + w_b b, for 0 < w_b <= 1.
+# Where the log-ratio r = log p - log q of a mixture is clamped, on the side where expm1 would overflow:
+# beyond it the mixture's log-ratio moves by less than exp(-80) / weight, relative, and the KL terms weigh
+# it by a probability below exp(-80) anyway.
+_MIX_CLAMP = 80.0
 
-    The mixture's log-sum-exp is taken relative to log a, with r = log b - log a:
-        log m - log a = logaddexp(log(1 - w_b), log(w_b) + r) = log1p(w_b * expm1(r)),
-    the second form where r <= 0 and its log1p argument stays above -1/2 (it is exactly 0 at r = 0, so
-    a == b gives exactly 0), the first elsewhere. A mixture close to a thus gets its small log-ratio
-    directly, not as the difference of two O(1) log-probabilities, which would lose the O(w_b) signal
-    in float32 (normalized js near beta = 0 or 1 depends on it).
+
+def _mix_log_ratios(log_q: Tensor, log_p: Tensor, p_weight: float) -> tuple[Tensor, Tensor]:
+    """(log(m / q), log(m / p)) for the mixture m = p_weight p + (1 - p_weight) q, 0 < p_weight < 1.
+
+    With r = log p - log q, the log-ratio to the distribution with the larger weight in m is computed
+    directly and the other from it, by adding or subtracting r:
+        p_weight <= 1/2:  log(m / q) = log1p(p_weight expm1(r)),          log(m / p) = log(m / q) - r
+        p_weight >  1/2:  log(m / p) = log1p((1 - p_weight) expm1(-r)),   log(m / q) = log(m / p) + r
+    so that log1p's argument never falls below -1/2 (no cancellation in 1 + x); a mixture close to q or p
+    gets its small log-ratio directly, not as the difference of two O(1) log-probabilities, which would lose
+    the O(weight) signal in float32 (normalized js near beta = 0 or 1 depends on it); p == q gives exactly 0.
+    core.chunked_kd repeats these operations in place.
     """
-    if w_b == 1.0:
-        return _kl(log_a, log_b)
-    log_ratio = log_b - log_a
-    keep = torch.tensor(math.log1p(-w_b), dtype=log_a.dtype, device=log_a.device)
-    by_logaddexp = torch.logaddexp(keep, log_ratio + math.log(w_b))
-    shift = w_b * torch.expm1(log_ratio.clamp(max=0.0))  # in [-w_b, 0]; the clamp keeps inf out of backward
-    by_log1p = torch.log1p(shift.clamp(min=-0.5))  # the clamp keeps log1p(-1) = -inf out of backward
-    log_m_over_a = torch.where((log_ratio <= 0) & (shift > -0.5), by_log1p, by_logaddexp)
+    log_ratio = log_p - log_q
+    if p_weight <= 0.5:
+        r = log_ratio.clamp(max=_MIX_CLAMP)
+        log_m_q = torch.log1p(p_weight * torch.expm1(r))
+        return log_m_q, log_m_q - r
+    r = log_ratio.clamp(min=-_MIX_CLAMP)
+    log_m_p = torch.log1p((1.0 - p_weight) * torch.expm1(-r))
+    return log_m_p + r, log_m_p
+
+
+def _kl_to(log_a: Tensor, log_m_over_a: Tensor) -> Tensor:
+    """KL(a || m) = -sum a log(m / a) along the last dim."""
     return -(log_a.exp() * log_m_over_a).sum(dim=-1)
 
 
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def head_floor(p: Tensor, mu: Tensor | float, above: Tensor) -> Tensor:
+    """akl's head per row of p [N, V] (probabilities, float32 or float64; unnormalized with mu scaled to
+    each row's total [N, 1]) as a floor [N, 1]: the head is p > floor, the top tokens up to and including
+    the one whose cumulative mass crosses mu (and any token tied with that one: the head does not depend on
+    how a sort orders ties). `above` is a scratch tensor like p.
+
+    Bisection on the floats' bit patterns, which order like the non-negative values they encode, keeping
+    mass(p > lo) >= mu > mass(p > hi) (lo starts just below min p, above which lies all the mass, hi at
+    max p, above which lies none). The crossing token is the smallest one above lo: a row is done once
+    (lo, hi] holds a single token, or lo and hi are adjacent floats (ties). Two passes over the row per
+    halving of the bracket, several times cheaper than sorting the vocabulary.
+    """
+    bits = _SAME_WIDTH_INT[p.dtype]
+    lo = (p.amin(dim=-1, keepdim=True).view(bits) - 1).clamp_(min=0)  # the float below the smallest p
+    hi = p.amax(dim=-1, keepdim=True).view(bits)
+    count_lo = torch.full_like(lo, p.shape[1])  # tokens above lo: all of them
+    count_hi = torch.zeros_like(lo)  # tokens above hi
+    while bool(((hi - lo > 1) & (count_lo - count_hi > 1)).any()):
+        mid = lo + (hi - lo) // 2
+        torch.gt(p, mid.view(p.dtype), out=above)  # 1.0 where p > mid, else 0.0
+        count = above.sum(dim=-1, keepdim=True).to(bits)
+        inside = above.mul_(p).sum(dim=-1, keepdim=True) < mu  # the mass above mid
+        hi, count_hi = torch.where(inside, mid, hi), torch.where(inside, count, count_hi)
+        lo, count_lo = torch.where(inside, lo, mid), torch.where(inside, count_lo, count)
+    return lo.view(p.dtype)
+
+
+def gap_shares(gap: Tensor, head: Tensor) -> tuple[Tensor, Tensor]:
+    """(w_head, w_tail) [N]: the shares of the gap |p - q| [N, V] on the head (a 0/1 mask) and on the rest;
+    both 0 where the gap is 0. `gap` is overwritten."""
+    total = gap.sum(dim=-1)
+    g_head = gap.mul_(head).sum(dim=-1)
+    nonzero = total > 0
+    safe_total = torch.where(nonzero, total, torch.ones_like(total))
+    w_head = torch.where(nonzero, g_head / safe_total, torch.zeros_like(total))
+    w_tail = torch.where(nonzero, (total - g_head) / safe_total, torch.zeros_like(total))
+    return w_head, w_tail
+
+
+def akl_weights(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """akl's (w_head, w_tail) per position, from probabilities p (teacher) and q (student) [..., V]: the
+    shares of the |p - q| gap on the teacher's head (its top tokens up to and including the one whose
+    cumulative mass crosses mu, head_floor) and on the rest; both 0 where p == q. No gradient."""
+    with torch.no_grad():
+        if p.dtype not in _SAME_WIDTH_INT:
+            p, q = p.float(), q.float()
+        p_rows, q_rows = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+        above = torch.empty_like(p_rows)
+        head = torch.gt(p_rows, head_floor(p_rows, mu, above), out=above)
+        w_head, w_tail = gap_shares((p_rows - q_rows).abs_(), head)
+    return w_head.view(p.shape[:-1]), w_tail.view(p.shape[:-1])
+
+
 def _akl(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
-    with torch.no_grad():  # the weights carry no gradient
-        p, q = log_p.exp(), log_q.exp()
-        gap = (p - q).abs()
-        sorted_p, order = p.sort(dim=-1, descending=True)
-        # Mass strictly before each token: the head holds every token up to and including the one crossing mu.
-        mass_before = torch.nn.functional.pad(sorted_p.cumsum(dim=-1)[..., :-1], (1, 0))
-        head = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, mass_before < mu)
-        g_head = gap.masked_fill(~head, 0.0).sum(dim=-1)
-        g_tail = gap.masked_fill(head, 0.0).sum(dim=-1)
-        total = g_head + g_tail
-        nonzero = total > 0
-        safe_total = torch.where(nonzero, total, torch.ones_like(total))
-        w_head = torch.where(nonzero, g_head / safe_total, torch.zeros_like(total))
-        w_tail = torch.where(nonzero, g_tail / safe_total, torch.zeros_like(total))
+    w_head, w_tail = akl_weights(log_p.detach().exp(), log_q.detach().exp(), mu)
     return w_head * _kl(log_p, log_q) + w_tail * _kl(log_q, log_p)
 
 
@@ -162,19 +217,23 @@ def _per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[st
             return _kl(log_p, log_q)
         if normalized and beta == 1.0:
             return _kl(log_q, log_p)
-        kl_p_m = _kl_to_mix(log_p, log_q, 1.0 - beta)  # m = beta p + (1 - beta) q
-        kl_q_m = _kl_to_mix(log_q, log_p, beta)
+        log_m_q, log_m_p = _mix_log_ratios(log_q, log_p, beta)  # m = beta p + (1 - beta) q
+        kl_p_m, kl_q_m = _kl_to(log_p, log_m_p), _kl_to(log_q, log_m_q)
         if normalized:  # beta KL(p||m) + (1-beta) KL(q||m), divided by beta (1 - beta)
             return kl_p_m / (1.0 - beta) + kl_q_m / beta
         return beta * kl_p_m + (1.0 - beta) * kl_q_m
     if objective == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
-    if objective == "skl":
+    if objective == "skl":  # KL(p || m), m = alpha p + (1 - alpha) q
         alpha = options["alpha"]
-        return _kl_to_mix(log_p, log_q, 1.0 - alpha)  # m = alpha p + (1 - alpha) q
-    if objective == "srkl":
+        return _kl(log_p, log_q) if alpha == 0.0 else _kl_to(log_p, _mix_log_ratios(log_q, log_p, alpha)[1])
+    if objective == "srkl":  # KL(q || m), m = (1 - alpha) p + alpha q
         alpha = options["alpha"]
-        return _kl_to_mix(log_q, log_p, 1.0 - alpha)  # m = (1 - alpha) p + alpha q
+        return (
+            _kl(log_q, log_p)
+            if alpha == 0.0
+            else _kl_to(log_q, _mix_log_ratios(log_q, log_p, 1.0 - alpha)[0])
+        )
     if objective == "akl":
         return _akl(log_q, log_p, options["mu"])
     raise ValueError(_unknown_objective(objective))
