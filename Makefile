@@ -50,7 +50,7 @@ test: install-dev
 # Each script writes benchmarks/results/<name>.json and .md; docs/benchmarks.md quotes them.
 bench: install
 	$(BIN)/python benchmarks/kd_loss.py
-	$(BIN)/python benchmarks/distill_step.py
+	$(BIN)/python benchmarks/distill_step.py --objectives all
 	$(BIN)/python benchmarks/demo_stages.py
 	$(BIN)/python benchmarks/rollouts.py
 

@@ -172,12 +172,12 @@ def _kd_terms(
     log_q, log_p = x.sub_(log_q_sum), y.sub_(log_p_sum)
     ratio, mix = scratch("ratio", rows, vocab), scratch("mix", rows, vocab)
     if objective == "skl":  # m = alpha p + (1 - alpha) q
-        keep = options["alpha"]
-        _, log_m_p = _mix_log_ratios_(torch.sub(log_p, log_q, out=ratio), keep, mix)
+        alpha = options["alpha"]
+        _, log_m_p = _mix_log_ratios_(torch.sub(log_p, log_q, out=ratio), alpha, mix)
         kd_rows = -_row_sum_of_product(p, log_m_p, product) / p_sum
         # q (p / m - 1), unnormalized: the -1 drops out of the centred gradient and keeps p / m's precision
         h = log_m_p.neg_().expm1_().mul_(q)
-        return _KDTerms(kd_rows, (1.0 - keep) * h.sum(dim=-1, keepdim=True) / q_sum, h, keep - 1.0, q_sum)
+        return _KDTerms(kd_rows, (1.0 - alpha) * h.sum(dim=-1, keepdim=True) / q_sum, h, alpha - 1.0, q_sum)
     if objective == "srkl":  # m = (1 - alpha) p + alpha q
         alpha = options["alpha"]
         log_m_q, log_m_p = _mix_log_ratios_(torch.sub(log_p, log_q, out=ratio), 1.0 - alpha, mix)

@@ -11,7 +11,7 @@ at once, their gradient with respect to the chunk's logits; that gradient goes s
 gradients of the student's hidden states ([positions, hidden], small) and of its head (weight and bias,
 accumulated over chunks), and the chunk's logits are freed. backward then hands out the precomputed
 gradients. Each chunk's loss and gradient come from core.chunked_kd.chunk_loss, the same code as
-distillation_loss's (the closed form for fkl and rkl, autograd over objectives.py's formulas otherwise).
+distillation_loss's (every objective's closed form).
 
 Only positions whose next label is a response token are visited (prompt and padding count in neither
 term, as in distillation_loss). The peak holds one chunk's float32 [chunk_size, vocab] intermediates plus

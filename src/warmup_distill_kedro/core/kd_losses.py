@@ -60,7 +60,7 @@ def kd_loss(
     tokenizer never produces, e.g. Qwen2.5 151936 vs 152064); without it the vocabulary sizes must agree.
     The positions are walked a chunk at a time, with the value and gradient of the whole computation and
     a peak memory of one chunk's float32 intermediates instead of the full [n_positions, V] ones of both
-    models (core.chunked_kd.ChunkedLoss: fkl and rkl in closed form, the others with autograd chunk by
+    models (core.chunked_kd.ChunkedLoss: each objective's value and gradient in closed form, chunk by
     chunk). chunk_size caps the positions per chunk; None sizes chunks for the device
     (chunk_rows: on a CPU, small enough to stay in the caches, which is also several times faster).
     """

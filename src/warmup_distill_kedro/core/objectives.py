@@ -7,11 +7,12 @@ distribution p and the student's q at every response position (method.md section
     tvd   1/2 sum |p - q|
     skl   KL(p || alpha p + (1-alpha) q)                                 (DistiLLM skew KL)
     srkl  KL(q || (1-alpha) p + alpha q)                                 (skew reverse KL)
-    akl   w_head FKL + w_tail RKL, weights from the |p - q| gap on the teacher's head / tail   (adaptive KL)
+    akl   w_head FKL + w_tail RKL, weights from the |p - q| gap on the teacher's head / tail   (adaptive KL;
+          head: the top tokens up to the one crossing cumulative mass mu, ties with it included)
 
 p and q are softmaxes of the logits divided by the temperature T (no T^2 factor is applied). All
-arithmetic is float32 whatever the logits' dtype, in log space: mixtures use log-sum-exp, and
-log-probabilities are floored at -1e30 so that a zero probability (a -inf logit) contributes
+arithmetic is float32 whatever the logits' dtype, in log space: a mixture's log-ratios come from one
+log1p(w expm1(r)) per position (_mix_log_ratios), and log-probabilities are floored at -1e30 so that a zero probability (a -inf logit) contributes
 0 * log 0 = 0 and never NaN (a KL that is truly infinite comes out huge instead).
 
 The masked means over positions that training uses are in core.kd_losses.
