@@ -211,12 +211,9 @@ def _closed_form_chunk(
     student: Tensor,
     teacher: Tensor,
     targets: Tensor | None,
-    objective: str,
-    options: dict[str, Any],
-    temperature: float,
+    spec: LossSpec,
     ce_scale: float,
     kd_scale: float,
-    need_grad: bool,
     scratch: Scratch,
 ) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """CE and KD sums of a chunk and the gradient of ce_scale * CE + kd_scale * KD w.r.t. its student rows.
@@ -234,6 +231,7 @@ def _closed_form_chunk(
     """
     rows, vocab = teacher.shape
     width = student.shape[1]
+    temperature = spec.temperature
     inv_t = 1.0 / temperature
     head = student[:, :vocab]
     x_max = head.amax(dim=-1, keepdim=True)
@@ -261,9 +259,9 @@ def _closed_form_chunk(
             ce_exp_sum = torch.linalg.vector_norm(q, dim=-1, keepdim=True).square()
         ce_sum = (ce_max + ce_exp_sum.log() - target_logits).sum()
 
-    kd = _kd_terms(objective, options, x, q, q_sum, y, p, p_sum, scratch)
+    kd = _kd_terms(spec.objective, spec.options, x, q, q_sum, y, p, p_sum, scratch)
     kd_sum = kd.rows.sum()
-    if not need_grad:
+    if not spec.need_grad:
         return ce_sum, kd_sum, None
 
     g = kd_scale * inv_t
@@ -289,17 +287,10 @@ def _closed_form_chunk(
 
 
 def _autograd_chunk(
-    student: Tensor,
-    teacher: Tensor,
-    targets: Tensor | None,
-    objective: str,
-    options: dict[str, Any],
-    temperature: float,
-    ce_scale: float,
-    kd_scale: float,
-    need_grad: bool,
+    student: Tensor, teacher: Tensor, targets: Tensor | None, spec: LossSpec, ce_scale: float, kd_scale: float
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """What _closed_form_chunk returns, by differentiating _divergence (and the log-softmax) with autograd."""
+    need_grad = spec.need_grad
     student = student.detach().requires_grad_(need_grad)
     ce_sum = torch.zeros((), dtype=torch.float32, device=student.device)
     if targets is not None:
@@ -308,7 +299,8 @@ def _autograd_chunk(
             ce_sum = -log_q.gather(1, targets.unsqueeze(1)).sum()
             del log_q
     with torch.set_grad_enabled(need_grad and kd_scale > 0.0):
-        kd_sum = _divergence(objective, student[:, : teacher.shape[1]], teacher, temperature, options).sum()
+        head = student[:, : teacher.shape[1]]
+        kd_sum = _divergence(spec.objective, head, teacher, spec.temperature, spec.options).sum()
     if not need_grad:
         return ce_sum, kd_sum, None
     with torch.enable_grad():
@@ -344,31 +336,10 @@ def chunk_loss(
     [c, V] are float32 and may be overwritten. CE is over all W columns at temperature 1, KD over the first V.
     """
     ce_scale, kd_scale = spec.ce_weight / max(n, 1), spec.kd_weight / max(n, 1)
-    result = _closed_form_chunk(
-        student,
-        teacher,
-        targets,
-        spec.objective,
-        spec.options,
-        spec.temperature,
-        ce_scale,
-        kd_scale,
-        spec.need_grad,
-        scratch,
-    )
-    if result is not None:
-        return result
-    return _autograd_chunk(
-        student,
-        teacher,
-        targets,
-        spec.objective,
-        spec.options,
-        spec.temperature,
-        ce_scale,
-        kd_scale,
-        spec.need_grad,
-    )
+    result = _closed_form_chunk(student, teacher, targets, spec, ce_scale, kd_scale, scratch)
+    if result is None:  # a -inf student logit
+        result = _autograd_chunk(student, teacher, targets, spec, ce_scale, kd_scale)
+    return result
 
 
 def mixed_loss(
