@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from tests.core.tiny_models import TINY_UNTIED
 from warmup_distill_kedro.core.checking import (
     CheckConfig,
     Rollout,
@@ -23,7 +24,7 @@ from warmup_distill_kedro.core.checking import (
     token_at_char,
     token_char_starts,
 )
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.modeling import build_model
 from warmup_distill_kedro.core.sampling import SamplingConfig, generate
 from warmup_distill_kedro.core.tokenization import (
     TokenizerConfig,
@@ -38,13 +39,7 @@ CORPUS = [
     "Question: Mia has 9 pens and gives away 4. How many now?\nAnswer: 9 - 4 = 5. #### 5",
 ] * 20
 PROMPTS = ["Question: Tom has 12 apples and buys 5 more. How many now?\nAnswer:", "Question: Mia has 9 pens"]
-SIZE = ModelSize(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    intermediate_size=64,
-    tie_word_embeddings=False,
-)
+SIZE = TINY_UNTIED
 
 
 @pytest.fixture(scope="module")

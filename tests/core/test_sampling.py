@@ -5,21 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
+from tests.core.tiny_models import TINY_UNTIED
+from warmup_distill_kedro.core.modeling import build_model
 from warmup_distill_kedro.core.sampling import SamplingConfig, generate, generate_from_ids
 from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
 
 torch.set_num_threads(1)
 
 CORPUS = ["Question: what is 12 plus 345?\nAnswer: 357 #### 357", "The cat sat on the mat. Héllo wörld!"] * 10
-# Untied: with tied embeddings a random tiny model greedily repeats one token, which hides position errors.
-SIZE = ModelSize(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    intermediate_size=64,
-    tie_word_embeddings=False,
-)
+SIZE = TINY_UNTIED
 # Different token lengths, so a batch of them needs padding.
 PROMPTS = ["Question: what is 12 plus 345?\nAnswer:", "The cat", "Héllo wörld! The mat sat", "7"]
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from tests.core.tiny_models import TINY_UNTIED
 from warmup_distill_kedro.core import sampling, vllm_backend
 from warmup_distill_kedro.core.modeling import (
     Checkpoint,
-    ModelSize,
     build_model,
     load_checkpoint,
     save_checkpoint,
@@ -37,13 +37,7 @@ from warmup_distill_kedro.pipelines.probe.params import ProbeParams
 torch.set_num_threads(1)
 
 CORPUS = ["Question: what is 12 plus 345?\nAnswer: 357 #### 357", "The cat sat on the mat."] * 10
-SIZE = ModelSize(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    intermediate_size=64,
-    tie_word_embeddings=False,
-)
+SIZE = TINY_UNTIED
 PROMPTS = ["Question: what is 12 plus 345?\nAnswer:", "The cat", "The mat sat", "7"]
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.state import PartialState
 
+from tests.core.tiny_models import TINY_UNTIED
 from warmup_distill_kedro.core.checking import (
     CheckConfig,
     Rollout,
@@ -38,7 +39,6 @@ from warmup_distill_kedro.core.checking import (
 from warmup_distill_kedro.core.evaluation import math_accuracy
 from warmup_distill_kedro.core.modeling import (
     Checkpoint,
-    ModelSize,
     build_model,
     load_checkpoint,
     save_checkpoint,
@@ -55,13 +55,7 @@ CORPUS = [
     "Question: Tom has 12 apples and buys 5 more. How many now?\nAnswer: 12 + 5 = 17. #### 17",
     "Question: Mia has 9 pens and gives away 4. How many now?\nAnswer: 9 - 4 = 5. #### 5",
 ] * 20
-SIZE = ModelSize(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    intermediate_size=64,
-    tie_word_embeddings=False,
-)
+SIZE = TINY_UNTIED
 # 11 prompts of different lengths: 6 batches of 2 (the last one short), so rank 0 gets 3 and rank 1 gets 3.
 PROMPTS = [
     "Question: Tom has 12 apples",
