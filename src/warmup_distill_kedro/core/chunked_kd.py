@@ -26,6 +26,7 @@ from warmup_distill_kedro.core.objectives import (
     _divergence,
     gap_shares,
     head_floor,
+    reduced_objective,
 )
 
 
@@ -144,17 +145,11 @@ def _kd_terms(
         js    beta KL(p||m) + (1-beta) KL(q||m)    -(1-beta) lmq         (normalized: / beta (1-beta))
         tvd   1/2 sum |p - q|                      1/2 sign(q - p)
         akl   w_head fkl + w_tail rkl              -w_head p / q + w_tail (log q - log p)   (weights held fixed)
-    skl and srkl at alpha 0 are fkl and rkl, normalized js at beta 0 and 1 too.
+    skl and srkl at alpha 0 are fkl and rkl, normalized js at beta 0 and 1 too (reduced_objective).
     """
     rows, vocab = q.shape
     log_q_sum, log_p_sum = q_sum.log(), p_sum.log()
-    if objective == "skl" and options["alpha"] == 0.0:
-        objective = "fkl"
-    elif objective == "srkl" and options["alpha"] == 0.0:
-        objective = "rkl"
-    elif objective == "js" and options["normalized"] and options["beta"] in (0.0, 1.0):
-        objective = "fkl" if options["beta"] == 0.0 else "rkl"
-
+    objective = reduced_objective(objective, options)
     if objective == "fkl":  # sum p (y - x) / p_sum - (ly - lx);  q g = -p
         kd_rows = y.sub_(x).mul_(p).sum(dim=-1, keepdim=True) / p_sum - (log_p_sum - log_q_sum)
         return _KDTerms(kd_rows, 1.0, p, -1.0, p_sum)

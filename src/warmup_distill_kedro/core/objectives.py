@@ -207,17 +207,25 @@ def _akl(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
     return w_head * _kl(log_p, log_q) + w_tail * _kl(log_q, log_p)
 
 
+def reduced_objective(objective: str, options: dict[str, Any]) -> str:
+    """The objective that computes `objective` with these options: fkl for skl at alpha 0 and for
+    normalized js at beta 0, rkl for srkl at alpha 0 and for normalized js at beta 1 (their mixtures
+    degenerate there), the objective itself otherwise."""
+    if objective in ("skl", "srkl") and options["alpha"] == 0.0:
+        return "fkl" if objective == "skl" else "rkl"
+    if objective == "js" and options["normalized"] and options["beta"] in (0.0, 1.0):
+        return "fkl" if options["beta"] == 0.0 else "rkl"
+    return objective
+
+
 def _per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[str, Any]) -> Tensor:
+    objective = reduced_objective(objective, options)
     if objective == "fkl":
         return _kl(log_p, log_q)
     if objective == "rkl":
         return _kl(log_q, log_p)
     if objective == "js":
         beta, normalized = options["beta"], options["normalized"]
-        if normalized and beta == 0.0:
-            return _kl(log_p, log_q)
-        if normalized and beta == 1.0:
-            return _kl(log_q, log_p)
         log_m_q, log_m_p = _mix_log_ratios(log_q, log_p, beta)  # m = beta p + (1 - beta) q
         kl_p_m, kl_q_m = _kl_to(log_p, log_m_p), _kl_to(log_q, log_m_q)
         if normalized:  # beta KL(p||m) + (1-beta) KL(q||m), divided by beta (1 - beta)
@@ -226,15 +234,9 @@ def _per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[st
     if objective == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
     if objective == "skl":  # KL(p || m), m = alpha p + (1 - alpha) q
-        alpha = options["alpha"]
-        return _kl(log_p, log_q) if alpha == 0.0 else _kl_to(log_p, _mix_log_ratios(log_q, log_p, alpha)[1])
+        return _kl_to(log_p, _mix_log_ratios(log_q, log_p, options["alpha"])[1])
     if objective == "srkl":  # KL(q || m), m = (1 - alpha) p + alpha q
-        alpha = options["alpha"]
-        return (
-            _kl(log_q, log_p)
-            if alpha == 0.0
-            else _kl_to(log_q, _mix_log_ratios(log_q, log_p, 1.0 - alpha)[0])
-        )
+        return _kl_to(log_q, _mix_log_ratios(log_q, log_p, 1.0 - options["alpha"])[0])
     if objective == "akl":
         return _akl(log_q, log_p, options["mu"])
     raise ValueError(_unknown_objective(objective))
