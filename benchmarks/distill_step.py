@@ -27,9 +27,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_seconds, summarize, write_report  # noqa: E402
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, causal_lm_loss  # noqa: E402
-from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss  # noqa: E402
-from warmup_distill_kedro.core.objectives import OBJECTIVES  # noqa: E402
+from warmup_distill_kedro.core.kd.divergences import OBJECTIVES  # noqa: E402
+from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss  # noqa: E402
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, causal_lm_loss  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate) of each model, vocabulary, batch, sequence length.
 PRESETS = {

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, write_report  # noqa: E402
 from peak_memory import peak_memory  # noqa: E402
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX  # noqa: E402
-from warmup_distill_kedro.core.fused_kd import fused_distillation_loss  # noqa: E402
-from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss, kd_loss  # noqa: E402
-from warmup_distill_kedro.core.objectives import divergence  # noqa: E402
+from warmup_distill_kedro.core.kd.divergences import divergence  # noqa: E402
+from warmup_distill_kedro.core.kd.fused import fused_distillation_loss  # noqa: E402
+from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss, kd_loss  # noqa: E402
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX  # noqa: E402
 
 MIB = 2**20
 QWEN_STUDENT_ROWS, QWEN_TEACHER_ROWS, QWEN_TOKENIZER = 151936, 152064, 151665

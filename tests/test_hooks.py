@@ -26,7 +26,11 @@ from kedro.runner import SequentialRunner
 from mlflow import MlflowClient
 from pydantic import BaseModel
 
-from warmup_distill_kedro.hooks import MLflowTrackingHook, TrackingConfigError, TrackingStoreError
+from warmup_distill_kedro.hooks.mlflow_tracking import (
+    MLflowTrackingHook,
+    TrackingConfigError,
+    TrackingStoreError,
+)
 from warmup_distill_kedro.settings import CONFIG_LOADER_ARGS
 from warmup_distill_kedro.tracking import (
     MAX_PARAM_VALUE_LENGTH,
@@ -285,7 +289,7 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_missing_config_means_defaults(tmp_path):
-    from warmup_distill_kedro.hooks import load_tracking_config
+    from warmup_distill_kedro.hooks.mlflow_tracking import load_tracking_config
 
     context = make_context(tmp_path, tmp_path / "conf", None, _create_hook_manager())
     assert load_tracking_config(context.config_loader) == TrackingConfig()

@@ -110,7 +110,8 @@ def _loss_by_parts(model, batch):
 
 def _train(batch_size: int, state_folder: Path | None, sink=None, evals=None, seed: int = 0):
     from tests.core.test_training import _collate, _examples, _model
-    from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
+    from warmup_distill_kedro.core.training.batches import ShuffledBatches
+    from warmup_distill_kedro.core.training.loop import TrainingRun
 
     def eval_fn(model):
         if evals is not None:
@@ -135,7 +136,7 @@ def _train(batch_size: int, state_folder: Path | None, sink=None, evals=None, se
 def _worker(out: Path) -> None:
     """What each launched process runs: three small trainings, results in OUT/rank<r>.{json,pt}."""
     torch.set_num_threads(1)
-    import warmup_distill_kedro.core.training as training
+    import warmup_distill_kedro.core.training.loop as training
     from tests.core.test_training import _collate, _examples, _model, causal_lm_loss
 
     sink: list = []
@@ -291,8 +292,8 @@ def test_kedro_run_on_two_processes_writes_once_and_tracks_once(tmp_path: Path) 
 # ----------------------------------------------------------------- in-process: a process other than main
 def test_a_process_other_than_the_main_one_writes_nothing_and_tracks_nothing(tmp_path, monkeypatch):
     from tests.test_hooks import RAW_VERSIONS, TRAIN_TAGS, kedro_run, make_context, train
-    from warmup_distill_kedro.distributed import MainProcessWritesHook
-    from warmup_distill_kedro.hooks import MLflowTrackingHook
+    from warmup_distill_kedro.hooks.mlflow_tracking import MLflowTrackingHook
+    from warmup_distill_kedro.hooks.processes import MainProcessWritesHook
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -331,7 +332,7 @@ def test_process_local_dataset_keeps_saves_in_memory_and_reads_what_existed(tmp_
     from kedro.io import DataCatalog
     from kedro_datasets.pandas import CSVDataset
 
-    from warmup_distill_kedro.distributed import ProcessLocalDataset, keep_outputs_in_memory
+    from warmup_distill_kedro.hooks.processes import ProcessLocalDataset, keep_outputs_in_memory
 
     monkeypatch.setenv("RANK", "1")
     existing = tmp_path / "existing.csv"

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_project_copy
-from warmup_distill_kedro.core.modeling import Checkpoint
-from warmup_distill_kedro.resume import input_fingerprint
+from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.hooks.training_state import input_fingerprint
 
 STUDENT_STEPS = 800
 COMMAND = [
@@ -80,8 +80,8 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Path) -
 
 
 def test_the_fingerprint_follows_content_not_identity() -> None:
-    from warmup_distill_kedro.core.modeling import ModelSize, build_model
-    from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+    from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
+    from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(["a b c 1 2 3"] * 20, TokenizerConfig(vocab_size=270))
     size = ModelSize(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)

@@ -13,8 +13,8 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.datasets import COMPLETE_MARKER
 
 

@@ -3,10 +3,10 @@ and the config patterns the project adds."""
 
 from transformers.utils import logging as transformers_logging
 
-from warmup_distill_kedro.distributed import MainProcessWritesHook
-from warmup_distill_kedro.hooks import MLflowTrackingHook
-from warmup_distill_kedro.pipelines.distill.grid import GridParametersHook
-from warmup_distill_kedro.resume import TrainingStateHook
+from warmup_distill_kedro.grid import GridParametersHook
+from warmup_distill_kedro.hooks.mlflow_tracking import MLflowTrackingHook
+from warmup_distill_kedro.hooks.processes import MainProcessWritesHook
+from warmup_distill_kedro.hooks.training_state import TrainingStateHook
 
 # GridParametersHook first: it reads the distill grid's shape before any pipeline is built.
 # MainProcessWritesHook: under `accelerate launch`, processes other than the main one keep their outputs

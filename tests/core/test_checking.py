@@ -10,7 +10,15 @@ import torch
 from pydantic import ValidationError
 
 from tests.core.tiny_models import TINY_UNTIED
-from warmup_distill_kedro.core.checking import (
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.models.modeling import build_model
+from warmup_distill_kedro.core.models.tokenization import (
+    TokenizerConfig,
+    train_bpe_tokenizer,
+    vocabulary_fingerprint,
+)
+from warmup_distill_kedro.core.warmup.check import (
     CheckConfig,
     Rollout,
     ScoredResponse,
@@ -23,13 +31,6 @@ from warmup_distill_kedro.core.checking import (
     score_responses,
     token_at_char,
     token_char_starts,
-)
-from warmup_distill_kedro.core.modeling import build_model
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate
-from warmup_distill_kedro.core.tokenization import (
-    TokenizerConfig,
-    train_bpe_tokenizer,
-    vocabulary_fingerprint,
 )
 
 torch.set_num_threads(1)

@@ -15,7 +15,10 @@ import torch
 from pydantic import ValidationError
 from transformers import PreTrainedModel, Qwen2ForCausalLM
 
-from warmup_distill_kedro.core.dskd import (
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.kd.divergences import OBJECTIVES
+from warmup_distill_kedro.core.kd.dual_space import (
     DSKDConfig,
     StudentWithProjectors,
     collate_dual,
@@ -26,13 +29,17 @@ from warmup_distill_kedro.core.dskd import (
     encode_dual,
     projector_pretraining_loss,
 )
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, causal_lm_loss, collate, encode_pairs
-from warmup_distill_kedro.core.kd_losses import kd_loss
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
-from warmup_distill_kedro.core.objectives import OBJECTIVES
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, eos_and_pad_ids, train_bpe_tokenizer
-from warmup_distill_kedro.core.training import ShuffledBatches, TrainingConfig, TrainingRun
+from warmup_distill_kedro.core.kd.losses import kd_loss
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, causal_lm_loss, collate, encode_pairs
+from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import (
+    TokenizerConfig,
+    eos_and_pad_ids,
+    train_bpe_tokenizer,
+)
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.core.training.loop import TrainingRun
 
 torch.set_num_threads(1)
 

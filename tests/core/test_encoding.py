@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from warmup_distill_kedro.core.encoding import (
+from warmup_distill_kedro.core.models.encoding import (
     IGNORE_INDEX,
     PROMPT_KEEP_SHARE,
     EncodedExample,
@@ -17,9 +17,9 @@ from warmup_distill_kedro.core.encoding import (
     encode_pairs,
     shifted_token_logprobs,
 )
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
 
 torch.set_num_threads(1)
 

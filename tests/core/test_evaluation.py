@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from warmup_distill_kedro.core.checking import CheckConfig
-from warmup_distill_kedro.core.evaluation import instruction_rouge, sampled_token_check
-from warmup_distill_kedro.core.metrics import rouge_l
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate
+from warmup_distill_kedro.core.evaluation.generated import instruction_rouge, sampled_token_check
+from warmup_distill_kedro.core.evaluation.metrics import rouge_l
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.warmup.check import CheckConfig
 
 torch.set_num_threads(1)
 

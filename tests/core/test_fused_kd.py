@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX
-from warmup_distill_kedro.core.fused_kd import fused_distillation_loss
-from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss, kd_loss
-from warmup_distill_kedro.core.objectives import _LOG_FLOOR, OBJECTIVES, _per_position
+from warmup_distill_kedro.core.kd.divergences import _LOG_FLOOR, OBJECTIVES, _per_position
+from warmup_distill_kedro.core.kd.fused import fused_distillation_loss
+from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss, kd_loss
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from peak_memory import peak_memory  # noqa: E402

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, encode_pairs
-from warmup_distill_kedro.core.kd_data import KDDataConfig, StudentSampledBatches
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
-from warmup_distill_kedro.core.sampling import SamplingConfig
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.kd.data import KDDataConfig, StudentSampledBatches
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, encode_pairs
+from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, EncodedExample
-from warmup_distill_kedro.core.metrics import heldout_distribution, probability_histogram, rouge_l
+from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
+from warmup_distill_kedro.core.evaluation.metrics import probability_histogram, rouge_l
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample
 
 
 # -- Rouge-L ------------------------------------------------------------------------------------------------

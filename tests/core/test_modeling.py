@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from warmup_distill_kedro.core.modeling import (
+from warmup_distill_kedro.core.models.modeling import (
     METADATA_FILE,
     TOKENIZER_SUBFOLDER,
     Checkpoint,
@@ -19,7 +19,7 @@ from warmup_distill_kedro.core.modeling import (
     load_checkpoint,
     save_checkpoint,
 )
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 
 torch.set_num_threads(1)
 

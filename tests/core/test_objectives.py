@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX
-from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss, kd_loss
-from warmup_distill_kedro.core.objectives import OBJECTIVES, akl_weights, divergence, validate_options
+from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, akl_weights, divergence, validate_options
+from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss, kd_loss
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX
 
 torch.set_num_threads(1)
 

@@ -10,9 +10,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, causal_lm_loss, collate, encode_pairs
-from warmup_distill_kedro.core.modeling import ModelSize, build_model
-from warmup_distill_kedro.core.preference import (
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, causal_lm_loss, collate, encode_pairs
+from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.core.training.loop import TrainingRun
+from warmup_distill_kedro.core.warmup.preference import (
     PreferenceLossConfig,
     PreferencePair,
     collate_pairs,
@@ -22,8 +26,6 @@ from warmup_distill_kedro.core.preference import (
     sequence_logprobs,
     with_reference_logprobs,
 )
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
-from warmup_distill_kedro.core.training import ShuffledBatches, TrainingConfig, TrainingRun
 
 torch.set_num_threads(1)
 

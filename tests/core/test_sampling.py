@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tests.core.tiny_models import TINY_UNTIED
-from warmup_distill_kedro.core.modeling import build_model
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate, generate_from_ids
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate, generate_from_ids
+from warmup_distill_kedro.core.models.modeling import build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 
 torch.set_num_threads(1)
 

@@ -21,16 +21,22 @@ import torch
 from pydantic import ValidationError
 
 from tests.core.tiny_models import TINY_UNTIED
-from warmup_distill_kedro.core import sampling, vllm_backend
-from warmup_distill_kedro.core.modeling import (
+from warmup_distill_kedro.core.generation import config as generation_config
+from warmup_distill_kedro.core.generation import vllm_backend
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate, generate_from_ids
+from warmup_distill_kedro.core.generation.vllm_backend import release_vllm_engine, verify_weights_match_folder
+from warmup_distill_kedro.core.models.modeling import (
     Checkpoint,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate, generate_from_ids
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, eos_and_pad_ids, train_bpe_tokenizer
-from warmup_distill_kedro.core.vllm_backend import release_vllm_engine, verify_weights_match_folder
+from warmup_distill_kedro.core.models.tokenization import (
+    TokenizerConfig,
+    eos_and_pad_ids,
+    train_bpe_tokenizer,
+)
 from warmup_distill_kedro.pipelines.evaluate.params import EvaluateParams
 from warmup_distill_kedro.pipelines.probe.params import ProbeParams
 
@@ -46,7 +52,7 @@ PROMPTS = ["Question: what is 12 plus 345?\nAnswer:", "The cat", "The mat sat", 
 def no_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on a machine without vllm, even where it is installed."""
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    monkeypatch.setattr(sampling, "vllm_is_installed", lambda: False)
+    monkeypatch.setattr(generation_config, "vllm_is_installed", lambda: False)
     monkeypatch.setattr(vllm_backend, "vllm_is_installed", lambda: False)
 
 

@@ -29,23 +29,24 @@ import torch.multiprocessing as mp
 from accelerate.state import PartialState
 
 from tests.core.tiny_models import TINY_UNTIED
-from warmup_distill_kedro.core.checking import (
+from warmup_distill_kedro.core.evaluation.generated import math_accuracy
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.models.modeling import (
+    Checkpoint,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.processes import process_share
+from warmup_distill_kedro.core.warmup.check import (
     CheckConfig,
     Rollout,
     check_rollouts,
     correct_rollouts,
     token_char_starts,
 )
-from warmup_distill_kedro.core.evaluation import math_accuracy
-from warmup_distill_kedro.core.modeling import (
-    Checkpoint,
-    build_model,
-    load_checkpoint,
-    save_checkpoint,
-)
-from warmup_distill_kedro.core.processes import process_share
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from warmup_distill_kedro.core.tokenization import (
+from warmup_distill_kedro.core.models.tokenization import (
     EOS_TOKEN,
     PAD_TOKEN,
     TokenizerConfig,
@@ -88,7 +88,7 @@ def test_save_load_round_trip_keeps_ids(tokenizer, tmp_path):
 
 def test_tokenizer_next_to_qwen2_config_keeps_ids(tokenizer, tmp_path):
     """The pitfall: a qwen2 config.json in the same folder must not change how the tokenizer splits."""
-    from warmup_distill_kedro.core.modeling import ModelSize, build_model
+    from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
 
     size = ModelSize(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     model = build_model(size, tokenizer, seed=0)

@@ -10,15 +10,10 @@ import torch
 from pydantic import ValidationError
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from warmup_distill_kedro.core.training import (
-    NonFiniteLossError,
-    ShuffledBatches,
-    TrainingConfig,
-    TrainingRun,
-    set_state_folder,
-    train,
-    warmup_cosine,
-)
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.core.training.loop import NonFiniteLossError, TrainingRun, train, warmup_cosine
+from warmup_distill_kedro.core.training.state import set_state_folder
 
 torch.set_num_threads(1)
 
@@ -417,7 +412,7 @@ def test_a_sharded_run_trains_a_copy_and_writes_the_weights_back(monkeypatch):
     """Under FSDP the loop trains a copy and writes its full weights into the caller's model. Without a GPU
     FSDP cannot run: here the copy is trained as a plain model (what the write-back sees is the same),
     with two parameter groups at their own rates, which must follow the copy."""
-    import warmup_distill_kedro.core.training as training
+    import warmup_distill_kedro.core.training.loop as training
 
     config = _config(max_steps=3, learning_rate=1e-2, eval_every=2)
 

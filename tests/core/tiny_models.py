@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from warmup_distill_kedro.core.modeling import ModelSize
+from warmup_distill_kedro.core.models.modeling import ModelSize
 
 # Untied: with tied embeddings a random tiny model greedily repeats one token, which hides position errors.
 TINY_UNTIED = ModelSize(

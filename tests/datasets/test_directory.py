@@ -12,8 +12,8 @@ from kedro.io import DataCatalog
 from kedro.io.core import DatasetError, Version
 
 import warmup_distill_kedro.datasets.directory as directory_module
-from warmup_distill_kedro.core.modeling import Checkpoint, ModelSize, build_model
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.models.modeling import Checkpoint, ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.datasets import (
     COMPLETE_MARKER,
     AtomicDirectoryDataset,

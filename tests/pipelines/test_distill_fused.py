@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from warmup_distill_kedro.core.fused_kd import last_hidden_state, lm_head
-from warmup_distill_kedro.core.modeling import Checkpoint, ModelSize, build_model
-from warmup_distill_kedro.core.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.kd.fused import last_hidden_state, lm_head
+from warmup_distill_kedro.core.models.modeling import Checkpoint, ModelSize, build_model
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.pipelines.distill.nodes import _token_level_cell, distill_student
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
 
@@ -56,7 +56,7 @@ def _params(objective: str = "fkl", **changes) -> DistillParams:
 
 @pytest.mark.parametrize(("objective", "kd_rate"), [("fkl", 0.5), ("akl", 0.5), ("js", 1.0)])
 def test_a_fused_cell_gives_the_same_loss_metrics_and_gradients(checkpoints, objective, kd_rate):
-    from warmup_distill_kedro.core.encoding import encode_examples
+    from warmup_distill_kedro.core.models.encoding import encode_examples
 
     teacher, student = checkpoints
     encoded, _ = encode_examples(student.tokenizer, _examples(), 32)

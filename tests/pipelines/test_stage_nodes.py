@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from warmup_distill_kedro.core.modeling import Checkpoint
+from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.pipelines.probe.nodes import probe
 from warmup_distill_kedro.pipelines.probe.params import ProbeParams
 from warmup_distill_kedro.pipelines.warmup.nodes import warmup_student

@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_protocol_and_path
 from transformers import PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.modeling import Checkpoint, load_checkpoint, save_checkpoint
-from warmup_distill_kedro.core.tokenization import load_tokenizer, save_tokenizer
+from warmup_distill_kedro.core.models.modeling import Checkpoint, load_checkpoint, save_checkpoint
+from warmup_distill_kedro.core.models.tokenization import load_tokenizer, save_tokenizer
 
 COMPLETE_MARKER = ".complete"
 

@@ -13,12 +13,14 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
-from warmup_distill_kedro.core.evaluation import math_accuracy, validation_nll_fn
-from warmup_distill_kedro.core.modeling import Checkpoint, build_model, count_parameters
+from warmup_distill_kedro.core.evaluation.generated import math_accuracy
+from warmup_distill_kedro.core.evaluation.likelihood import validation_nll_fn
+from warmup_distill_kedro.core.models.encoding import causal_lm_loss, collate, encode_examples
+from warmup_distill_kedro.core.models.modeling import Checkpoint, build_model, count_parameters
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, train_bpe_tokenizer
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, train_bpe_tokenizer
-from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.loop import TrainingRun
 from warmup_distill_kedro.pipelines.bootstrap.params import EvalParams, SFTParams, TokenizerParams
 from warmup_distill_kedro.tracking import log_step_metrics
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.encoding import PromptOverflowParameter
-from warmup_distill_kedro.core.modeling import ModelSize
-from warmup_distill_kedro.core.sampling import SamplingConfig
-from warmup_distill_kedro.core.tokenization import TokenizerConfig
-from warmup_distill_kedro.core.training import TrainingConfig
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.models.encoding import PromptOverflowParameter
+from warmup_distill_kedro.core.models.modeling import ModelSize
+from warmup_distill_kedro.core.models.tokenization import TokenizerConfig
+from warmup_distill_kedro.core.training.config import TrainingConfig
 
 
 class TokenizerParams(BaseModel):

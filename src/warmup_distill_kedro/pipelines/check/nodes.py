@@ -9,7 +9,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from warmup_distill_kedro.core.checking import (
+from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
+from warmup_distill_kedro.core.tasks import math_exact_match
+from warmup_distill_kedro.core.warmup.check import (
     CheckedRollout,
     Rollout,
     ScoredResponse,
@@ -18,9 +21,6 @@ from warmup_distill_kedro.core.checking import (
     score_responses,
     token_at_char,
 )
-from warmup_distill_kedro.core.modeling import Checkpoint
-from warmup_distill_kedro.core.tasks import math_exact_match
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 
 logger = logging.getLogger(__name__)

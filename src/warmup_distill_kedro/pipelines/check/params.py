@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from warmup_distill_kedro.core.checking import CheckConfig
+from warmup_distill_kedro.core.warmup.check import CheckConfig
 
 
 class CheckParams(CheckConfig):

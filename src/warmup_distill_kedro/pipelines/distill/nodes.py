@@ -11,7 +11,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from warmup_distill_kedro.core.dskd import (
+from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
+from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.kd.data import StudentSampledBatches
+from warmup_distill_kedro.core.kd.dual_space import (
     DSKDConfig,
     StudentWithProjectors,
     collate_dual,
@@ -20,16 +23,14 @@ from warmup_distill_kedro.core.dskd import (
     encode_dual,
     projector_pretraining_loss,
 )
-from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
-from warmup_distill_kedro.core.fused_kd import fused_model_distillation_loss
-from warmup_distill_kedro.core.kd_data import StudentSampledBatches
-from warmup_distill_kedro.core.kd_losses import KDConfig, distillation_loss
-from warmup_distill_kedro.core.metrics import heldout_distribution
-from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
-from warmup_distill_kedro.core.sampling import generate
+from warmup_distill_kedro.core.kd.fused import fused_model_distillation_loss
+from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss
+from warmup_distill_kedro.core.models.encoding import causal_lm_loss, collate, encode_examples
+from warmup_distill_kedro.core.models.modeling import Checkpoint, count_parameters
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, vocabulary_fingerprint
-from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.loop import TrainingRun
 from warmup_distill_kedro.pipelines.distill.params import (
     BASELINE_OBJECTIVES,
     DUAL_SPACE_OBJECTIVES,

@@ -6,12 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from warmup_distill_kedro.core.dskd import DSKDConfig
-from warmup_distill_kedro.core.encoding import PromptOverflowParameter
-from warmup_distill_kedro.core.kd_data import KDDataConfig
-from warmup_distill_kedro.core.objectives import OBJECTIVES, validate_options
-from warmup_distill_kedro.core.training import TrainingConfig
-from warmup_distill_kedro.pipelines.distill.grid import VARIANTS
+from warmup_distill_kedro.core.kd.data import KDDataConfig
+from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, validate_options
+from warmup_distill_kedro.core.kd.dual_space import DSKDConfig
+from warmup_distill_kedro.core.models.encoding import PromptOverflowParameter
+from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.grid import VARIANTS
 
 # Dual-space KD (arXiv 2406.17328): one tokenizer (dskd) or two, aligned by cross-model attention (dskd_cma).
 DUAL_SPACE_OBJECTIVES: tuple[str, ...] = ("dskd", "dskd_cma")

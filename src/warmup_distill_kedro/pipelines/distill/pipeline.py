@@ -10,7 +10,7 @@ plain-SFT baseline (objective `sft`) reads `sft_examples`, the gold examples the
 
 from kedro.pipeline import Pipeline, node
 
-from warmup_distill_kedro.pipelines.distill.grid import STARTING_CHECKPOINTS, grid_cells
+from warmup_distill_kedro.grid import STARTING_CHECKPOINTS, grid_cells
 from warmup_distill_kedro.pipelines.distill.nodes import (
     cell_function,
     prepare_kd_examples,

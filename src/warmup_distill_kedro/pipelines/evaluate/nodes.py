@@ -9,11 +9,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from warmup_distill_kedro.core.encoding import encode_examples
-from warmup_distill_kedro.core.evaluation import instruction_rouge, math_accuracy, sampled_token_check
-from warmup_distill_kedro.core.metrics import heldout_distribution, probability_histogram
-from warmup_distill_kedro.core.modeling import Checkpoint
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, vocabulary_fingerprint
+from warmup_distill_kedro.core.evaluation.generated import (
+    instruction_rouge,
+    math_accuracy,
+    sampled_token_check,
+)
+from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
+from warmup_distill_kedro.core.evaluation.metrics import probability_histogram
+from warmup_distill_kedro.core.models.encoding import encode_examples
+from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 from warmup_distill_kedro.pipelines.evaluate.params import EvaluateParams
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.encoding import PromptOverflowParameter
-from warmup_distill_kedro.core.sampling import SamplingConfig
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.models.encoding import PromptOverflowParameter
 
 
 class EvaluateParams(BaseModel):

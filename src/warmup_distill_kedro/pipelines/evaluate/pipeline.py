@@ -9,7 +9,7 @@ measures: for nodes tagged `evaluation` the MLflow hook logs the metrics to the 
 
 from kedro.pipeline import Pipeline, node
 
-from warmup_distill_kedro.pipelines.distill.grid import STARTING_CHECKPOINTS, grid_cells
+from warmup_distill_kedro.grid import STARTING_CHECKPOINTS, grid_cells
 from warmup_distill_kedro.pipelines.evaluate.nodes import evaluate_teacher, student_evaluation
 
 # The student each variant starts distillation from, evaluated before KD under this subject name.

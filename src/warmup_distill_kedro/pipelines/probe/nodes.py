@@ -6,10 +6,10 @@ import logging
 
 import pandas as pd
 
-from warmup_distill_kedro.core.checking import token_char_starts
-from warmup_distill_kedro.core.modeling import Checkpoint
-from warmup_distill_kedro.core.sampling import generate
-from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
+from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
+from warmup_distill_kedro.core.warmup.check import token_char_starts
 from warmup_distill_kedro.pipelines.probe.params import ProbeParams
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.sampling import SamplingBackend, SamplingConfig
+from warmup_distill_kedro.core.generation.config import SamplingBackend, SamplingConfig
 
 
 class ProbeParams(BaseModel):

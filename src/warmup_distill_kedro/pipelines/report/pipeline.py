@@ -8,7 +8,7 @@ import warnings
 
 from kedro.pipeline import Pipeline, node
 
-from warmup_distill_kedro.pipelines.distill.grid import grid_cells
+from warmup_distill_kedro.grid import grid_cells
 from warmup_distill_kedro.pipelines.evaluate.pipeline import STUDENT_SUBJECTS, students_before_kd
 from warmup_distill_kedro.pipelines.report.nodes import (
     curves_function,

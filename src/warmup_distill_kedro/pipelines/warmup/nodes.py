@@ -8,17 +8,18 @@ from typing import Any
 
 import pandas as pd
 
-from warmup_distill_kedro.core.encoding import causal_lm_loss, collate, encode_examples
-from warmup_distill_kedro.core.evaluation import validation_nll_fn
-from warmup_distill_kedro.core.modeling import Checkpoint, count_parameters
-from warmup_distill_kedro.core.preference import (
+from warmup_distill_kedro.core.evaluation.likelihood import validation_nll_fn
+from warmup_distill_kedro.core.models.encoding import causal_lm_loss, collate, encode_examples
+from warmup_distill_kedro.core.models.modeling import Checkpoint, count_parameters
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.loop import TrainingRun
+from warmup_distill_kedro.core.warmup.preference import (
     collate_pairs,
     encode_preference_pairs,
     preference_loss_fn,
     with_reference_logprobs,
 )
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
-from warmup_distill_kedro.core.training import ShuffledBatches, TrainingRun
 from warmup_distill_kedro.pipelines.warmup.params import WarmupParams
 from warmup_distill_kedro.tracking import log_step_metrics
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from warmup_distill_kedro.core.encoding import PromptOverflowParameter
-from warmup_distill_kedro.core.preference import PreferenceLossConfig
-from warmup_distill_kedro.core.training import TrainingConfig
+from warmup_distill_kedro.core.models.encoding import PromptOverflowParameter
+from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.core.warmup.preference import PreferenceLossConfig
 
 
 class WarmupParams(BaseModel):

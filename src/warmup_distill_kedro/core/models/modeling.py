@@ -23,7 +23,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids, load_tokenizer, save_tokenizer
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, load_tokenizer, save_tokenizer
 
 TOKENIZER_SUBFOLDER = "tokenizer"
 METADATA_FILE = "checkpoint_meta.json"

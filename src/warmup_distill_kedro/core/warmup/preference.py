@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.encoding import (
+from warmup_distill_kedro.core.models.encoding import (
     EncodedExample,
     PromptOverflow,
     collate,

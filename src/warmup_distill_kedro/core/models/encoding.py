@@ -16,8 +16,8 @@ import torch.nn.functional
 from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 

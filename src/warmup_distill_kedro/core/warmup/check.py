@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate_from_ids
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.processes import gather_in_order, is_main_process, process_share
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate_from_ids
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
 
 CheckRule = Literal["teacher_prob", "margin", "top_k"]
 CHECK_RULES: tuple[str, ...] = ("teacher_prob", "margin", "top_k")

@@ -28,12 +28,12 @@ import torch
 from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
-from warmup_distill_kedro.core.modeling import Checkpoint
+from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.processes import is_main_process
-from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
-from warmup_distill_kedro.core.training import set_state_folder
-from warmup_distill_kedro.distributed import broadcast_from_main
-from warmup_distill_kedro.hooks import TRAINING_TAG
+from warmup_distill_kedro.core.training.state import set_state_folder
+from warmup_distill_kedro.hooks.mlflow_tracking import TRAINING_TAG
+from warmup_distill_kedro.hooks.processes import broadcast_from_main
 
 logger = logging.getLogger(__name__)
 

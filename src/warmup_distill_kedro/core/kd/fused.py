@@ -33,8 +33,8 @@ import torch.nn.functional
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from warmup_distill_kedro.core.chunked_kd import LossSpec, Scratch, chunk_loss, mixed_loss, release_or_copy
-from warmup_distill_kedro.core.kd_losses import (
+from warmup_distill_kedro.core.kd.chunked import LossSpec, Scratch, chunk_loss, mixed_loss, release_or_copy
+from warmup_distill_kedro.core.kd.losses import (
     KDConfig,
     common_vocab,
     distillation_metrics,

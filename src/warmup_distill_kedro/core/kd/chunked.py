@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from warmup_distill_kedro.core.objectives import (
+from warmup_distill_kedro.core.kd.divergences import (
     _LOG_FLOOR,
     _MIX_CLAMP,
     _divergence,

@@ -3,30 +3,28 @@
 * ``math_accuracy``: exact match of the final ``#### N`` under greedy decoding.
 * ``instruction_rouge``: Rouge-L of sampled responses, one mean per sampling seed.
 * ``sampled_token_check``: the share of the model's sampled tokens the teacher's check rule rejects.
-* ``response_nll``: gold-response NLL (the SFT loss); ``validation_nll_fn`` makes it a training eval_fn.
 
 Several processes (torch.distributed initialized, world size > 1): the generation-based scores are
 collectives by default (`across_processes=True`): every process calls them with the same model and
 examples, each generates a share of the batches and every process gets every prediction, in order
-(see `core.sampling.generate_from_ids`). Pass `across_processes=False` where one process evaluates alone.
+(see `core.generation.sampling.generate_from_ids`). Pass `across_processes=False` where one process evaluates alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.checking import CheckConfig, Rollout, check_rollouts, token_char_starts
-from warmup_distill_kedro.core.encoding import EncodedExample, causal_lm_loss, collate
-from warmup_distill_kedro.core.metrics import rouge_l
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate
+from warmup_distill_kedro.core.evaluation.metrics import rouge_l
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR, math_exact_match
-from warmup_distill_kedro.core.tokenization import vocabulary_fingerprint
+from warmup_distill_kedro.core.warmup.check import CheckConfig, Rollout, check_rollouts, token_char_starts
 
 
 def math_accuracy(
@@ -51,35 +49,6 @@ def math_accuracy(
         math_exact_match(g.text, answer) for g, answer in zip(generations, examples["answer"], strict=True)
     ]
     return float(predictions["correct"].mean()), predictions
-
-
-@torch.no_grad()
-def response_nll(
-    model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int
-) -> float:
-    """Token-mean negative log-likelihood of the response tokens (the SFT loss, without smoothing)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0.0
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], pad_id)
-        loss, metrics = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
-        total += loss.item() * metrics["tokens"]
-        tokens += metrics["tokens"]
-    model.train(was_training)
-    return total / max(tokens, 1.0)
-
-
-def validation_nll_fn(
-    encoded: Sequence[EncodedExample], pad_id: int, batch_size: int
-) -> Callable[[torch.nn.Module], dict[str, float]]:
-    """The eval_fn of an SFT-style training run: `{"validation_nll": ...}` on `encoded` gold examples."""
-
-    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
-        return {"validation_nll": response_nll(model, encoded, pad_id, batch_size)}
-
-    return validation_nll
 
 
 def instruction_rouge(

@@ -1,34 +1,47 @@
-"""Metrics that compare a model with references or with the teacher (no generation here).
+"""Scores of gold responses under a model: nothing is generated.
 
-* ``rouge_l``: Rouge-L F1 with stemming, the best over a prompt's references (the DSKD evaluation).
-* ``heldout_distribution``: on gold responses, the student's NLL and entropy, the teacher's entropy and
-  KL(teacher || student), token means over response tokens only.
-* ``probability_histogram``: counts of probabilities in equal bins, small enough for a JSON metric file.
+* ``response_nll``: the token-mean NLL of the response tokens (the SFT loss); ``validation_nll_fn`` makes it
+  a training loop's eval_fn.
+* ``heldout_distribution``: the student's NLL and entropy, the teacher's entropy and KL(teacher || student),
+  token means over response tokens only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
-from rouge_score import rouge_scorer
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, EncodedExample, collate
-
-
-@lru_cache(maxsize=1)
-def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample, causal_lm_loss, collate
 
 
-def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """Rouge-L F1 (stemmed) of `prediction` against its closest reference; 0.0 for an empty prediction."""
-    if not references:
-        raise ValueError("rouge_l needs at least one reference")
-    scorer = _rouge_l_scorer()
-    return max(scorer.score(reference, prediction)["rougeL"].fmeasure for reference in references)
+@torch.no_grad()
+def response_nll(
+    model: torch.nn.Module, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int
+) -> float:
+    """Token-mean negative log-likelihood of the response tokens (the SFT loss, without smoothing)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0.0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], pad_id)
+        loss, metrics = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        total += loss.item() * metrics["tokens"]
+        tokens += metrics["tokens"]
+    model.train(was_training)
+    return total / max(tokens, 1.0)
+
+
+def validation_nll_fn(
+    encoded: Sequence[EncodedExample], pad_id: int, batch_size: int
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """The eval_fn of an SFT-style training run: `{"validation_nll": ...}` on `encoded` gold examples."""
+
+    def validation_nll(model: torch.nn.Module) -> dict[str, float]:
+        return {"validation_nll": response_nll(model, encoded, pad_id, batch_size)}
+
+    return validation_nll
 
 
 @torch.no_grad()
@@ -86,9 +99,3 @@ def _response_logprobs(
 def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
     # exp(-inf) * -inf is nan: a column with probability 0 contributes 0.
     return -(logprobs.exp() * logprobs.clamp_min(torch.finfo(logprobs.dtype).min)).sum(-1)
-
-
-def probability_histogram(probabilities: np.ndarray, bins: int = 20) -> dict[str, list]:
-    """Counts of `probabilities` in `bins` equal bins over [0, 1] (1.0 falls in the last bin)."""
-    counts, edges = np.histogram(np.asarray(probabilities, dtype=np.float64), bins=bins, range=(0.0, 1.0))
-    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.processes import process_rank_and_count
-from warmup_distill_kedro.core.sampling import (
+from warmup_distill_kedro.core.generation.config import (
     VLLM_MISSING,
     Generation,
     SamplingConfig,
     vllm_is_installed,
 )
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.processes import process_rank_and_count
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX, EncodedExample, collate
-from warmup_distill_kedro.core.sampling import SamplingConfig, generate_from_ids
-from warmup_distill_kedro.core.tokenization import eos_and_pad_ids
-from warmup_distill_kedro.core.training import ShuffledBatches
+from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.generation.sampling import generate_from_ids
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample, collate
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
 
 KDDataMode = Literal["off_policy", "on_policy", "adaptive", "sequence_kd"]
 

@@ -57,15 +57,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from warmup_distill_kedro.core.encoding import (
+from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, validate_options
+from warmup_distill_kedro.core.kd.losses import common_vocab, kd_loss
+from warmup_distill_kedro.core.models.encoding import (
     IGNORE_INDEX,
     EncodedExample,
     collate,
     encode_pairs,
     shifted_token_logprobs,
 )
-from warmup_distill_kedro.core.kd_losses import common_vocab, kd_loss
-from warmup_distill_kedro.core.objectives import OBJECTIVES, validate_options
 
 TEACHER_PREFIX = "teacher_"  # teacher-side keys of a dual batch: teacher_input_ids, ...
 _STD_EPS = 1e-6

@@ -15,14 +15,14 @@ import torch.nn.functional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from warmup_distill_kedro.core.chunked_kd import ChunkedLoss, LossSpec, chunk_rows
-from warmup_distill_kedro.core.encoding import IGNORE_INDEX
-from warmup_distill_kedro.core.objectives import (
+from warmup_distill_kedro.core.kd.chunked import ChunkedLoss, LossSpec, chunk_rows
+from warmup_distill_kedro.core.kd.divergences import (
     OBJECTIVES,
     _check_temperature,
     _unknown_objective,
     validate_options,
 )
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX
 
 
 # -- the masked mean ------------------------------------------------------------------------------------------

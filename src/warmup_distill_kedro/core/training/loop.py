@@ -24,93 +24,42 @@ import copy
 import logging
 import math
 import os
-import random
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
+
+from warmup_distill_kedro.core.training.batches import Batch, BatchSource
+from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.core.training.parallel import (
+    allow_mixed_precision,
+    broadcast_into,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    fill_deepspeed_config,
+    shards_parameters,
+)
+from warmup_distill_kedro.core.training.state import (
+    STATE_FILE,
+    current_state_folder,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    slug,
+)
 
 logger = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Mapping[str, float]]]
 EvalFn = Callable[[torch.nn.Module], Mapping[str, float]]
 MetricsSink = Callable[[Mapping[str, float], int], None]
-
-
-class TrainingConfig(BaseModel):
-    """Budget and optimisation settings; budgets are optimizer steps, never seconds."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_steps: int = Field(gt=0, description="optimizer steps")
-    batch_size: int = Field(gt=0, description="examples per forward pass and process")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of the peak rate")
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
-    seed: int = 0
-    checkpoint_every: int = Field(
-        100, ge=0, description="save the resumable state every N steps when a state folder is set; 0: never"
-    )
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    gradient_checkpointing: bool = Field(
-        False,
-        description="recompute activations in the backward pass (non-reentrant): less memory, more compute",
-    )
-    show_progress: bool = True
-
-
-class BatchSource(Protocol):
-    """Data for the loop, addressed by position so that a run can resume exactly where it stopped."""
-
-    def batch(self, position: int) -> Batch: ...
-
-
-class ShuffledBatches:
-    """Fixed-size batches over a list of examples, reshuffled each epoch by a seeded permutation."""
-
-    def __init__(
-        self, examples: Sequence[Any], batch_size: int, collate_fn: Callable[[list], Batch], seed: int
-    ):
-        if not examples:
-            raise ValueError("no training examples: the data source is empty")
-        self.examples = examples
-        self.batch_size = min(batch_size, len(examples))
-        self.collate_fn = collate_fn
-        self.seed = seed
-        self.batches_per_epoch = len(examples) // self.batch_size  # drop the ragged tail: equal batch sizes
-        self._order_epoch: int | None = None
-        self._order: list[int] = []
-
-    def _order_for(self, epoch: int) -> list[int]:
-        if self._order_epoch != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(len(self.examples), generator=generator).tolist()
-            self._order_epoch = epoch
-        return self._order
-
-    def batch(self, position: int) -> Batch:
-        epoch, index = divmod(position, self.batches_per_epoch)
-        order = self._order_for(epoch)
-        chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
-        return self.collate_fn([self.examples[i] for i in chosen])
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -131,17 +80,6 @@ class TrainResult:
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-STATE_FILE = "state.pt"
-# Where runs save their resumable state when none is passed: set around a node by the project's
-# TrainingStateHook (a context variable, so the core needs no Kedro and nodes need no extra argument).
-_STATE_FOLDER: ContextVar[Path | None] = ContextVar("training_state_folder", default=None)
-
-
-def set_state_folder(folder: str | Path | None) -> None:
-    """The folder under which `TrainingRun`s save and resume their state (None: nowhere)."""
-    _STATE_FOLDER.set(Path(folder) if folder is not None else None)
 
 
 class TrainingRun:
@@ -166,7 +104,7 @@ class TrainingRun:
         self.eval_fn = eval_fn
         self.metrics_sink = metrics_sink
         self.name = name
-        _allow_mixed_precision(config.mixed_precision)
+        allow_mixed_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()),
             mixed_precision=config.mixed_precision,
@@ -204,7 +142,7 @@ class TrainingRun:
                 )
             model, groups = copy.deepcopy((model, groups))  # one memo: the groups point into the copy
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            _fill_deepspeed_config(self.accelerator, config)
+            fill_deepspeed_config(self.accelerator, config)
         optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
         # The loss runs inside the prepared module's forward, so that a loss reaching into the model (a head,
         # DSKD's projectors) still goes through DDP / FSDP / DeepSpeed, which sync gradients and gather
@@ -226,8 +164,8 @@ class TrainingRun:
         self.history: list[dict[str, float]] = []
         self.final_eval: dict[str, float] = {}
         # One sub-folder per run name: a node may train more than once (DSKD pre-trains its projectors).
-        root = Path(state_folder) if state_folder is not None else _STATE_FOLDER.get()
-        self.state_file = root / _slug(name) / STATE_FILE if root is not None else None
+        root = Path(state_folder) if state_folder is not None else current_state_folder()
+        self.state_file = root / slug(name) / STATE_FILE if root is not None else None
         partitioned = self._shards or self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.state_file is not None and partitioned:
             logger.warning(
@@ -375,8 +313,7 @@ class TrainingRun:
             return self._sync_caller_model()
         model = self.accelerator.unwrap_model(self.prepared, keep_fp32_wrapper=False).model
         if self._checkpointing:
-            for target in _checkpointing_targets(model):
-                _call_either(target, "activation_checkpointing_disable", "gradient_checkpointing_disable")
+            disable_gradient_checkpointing(model)
         return model
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -455,7 +392,7 @@ class TrainingRun:
         main = self.accelerator.is_main_process
         full = {k.removeprefix(prefix): v for k, v in full.items()} if main else {}
         target = self._caller_model.to(self.accelerator.device)
-        _broadcast_into(target, full, self.accelerator)
+        broadcast_into(target, full, self.accelerator)
         return target
 
     def _emit(self, metrics: Mapping[str, float]) -> None:
@@ -463,20 +400,6 @@ class TrainingRun:
         self.history.append(record)
         if self.metrics_sink is not None and self.accelerator.is_main_process:
             self.metrics_sink(metrics, self.step)
-
-
-def _allow_mixed_precision(mixed_precision: str) -> None:
-    """Let this run use its own mixed precision in a process where an earlier run used another.
-
-    accelerate keeps the precision in a per-process singleton (AcceleratorState) and refuses a second
-    Accelerator with another one; a `kedro run` trains several nodes in one process, and their
-    `training.mixed_precision` may differ (a float32 bootstrap, a bf16 stage). Only that part of the state
-    is reset: the process group (PartialState) stays. DeepSpeed takes its precision from its own config.
-    """
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        if state.get("distributed_type") != DistributedType.DEEPSPEED:
-            AcceleratorState._reset_state()
 
 
 class _LossModule(torch.nn.Module):
@@ -493,101 +416,6 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def shards_parameters(accelerator: Accelerator) -> bool:
-    """Whether the prepared model will hold only a shard of each parameter (FSDP, DeepSpeed ZeRO-3)."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.state.deepspeed_plugin.zero_stage == 3
-    return False
-
-
-_DEEPSPEED_CONFIGS: dict[int, dict[str, Any]] = {}
-
-
-def _fill_deepspeed_config(accelerator: Accelerator, config: TrainingConfig) -> None:
-    """DeepSpeed sizes its batches from a DataLoader, which this loop has none of: fill its `auto`
-    values from the training config. Untested here (no GPU, no deepspeed on the CPU box)."""
-    plugin = accelerator.state.deepspeed_plugin
-    ds_config = plugin.deepspeed_config
-    # accelerate fills `auto` values in place when it prepares a model, and the plugin is shared by every
-    # Accelerator of the process: restore the config as launched before each run fills it for itself.
-    original = _DEEPSPEED_CONFIGS.setdefault(id(plugin), copy.deepcopy(ds_config))
-    ds_config.clear()
-    ds_config.update(copy.deepcopy(original))
-    if plugin.is_auto("train_micro_batch_size_per_gpu"):
-        ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
-    if plugin.is_auto("gradient_clipping"):
-        ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
-
-
-def _checkpointing_targets(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model itself when it is a transformers model, else its direct children that are (DSKD's
-    `StudentWithProjectors` holds the student)."""
-    if _is_transformers_model(model):
-        return [model]
-    return [child for child in model.children() if _is_transformers_model(child)]
-
-
-def _is_transformers_model(module: torch.nn.Module) -> bool:
-    return hasattr(module, "supports_gradient_checkpointing")
-
-
-def _call_either(module: torch.nn.Module, name: str, older_name: str, **kwargs: Any) -> None:
-    """transformers 5 renamed gradient checkpointing to activation checkpointing (the old names warn)."""
-    if hasattr(module, name):
-        getattr(module, name)(**kwargs)
-    else:
-        getattr(module, older_name)(**{k.replace("activation_", "gradient_"): v for k, v in kwargs.items()})
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> bool:
-    """`training.gradient_checkpointing: true`: recompute activations in the backward pass."""
-    targets = _checkpointing_targets(model)
-    unsupported = [t for t in targets if not t.supports_gradient_checkpointing]
-    if not targets or unsupported:
-        raise ValueError(
-            f"training.gradient_checkpointing is true, but {type((unsupported or [model])[0]).__name__} does "
-            "not support gradient checkpointing; set training.gradient_checkpointing: false"
-        )
-    for target in targets:
-        # Non-reentrant: works with DDP's no_sync, with inputs that need no grad, and under FSDP.
-        _call_either(
-            target,
-            "activation_checkpointing_enable",
-            "gradient_checkpointing_enable",
-            activation_checkpointing_kwargs={"use_reentrant": False},
-        )
-    return True
-
-
-@torch.no_grad()
-def _broadcast_into(
-    model: torch.nn.Module, full: Mapping[str, torch.Tensor], accelerator: Accelerator
-) -> None:
-    """Copy the main process's `full` state dict into `model` on every process, tensor by tensor (the
-    main process's tensors are cast to the model's dtype; other processes pass an empty dict)."""
-    names = list(full) if accelerator.is_main_process else None
-    names = broadcast_object_list([names])[0] if accelerator.num_processes > 1 else names
-    own = model.state_dict()
-    missing = [name for name in names if name not in own]
-    if missing:
-        raise KeyError(f"the trained weights have entries the model lacks: {missing[:5]}")
-    for name in names:
-        destination = own[name]
-        if accelerator.is_main_process:
-            tensor = full[name].to(device=accelerator.device, dtype=destination.dtype)
-        else:
-            tensor = torch.empty_like(destination, device=accelerator.device)
-        if accelerator.num_processes > 1:
-            torch.distributed.broadcast(tensor, src=0)
-        destination.copy_(tensor)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "train"
-
-
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -602,24 +430,3 @@ def train(
 def _mean_metrics(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
     keys = {k for r in records for k in r}
     return {k: float(np.mean([r[k] for r in records if k in r])) for k in sorted(keys)}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
