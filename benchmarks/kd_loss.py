@@ -3,11 +3,11 @@
 Part 1, `kd_loss` from logits: forward + backward on float32 student logits [1, tokens, V] that require
 grad (the teacher's do not), at V = 32,000 and 152,064 (Qwen2.5's padded vocabulary). The unchunked
 baseline is the textbook loss with autograd over the full logits (`divergence(...).mean()`); against it,
-`core.objectives.kd_loss` with `chunk_size` positions per chunk and with its default (for fkl and rkl a
+`core.kd.losses.kd_loss` with `chunk_size` positions per chunk and with its default (for fkl and rkl a
 closed form whose chunk is sized to stay in the CPU caches). The issue's goal at 152k: the chunked loss
 needs at most 35% of the unchunked one's extra memory, with the same value (relative difference below 1e-5).
 
-Part 2, the distill loss from hidden states: `core.fused_kd.fused_distillation_loss` (neither model's
+Part 2, the distill loss from hidden states: `core.kd.fused.fused_distillation_loss` (neither model's
 full logits ever exist) against the naive path (both heads' full logits, then 0.5 CE + 0.5 KD with
 autograd over them) and the project's `distillation_loss` on those logits, forward + backward to the
 student's hidden states and head, at Qwen2.5 sizes: student hidden 1536 with 151,936 head rows (1.5B),

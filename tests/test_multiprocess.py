@@ -137,6 +137,7 @@ def _worker(out: Path) -> None:
     """What each launched process runs: three small trainings, results in OUT/rank<r>.{json,pt}."""
     torch.set_num_threads(1)
     import warmup_distill_kedro.core.training.loop as training
+    from warmup_distill_kedro.core.training.batches import ShuffledBatches
     from tests.core.test_training import _collate, _examples, _model, causal_lm_loss
 
     sink: list = []
@@ -175,7 +176,7 @@ def _worker(out: Path) -> None:
     step_counter = training.TrainingRun(
         _model(),
         loss_fn,
-        training.ShuffledBatches(_examples(64), 4, _collate, 1),
+        ShuffledBatches(_examples(64), 4, _collate, 1),
         _loop_config(4),
         name="nan",
     )

@@ -162,9 +162,8 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     assert not (project_copy / "data/06_models/teacher_model").exists()
     assert not (project_copy / "data/06_models/student_tokenizer").exists()
     warmup = _latest(project_copy / "data/06_models/student_warmup")
-    assert json.loads((warmup / "checkpoint_meta.json").read_text())["source"] == str(
-        project_copy / "student"
-    )
+    started_from = json.loads((warmup / "checkpoint_meta.json").read_text())["started_from"]
+    assert started_from["path"] == started_from["source"] == str(project_copy / "student")
 
 
 def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
@@ -264,7 +263,7 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     # The equal-step SFT baseline from the fairness-control student: no teacher in the loss.
     _run(project_copy, ["distill"], distill={"variants": ["control"], "objectives": ["sft"]})
     checkpoint = _latest(project_copy / "data/06_models/distilled/control.sft.student")
-    assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["kd"] is None
+    assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["loss"] is None
     metrics = json.loads(
         _latest(project_copy / "data/08_reporting/distill/control.sft.distill_metrics.json").read_text()
     )
@@ -327,7 +326,7 @@ def test_dual_space_cells(project_copy: Path, objective: str, own_teacher_tokeni
     _run(project_copy, ["distill"], distill=cell)
 
     checkpoint = _latest(project_copy / f"data/06_models/distilled/vanilla.{objective}.student")
-    assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["kd"]["projector_lr"] == 1e-3
+    assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["loss"]["projector_lr"] == 1e-3
     assert (checkpoint / "config.json").is_file()  # the plain student, without its projectors
     metrics = json.loads(
         _latest(
@@ -354,7 +353,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     _run(project_copy, ["__default__"])
 
     reporting = project_copy / "data/08_reporting"
-    subjects = ["teacher", "student", "warmup_student", "control_student"] + [
+    subjects = ["teacher", "vanilla.before_kd", "warmup.before_kd", "control.before_kd"] + [
         f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")
     ]
     evaluations = {
@@ -392,7 +391,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    for run_name, subject in (("sft_teacher", "teacher"), ("warmup_student", "warmup_student"),
+    for run_name, subject in (("sft_teacher", "teacher"), ("warmup_student", "warmup.before_kd"),
                               ("warmup.fkl.distill", "warmup.fkl")):  # fmt: skip
         run = by_name[run_name]
         assert run.data.tags["evaluation.subject"] == subject

@@ -190,13 +190,8 @@ def compare_table(
     ``variants`` / ``objectives`` select what is shown (default: everything the runs hold); naming one
     that no run has gives its rows status ``missing``.
     """
-    from warmup_distill_kedro.reporting.table import (
-        BEFORE_KD,
-        DELTA_VARIANTS,
-        TEACHER,
-        build_table,
-        render_markdown,
-    )
+    from warmup_distill_kedro.reporting.markdown import render_markdown
+    from warmup_distill_kedro.reporting.table import BEFORE_KD, DELTA_VARIANTS, TEACHER, build_table
 
     records = runs_records(tracking_uri, experiment, parent_run_ids)
     # Named variants/objectives select; the references (teacher, students before KD) stay with them.

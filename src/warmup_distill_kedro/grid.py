@@ -1,64 +1,134 @@
-"""The cells of the distill grid: student variants x objectives, as the run's parameters list them.
+"""The distill grid, defined once: which students start distillation, which objectives train them, and
+every model the flow measures. The distill, evaluate and report pipelines, the report's table and plots
+and `kedro compare` all take their names from here.
 
-Kedro builds pipelines without parameters, but the grid's shape is a parameter (`distill.variants`,
-`distill.objectives`, overridable with `--params`). `GridParametersHook` reads them from the run's
-config loader when the context is created, which Kedro does before it asks the registry for pipelines.
-Without a context (a bare `register_pipelines()` call) the defaults below apply.
+- A *variant* is where a student starts distillation, each a checkpoint of the catalog:
+  `vanilla` (`student_model`: the student as bootstrapped or given), `warmup` (`student_warmup`: after
+  the warmup stage) and `control` (`student_control`: the fairness control, the vanilla student given
+  warmup's extra steps as plain SFT on the same prompts' gold responses).
+- A *cell* is a (variant, objective) pair. Its nodes live in the namespace `<variant>.<objective>`
+  (`vanilla.fkl.distill`, `vanilla.fkl.evaluate`) and its outputs are named after it
+  (`vanilla.fkl.student`, `vanilla.fkl.distill_metrics`, `vanilla.fkl.evaluation_metrics`).
+- A *subject* is a model the evaluate pipeline measures: the teacher, every variant's student before
+  distillation (objective `before_kd`, e.g. `vanilla.before_kd`) and every cell's distilled student.
+
+The grid's shape is a parameter (`distill.variants`, `distill.objectives`, overridable with `--params`),
+but Kedro builds pipelines without parameters: `hooks.grid.GridParametersHook` hands this module the
+run's `distill` block (`use_parameters`) before the registry builds the pipelines. Without it (a bare
+`register_pipelines()`) the defaults below apply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from kedro.framework.hooks import hook_impl
+from warmup_distill_kedro.core.kd.cell import BASELINE_OBJECTIVES, CELL_OBJECTIVES
 
-VARIANTS: tuple[str, ...] = ("vanilla", "warmup", "control")
-# Which checkpoint each variant starts distillation from. `control` is the fairness control: the vanilla
-# student given warmup's extra steps as plain SFT on the same prompts' gold responses.
+TEACHER = "teacher"
+TEACHER_CHECKPOINT = "teacher_model"
+# The objective name of a student measured before distillation (a row of reference in the report).
+BEFORE_KD = "before_kd"
+
+# Each variant's starting checkpoint (a catalog dataset).
 STARTING_CHECKPOINTS: dict[str, str] = {
     "vanilla": "student_model",
     "warmup": "student_warmup",
     "control": "student_control",
 }
+VARIANTS: tuple[str, ...] = tuple(STARTING_CHECKPOINTS)
 DEFAULT_VARIANTS: tuple[str, ...] = ("vanilla", "warmup")
 DEFAULT_OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "skl", "srkl", "akl", "dskd", "sft")
 
-_distill_parameters: dict[str, Any] = {}
+_parameters: dict[str, Any] = {}
 
 
-class GridParametersHook:
-    """Remembers the `distill` parameters of the run being set up (CLI `--params` included)."""
-
-    @hook_impl
-    def after_context_created(self, context: Any) -> None:
-        current = dict(context.config_loader["parameters"].get("distill") or {})
-        if current == _distill_parameters:
-            return
-        _distill_parameters.clear()
-        _distill_parameters.update(current)
-        # Kedro caches the registry's pipelines per process; a run with another grid (a second session in
-        # a notebook or a test) must build them again.
-        from kedro.framework import project
-
-        if project.PACKAGE_NAME:
-            project.pipelines.configure(f"{project.PACKAGE_NAME}.pipeline_registry")
+def use_parameters(distill: Mapping[str, Any]) -> bool:
+    """Take the run's `distill` parameter block as the grid's source; True when it changed the grid."""
+    current = dict(distill)
+    if current == _parameters:
+        return False
+    _parameters.clear()
+    _parameters.update(current)
+    return True
 
 
-def grid_cells(parameters: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
-    """(variant, objective) for every cell, variants outermost."""
-    parameters = _distill_parameters if parameters is None else parameters
+@dataclass(frozen=True)
+class Cell:
+    """One (variant, objective) cell of the grid."""
+
+    variant: str
+    objective: str
+
+    @property
+    def name(self) -> str:
+        """The namespace of the cell's nodes and the prefix of its outputs."""
+        return f"{self.variant}.{self.objective}"
+
+    @property
+    def start(self) -> str:
+        """The checkpoint the cell's student starts from."""
+        return STARTING_CHECKPOINTS[self.variant]
+
+    @property
+    def examples(self) -> str:
+        """What the cell trains on: the shared KD set, or the student's gold examples for the baseline."""
+        return "sft_examples" if self.objective in BASELINE_OBJECTIVES else "kd_examples"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model the evaluate pipeline measures, and the checkpoint it is loaded from."""
+
+    variant: str
+    objective: str
+    checkpoint: str
+
+    @property
+    def name(self) -> str:
+        return TEACHER if self.variant == TEACHER else f"{self.variant}.{self.objective}"
+
+
+def cells(parameters: Mapping[str, Any] | None = None) -> list[Cell]:
+    """Every cell of the grid, variants outermost, in the order the parameters list them."""
+    parameters = _parameters if parameters is None else parameters
     variants = _names(parameters.get("variants", DEFAULT_VARIANTS), "distill.variants", VARIANTS)
-    objectives = _names(parameters.get("objectives", DEFAULT_OBJECTIVES), "distill.objectives", None)
-    return [(variant, objective) for variant in variants for objective in objectives]
+    objectives = _names(
+        parameters.get("objectives", DEFAULT_OBJECTIVES), "distill.objectives", CELL_OBJECTIVES
+    )
+    return [Cell(variant, objective) for variant in variants for objective in objectives]
 
 
-def _names(value: Any, parameter: str, allowed: Sequence[str] | None) -> list[str]:
+def variants_of(grid: Sequence[Cell]) -> list[str]:
+    return list(dict.fromkeys(cell.variant for cell in grid))
+
+
+def starting_variants(grid: Sequence[Cell]) -> list[str]:
+    """The variants whose starting student is measured before KD: the grid's, plus the fairness control
+    whenever warmup is in the grid (it is trained beside the warmup student; its row says what warmup's
+    extra steps alone would have given)."""
+    variants = variants_of(grid)
+    if "warmup" in variants and "control" not in variants:
+        variants.append("control")
+    return variants
+
+
+def subjects(grid: Sequence[Cell]) -> list[Subject]:
+    """Every model the flow measures: the teacher, each variant's student before KD, each cell's student."""
+    return [
+        Subject(TEACHER, TEACHER, TEACHER_CHECKPOINT),
+        *(Subject(v, BEFORE_KD, STARTING_CHECKPOINTS[v]) for v in starting_variants(grid)),
+        *(Subject(cell.variant, cell.objective, f"{cell.name}.student") for cell in grid),
+    ]
+
+
+def _names(value: Any, parameter: str, allowed: Sequence[str]) -> list[str]:
     names = [value] if isinstance(value, str) else list(value)
     if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{parameter} must be a non-empty list of names, got {value!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"{parameter} lists a name twice: {names}")
-    if allowed is not None and (unknown := sorted(set(names) - set(allowed))):
+    if unknown := sorted(set(names) - set(allowed)):
         raise ValueError(f"{parameter}: unknown {unknown}; choose from {list(allowed)}")
     return names

@@ -3,7 +3,7 @@ and the config patterns the project adds."""
 
 from transformers.utils import logging as transformers_logging
 
-from warmup_distill_kedro.grid import GridParametersHook
+from warmup_distill_kedro.hooks.grid import GridParametersHook
 from warmup_distill_kedro.hooks.mlflow_tracking import MLflowTrackingHook
 from warmup_distill_kedro.hooks.processes import MainProcessWritesHook
 from warmup_distill_kedro.hooks.training_state import TrainingStateHook

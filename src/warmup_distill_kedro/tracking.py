@@ -5,7 +5,7 @@
   ``resolve_artifact_location``: where the store and the artifacts live, as absolute URIs.
 * ``flatten_params``: nested parameters -> ``{"a.b": "value"}`` that MLflow accepts.
 * ``log_step_metrics``: per-step metrics from inside a node (a training loop); they go to the MLflow
-  run that is active in the calling thread (the node's child run, see ``hooks.py``), or nowhere.
+  run that is active in the calling thread (the node's child run, see ``hooks/mlflow_tracking.py``), or nowhere.
 """
 
 from __future__ import annotations

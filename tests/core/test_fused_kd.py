@@ -1,4 +1,4 @@
-"""The fused distill loss (core/fused_kd.py): value, metrics and gradients against a float64 reference and
+"""The fused distill loss (core/kd/fused.py): value, metrics and gradients against a float64 reference and
 against distillation_loss on full logits, for every objective, with prompt and padding masks, vocabulary
 trimming, kd_rate 0 and 1, no response position, biases, chunk sizes, retain_graph, and its memory."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from warmup_distill_kedro.core.kd.divergences import _LOG_FLOOR, OBJECTIVES, _per_position
+from warmup_distill_kedro.core.kd.divergences import LOG_FLOOR, OBJECTIVES, per_position
 from warmup_distill_kedro.core.kd.fused import fused_distillation_loss
 from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss, kd_loss
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX
@@ -65,10 +65,10 @@ def _reference(inputs: dict[str, torch.Tensor], labels: torch.Tensor, config: KD
     ce = -torch.log_softmax(logits, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).sum() / n
 
     def log_probs(x: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(x[:, :vocab] / config.temperature, dim=-1).clamp(min=_LOG_FLOOR)
+        return torch.log_softmax(x[:, :vocab] / config.temperature, dim=-1).clamp(min=LOG_FLOOR)
 
     teacher_rows = teacher_logits[:, :-1][mask].detach()
-    kd = _per_position(config.objective, log_probs(logits), log_probs(teacher_rows), config.options).sum() / n
+    kd = per_position(config.objective, log_probs(logits), log_probs(teacher_rows), config.options).sum() / n
     return (1 - config.kd_rate) * ce + config.kd_rate * kd, ce, kd
 
 

@@ -37,8 +37,8 @@ from warmup_distill_kedro.core.models.tokenization import (
     eos_and_pad_ids,
     train_bpe_tokenizer,
 )
-from warmup_distill_kedro.pipelines.evaluate.params import EvaluateParams
-from warmup_distill_kedro.pipelines.probe.params import ProbeParams
+from warmup_distill_kedro.core.evaluation.evaluate import EvaluateConfig as EvaluateParams
+from warmup_distill_kedro.core.warmup.probe import ProbeConfig as ProbeParams
 
 torch.set_num_threads(1)
 

@@ -66,8 +66,8 @@ def test_teacher_probability_histograms_overlay_shares_with_tau():
     counts_before = [50] + [0] * 18 + [50]
     counts_after = [10] + [0] * 18 + [90]
     evaluations = {
-        "student": evaluation("student", "vanilla", "before_kd", counts=counts_before),
-        "warmup_student": evaluation("warmup_student", "warmup", "before_kd", counts=counts_after),
+        "before warmup": evaluation("vanilla.before_kd", "vanilla", "before_kd", counts=counts_before),
+        "after warmup": evaluation("warmup.before_kd", "warmup", "before_kd", counts=counts_after),
     }
     figure = teacher_probability_histograms(evaluations, tau=0.05)
     (ax,) = figure.get_axes()
@@ -83,24 +83,22 @@ def test_teacher_probability_histograms_overlay_shares_with_tau():
 
 def test_teacher_probability_histograms_without_tau_have_plain_labels():
     evaluations = {
-        "a": evaluation("student", "vanilla", "before_kd", counts=[1] * 20),
-        "b": evaluation("warmup_student", "warmup", "before_kd", counts=[2] * 20),
+        "before warmup": evaluation("vanilla.before_kd", "vanilla", "before_kd", counts=[1] * 20),
+        "after warmup": evaluation("warmup.before_kd", "warmup", "before_kd", counts=[2] * 20),
     }
     ax = teacher_probability_histograms(evaluations).get_axes()[0]
     assert [line.get_label() for line in ax.get_lines()] == ["before warmup", "after warmup"]
 
 
-def test_a_subject_without_histogram_is_named():
+def test_a_model_without_histogram_is_named():
     evaluations = {
-        "student": evaluation("student", "vanilla", "before_kd", counts=[1] * 20),
-        "warmup_student": evaluation("warmup_student", "warmup", "before_kd", counts=None),
+        "before warmup": evaluation("vanilla.before_kd", "vanilla", "before_kd", counts=[1] * 20),
+        "after warmup": evaluation("warmup.before_kd", "warmup", "before_kd", counts=None),
     }
     with pytest.raises(
-        ValueError, match=r"subject 'warmup_student': field 'distribution.teacher_prob_histogram'"
+        ValueError, match=r"subject 'after warmup': field 'distribution.teacher_prob_histogram'"
     ):
         teacher_probability_histograms(evaluations)
-    with pytest.raises(ValueError, match=r"subject 'control_student': no evaluation"):
-        teacher_probability_histograms(evaluations, subjects=("control_student",))
 
 
 def history(kd_key: str, kd_values: list[float], eval_kl: list[float]) -> dict:

@@ -49,12 +49,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import BaseModel, ValidationError
 
 from warmup_distill_kedro.core.processes import is_main_process, process_rank_and_count
+from warmup_distill_kedro.core.training.context import set_metrics_sink
 from warmup_distill_kedro.tracking import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     MAX_TAG_VALUE_LENGTH,
     TrackingConfig,
     flatten_params,
+    log_step_metrics,
     numeric_scalars,
     resolve_artifact_location,
     resolve_tracking_uri,
@@ -382,6 +384,8 @@ class MLflowTrackingHook:
     ) -> None:
         if self.tracking and is_training_node(node):
             self._best_effort(f"start the child run of node {node.name!r}", self._start_child, node, inputs)
+            # The node's training runs report each step to the MLflow run active in this thread (the child).
+            set_metrics_sink(log_step_metrics)
 
     @hook_impl
     def after_node_run(
@@ -393,6 +397,7 @@ class MLflowTrackingHook:
         is_async: bool,
         run_id: str,
     ) -> None:
+        set_metrics_sink(None)
         if not self.tracking:
             return
         with self._lock:
@@ -418,6 +423,7 @@ class MLflowTrackingHook:
         is_async: bool,
         run_id: str,
     ) -> None:
+        set_metrics_sink(None)
         if not self.tracking:
             return
         with self._lock:

@@ -1,6 +1,6 @@
 """`kedro run` on several processes (`accelerate launch ... -m kedro run`, docs/scaling.md).
 
-Every process runs the whole pipeline: each training node trains data-parallel (core/training.py), and
+Every process runs the whole pipeline: each training node trains data-parallel (core/training/loop.py), and
 every other node runs on every process too. Kedro stays in charge of the catalog, but only the main
 process writes:
 
@@ -11,7 +11,7 @@ process writes:
 * `MainProcessWritesHook` installs the wrappers in `before_pipeline_run`, when the pipeline is known:
   `after_catalog_created` is too early, datasets matched by catalog patterns (`{role}_model`) do not
   exist yet then.
-* MLflow (hooks.py) tracks from the main process only; the training state (resume.py) has one folder,
+* MLflow (mlflow_tracking.py) tracks from the main process only; the training state (training_state.py) has one folder,
   chosen by the main process, written by it alone.
 
 The process index and count come from core.processes (the launcher's environment until the process

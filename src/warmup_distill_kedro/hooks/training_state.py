@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.processes import is_main_process
-from warmup_distill_kedro.core.training.state import set_state_folder
+from warmup_distill_kedro.core.training.context import set_state_folder
 from warmup_distill_kedro.hooks.mlflow_tracking import TRAINING_TAG
 from warmup_distill_kedro.hooks.processes import broadcast_from_main
 

@@ -25,7 +25,6 @@ from warmup_distill_kedro.reporting.table import (
     TEACHER,
 )
 
-SUBJECT_LABELS = {"student": "before warmup", "warmup_student": "after warmup"}
 # The training KD term of a cell's history, by preference: DSKD cells log the student-space term.
 TRAINING_KD_KEYS = ("kd", "kd_student", "loss")
 EVAL_KEYS = ("eval/validation_kl", "eval/validation_nll")
@@ -84,16 +83,14 @@ def accuracy_by_objective(table: pd.DataFrame) -> Figure:
 
 # ------------------------------------------------------------------------------ teacher probabilities
 def teacher_probability_histograms(
-    evaluations: Mapping[str, Mapping[str, Any]],
-    subjects: Sequence[str] = ("student", "warmup_student"),
-    tau: float | None = None,
+    evaluations: Mapping[str, Mapping[str, Any]], tau: float | None = None
 ) -> Figure:
-    """The histograms of the teacher's probability of each subject's sampled tokens, as shares of
-    tokens on a log axis, overlaid; with ``tau``, a vertical line and each subject's share below it."""
+    """The histograms of the teacher's probability of each model's sampled tokens, as shares of tokens on
+    a log axis, overlaid. ``evaluations`` maps a legend label (e.g. "before warmup") to the evaluation
+    JSON of a model; with ``tau``, a vertical line and each model's share below it."""
     figure, (ax,) = _figure(6.5, 4.0)
-    for subject in subjects:
-        edges, shares = _histogram(evaluations, subject)
-        label = SUBJECT_LABELS.get(subject, subject)
+    for label, evaluation in evaluations.items():
+        edges, shares = _histogram(evaluation, label)
         if tau is not None:
             label += f" ({_share_below(edges, shares, tau):.1%} of tokens below tau)"
         # A trailing repeat of the last share draws the last bin's top edge with where="post".
@@ -108,18 +105,10 @@ def teacher_probability_histograms(
     return figure
 
 
-def _find_evaluation(evaluations: Mapping[str, Mapping[str, Any]], subject: str) -> Mapping[str, Any]:
-    if subject in evaluations:
-        return evaluations[subject]
-    for evaluation in evaluations.values():
-        if isinstance(evaluation, Mapping) and evaluation.get("subject") == subject:
-            return evaluation
-    raise ValueError(f"subject {subject!r}: no evaluation of it among {sorted(evaluations)}")
-
-
-def _histogram(evaluations: Mapping[str, Mapping[str, Any]], subject: str) -> tuple[np.ndarray, np.ndarray]:
+def _histogram(evaluation: Mapping[str, Any], subject: str) -> tuple[np.ndarray, np.ndarray]:
     field = "distribution.teacher_prob_histogram"
-    distribution = _find_evaluation(evaluations, subject).get("distribution") or {}
+    distribution = evaluation.get("distribution") if isinstance(evaluation, Mapping) else None
+    distribution = distribution or {}
     histogram = distribution.get("teacher_prob_histogram") if isinstance(distribution, Mapping) else None
     if not isinstance(histogram, Mapping):
         raise ValueError(f"subject {subject!r}: field '{field}' is missing (no histogram to plot)")
@@ -200,3 +189,23 @@ def _first_key(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
     points = [(float(r["step"]), float(r[key])) for r in records if r.get(key) is not None]
     return [step for step, _ in points], [value for _, value in points]
+
+
+# ------------------------------------------------------------------------------------------- the check
+def sampled_token_probabilities(
+    teacher_logprobs: Sequence[Sequence[float]], tau: float | None = None, bins: int = 50
+) -> Figure:
+    """Histogram of the teacher's probability of every token the student sampled (one sequence of
+    log-probabilities per rollout): the mismatch itself, with the check rule's tau when it is a probability."""
+    probabilities = np.exp(np.concatenate([np.asarray(lp, dtype=np.float64) for lp in teacher_logprobs]))
+    figure, (axis,) = _figure(7, 4)
+    axis.hist(probabilities, bins=np.linspace(0.0, 1.0, bins + 1), color="tab:blue")
+    axis.set_yscale("log")
+    axis.set_xlabel("teacher probability of the student's sampled token")
+    axis.set_ylabel("tokens (log scale)")
+    if tau is not None:
+        below = 100 * float(np.mean(probabilities < tau))
+        axis.axvline(tau, color="tab:red", linestyle="--", label=f"tau = {tau:g} ({below:.1f}% below)")
+        axis.legend()
+    axis.set_title(f"{len(probabilities)} tokens of {len(teacher_logprobs)} student rollouts")
+    return figure

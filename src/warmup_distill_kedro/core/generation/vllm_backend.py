@@ -1,4 +1,4 @@
-"""The optional vLLM backend of `core.sampling` (`SamplingConfig.backend: vllm`, docs/sampling.md).
+"""The optional vLLM backend of `core.generation.sampling` (`SamplingConfig.backend: vllm`, docs/sampling.md).
 
 A `vllm.LLM` engine is built from the checkpoint folder the model was loaded from (vllm reads weights from
 disk, so a model changed since it was loaded is refused) and returns the same `Generation`s as the

@@ -6,9 +6,9 @@ ChunkedLoss computes ce_weight CE + kd_weight KD. Each chunk's values and gradie
 for every objective (the gradient w.r.t. the student logits is q (g - <q, g>) / T, with g the
 objective's derivative in q), in one pass over float32 scratch tensors that every chunk reuses: the
 leanest in memory, and several times faster than autograd through the per-position formulas of
-core.objectives on a CPU. A chunk with a -inf student logit goes through that autograd instead. The
+core.kd.divergences on a CPU. A chunk with a -inf student logit goes through that autograd instead. The
 precomputed gradient buffer is handed to autograd instead of being copied (release_or_copy);
-core.fused_kd reuses chunk_loss for its chunks.
+core.kd.fused reuses chunk_loss for its chunks.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from warmup_distill_kedro.core.kd.divergences import (
-    _LOG_FLOOR,
-    _MIX_CLAMP,
-    _divergence,
+    LOG_FLOOR,
+    MIX_CLAMP,
     gap_shares,
     head_floor,
     reduced_objective,
+    resolved_divergence,
 )
 
 
@@ -99,14 +99,14 @@ def _row_sum_of_product(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 
 
 def _mix_log_ratios_(log_ratio: Tensor, p_weight: float, out: Tensor) -> tuple[Tensor, Tensor]:
-    """core.objectives._mix_log_ratios by the same operations, in place: (log(m / q), log(m / p)) for
+    """divergences.mix_log_ratios by the same operations, in place: (log(m / q), log(m / p)) for
     m = p_weight p + (1 - p_weight) q, from log_ratio = log p - log q. One of the two is written into `out`,
     the other over log_ratio."""
     if p_weight <= 0.5:
-        r = log_ratio.clamp_(max=_MIX_CLAMP)
+        r = log_ratio.clamp_(max=MIX_CLAMP)
         log_m_q = torch.expm1(r, out=out).mul_(p_weight).log1p_()
         return log_m_q, torch.sub(log_m_q, r, out=r)
-    r = log_ratio.clamp_(min=-_MIX_CLAMP)
+    r = log_ratio.clamp_(min=-MIX_CLAMP)
     log_m_p = torch.neg(r, out=out).expm1_().mul_(1.0 - p_weight).log1p_()
     return torch.add(log_m_p, r, out=r), log_m_p
 
@@ -219,7 +219,7 @@ def _closed_form_chunk(
         d KD / ds = q * (g - <q, g>) / T,   g = d KD / dq   (_kd_terms, per objective)
     and CE's, lse(s) - s_target, is softmax(s) - onehot(target). CE's exponentials exp(s - max s) are q's
     own at T = 1 and their squares at T = 2 (when W = V): no second exp pass. Teacher log-probabilities are
-    floored at _LOG_FLOOR as in _log_probs (a zero teacher probability contributes 0); a student row that
+    floored at LOG_FLOOR as in _log_probs (a zero teacher probability contributes 0); a student row that
     reaches the floor (a -inf logit) returns None, and the caller takes the autograd path, whose gradient
     through the floor's clamp differs from the closed form. The gradient is [c, W], or [c, V] when it has no
     CE part; it may be one of the scratch tensors.
@@ -231,12 +231,12 @@ def _closed_form_chunk(
     head = student[:, :vocab]
     x_max = head.amax(dim=-1, keepdim=True)
     x = torch.add(x_max * -inv_t, head, alpha=inv_t, out=scratch("x", rows, vocab))  # (s - max s) / T
-    if bool(x.amin() < _LOG_FLOOR):
+    if bool(x.amin() < LOG_FLOOR):
         return None
     q = torch.exp(x, out=scratch("q", rows, vocab))  # unnormalized: softmax = q / q_sum
     q_sum = q.sum(dim=-1, keepdim=True)
     y = torch.add(teacher.amax(dim=-1, keepdim=True) * -inv_t, teacher, alpha=inv_t, out=teacher)
-    y.clamp_(min=_LOG_FLOOR)
+    y.clamp_(min=LOG_FLOOR)
     p = torch.exp(y, out=scratch("p", rows, vocab))
     p_sum = p.sum(dim=-1, keepdim=True)
 
@@ -295,7 +295,7 @@ def _autograd_chunk(
             del log_q
     with torch.set_grad_enabled(need_grad and kd_scale > 0.0):
         head = student[:, : teacher.shape[1]]
-        kd_sum = _divergence(spec.objective, head, teacher, spec.temperature, spec.options).sum()
+        kd_sum = resolved_divergence(spec.objective, head, teacher, spec.temperature, spec.options).sum()
     if not need_grad:
         return ce_sum, kd_sum, None
     with torch.enable_grad():
@@ -308,7 +308,7 @@ def _autograd_chunk(
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What a chunked loss needs besides tensors (ChunkedLoss, and core.fused_kd with its own chunks)."""
+    """What a chunked loss needs besides tensors (ChunkedLoss, and core.kd.fused with its own chunks)."""
 
     objective: str
     options: dict[str, Any]

@@ -1,4 +1,4 @@
-"""Where the KD sequences come from (method.md section 4).
+"""Where the KD sequences come from (docs/method.md).
 
 - `off_policy`: the gold responses (a `ShuffledBatches` over them is all it takes).
 - `on_policy` (GKD): each batch is replaced, with probability `lmbda`, by the student's own fresh
@@ -15,19 +15,26 @@ seeded by (seed, position), so a run that resumes at a position makes the same c
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.generation.config import SamplingConfig
-from warmup_distill_kedro.core.generation.sampling import generate_from_ids
+from warmup_distill_kedro.core.generation.sampling import generate, generate_from_ids
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample, collate
+from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.config import TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 KDDataMode = Literal["off_policy", "on_policy", "adaptive", "sequence_kd"]
 
@@ -139,3 +146,68 @@ def _prompt_length(example: EncodedExample) -> int:
         if label != IGNORE_INDEX:
             return position
     return len(example.labels)
+
+
+# -- the KD examples every cell shares --------------------------------------------------------------------------
+def prepare_kd_examples(
+    teacher: Checkpoint, train_examples: pd.DataFrame, config: KDDataConfig
+) -> pd.DataFrame:
+    """The KD training set every cell shares: the selected training examples; for `sequence_kd`, with
+    the teacher's greedy responses in place of the gold ones (the gold kept as `gold_response`)."""
+    examples = train_examples.iloc[config.skip_examples :]
+    if config.max_examples is not None:
+        examples = examples.head(config.max_examples)
+    if examples.empty:
+        raise ValueError(
+            f"distill: no training examples left after distill.data.skip_examples={config.skip_examples} "
+            f"({len(train_examples)} in the training split)"
+        )
+    examples = examples.reset_index(drop=True).assign(gold_response=lambda t: t["response"])
+    if config.mode != "sequence_kd":
+        return examples
+    greedy = config.sampling.model_copy(update={"do_sample": False})
+    generations = generate(
+        teacher.model, teacher.tokenizer, examples["prompt"].tolist(), greedy, desc="teacher writes"
+    )
+    # The generated text starts with the separator the task puts between prompt and response.
+    responses = [g.text.removeprefix(RESPONSE_SEPARATOR) for g in generations]
+    logger.info(
+        "sequence_kd: the teacher wrote %d responses (%.1f%% finished)",
+        len(responses), 100 * sum(g.finished for g in generations) / len(generations),
+    )  # fmt: skip
+    return examples.assign(response=responses)
+
+
+def select_sft_examples(train_examples: pd.DataFrame, n_examples: int | None) -> pd.DataFrame:
+    """The gold examples of the plain-SFT baseline (objective `sft`): the student's labelled data, which
+    may be far fewer than the prompts KD gets the teacher's supervision on (None: all of them)."""
+    examples = train_examples if n_examples is None else train_examples.head(n_examples)
+    if examples.empty:
+        raise ValueError("distill: no training examples for the sft baseline (the training split is empty)")
+    return examples.reset_index(drop=True)
+
+
+# -- batch sources ---------------------------------------------------------------------------------------------
+def gold_batches(
+    encoded: Sequence[EncodedExample], tokenizer: PreTrainedTokenizerBase, training: TrainingConfig
+) -> ShuffledBatches:
+    """The examples as they are, shuffled per epoch by the training seed (every cell sees the same order)."""
+    _, pad_id = eos_and_pad_ids(tokenizer)
+    return ShuffledBatches(encoded, training.batch_size, lambda b: collate(b, pad_id), training.seed)
+
+
+def kd_batches(
+    encoded: Sequence[EncodedExample],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: KDDataConfig,
+    training: TrainingConfig,
+    max_length: int,
+) -> ShuffledBatches | StudentSampledBatches:
+    """Gold batches (off_policy, sequence_kd), or gold batches partly replaced by the samples of `model`,
+    the student being trained (on_policy, adaptive)."""
+    if config.mode in ("on_policy", "adaptive"):
+        return StudentSampledBatches(
+            encoded, model, tokenizer, config, training.batch_size, training.seed, max_length
+        )
+    return gold_batches(encoded, tokenizer, training)

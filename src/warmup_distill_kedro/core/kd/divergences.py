@@ -1,5 +1,5 @@
 """Token-level knowledge-distillation objectives: the divergence between the teacher's next-token
-distribution p and the student's q at every response position (method.md section 2).
+distribution p and the student's q at every response position (docs/method.md).
 
     fkl   KL(p||q) = sum p (log p - log q)
     rkl   KL(q||p)
@@ -12,10 +12,10 @@ distribution p and the student's q at every response position (method.md section
 
 p and q are softmaxes of the logits divided by the temperature T (no T^2 factor is applied). All
 arithmetic is float32 whatever the logits' dtype, in log space: a mixture's log-ratios come from one
-log1p(w expm1(r)) per position (_mix_log_ratios), and log-probabilities are floored at -1e30 so that a zero probability (a -inf logit) contributes
+log1p(w expm1(r)) per position (mix_log_ratios), and log-probabilities are floored at -1e30 so that a zero probability (a -inf logit) contributes
 0 * log 0 = 0 and never NaN (a KL that is truly infinite comes out huge instead).
 
-The masked means over positions that training uses are in core.kd_losses.
+The masked means over positions that training uses are in core.kd.losses.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ _DEFAULTS: dict[str, dict[str, float | bool]] = {
     "srkl": {"alpha": 0.1},
     "akl": {"mu": 0.5},
 }
-_LOG_FLOOR = -1e30  # floor of log-probabilities: exp() of it is exactly 0, differences of it stay finite
+LOG_FLOOR = -1e30  # floor of log-probabilities: exp() of it is exactly 0, differences of it stay finite
 
 
-def _unknown_objective(objective: object) -> str:
+def unknown_objective(objective: object) -> str:
     return f"unknown KD objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}"
 
 
@@ -59,7 +59,7 @@ def validate_options(objective: str, **options: Any) -> dict[str, Any]:
     (default 0.1); akl: mu in (0, 1) (default 0.5); fkl, rkl, tvd take no options.
     """
     if objective not in _DEFAULTS:
-        raise ValueError(_unknown_objective(objective))
+        raise ValueError(unknown_objective(objective))
     accepted = _DEFAULTS[objective]
     for name in options:
         if name not in accepted:
@@ -93,7 +93,7 @@ def validate_options(objective: str, **options: Any) -> dict[str, Any]:
     return resolved
 
 
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
     value = float(temperature)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -105,7 +105,7 @@ def _log_probs(logits: Tensor, temperature: float) -> Tensor:
     scaled = logits.float()
     if temperature != 1.0:
         scaled = scaled / temperature
-    return torch.log_softmax(scaled, dim=-1).clamp(min=_LOG_FLOOR)
+    return torch.log_softmax(scaled, dim=-1).clamp(min=LOG_FLOOR)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -116,10 +116,10 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
 # Where the log-ratio r = log p - log q of a mixture is clamped, on the side where expm1 would overflow:
 # beyond it the mixture's log-ratio moves by less than exp(-80) / weight, relative, and the KL terms weigh
 # it by a probability below exp(-80) anyway.
-_MIX_CLAMP = 80.0
+MIX_CLAMP = 80.0
 
 
-def _mix_log_ratios(log_q: Tensor, log_p: Tensor, p_weight: float) -> tuple[Tensor, Tensor]:
+def mix_log_ratios(log_q: Tensor, log_p: Tensor, p_weight: float) -> tuple[Tensor, Tensor]:
     """(log(m / q), log(m / p)) for the mixture m = p_weight p + (1 - p_weight) q, 0 < p_weight < 1.
 
     With r = log p - log q, the log-ratio to the distribution with the larger weight in m is computed
@@ -129,14 +129,14 @@ def _mix_log_ratios(log_q: Tensor, log_p: Tensor, p_weight: float) -> tuple[Tens
     so that log1p's argument never falls below -1/2 (no cancellation in 1 + x); a mixture close to q or p
     gets its small log-ratio directly, not as the difference of two O(1) log-probabilities, which would lose
     the O(weight) signal in float32 (normalized js near beta = 0 or 1 depends on it); p == q gives exactly 0.
-    core.chunked_kd repeats these operations in place.
+    core.kd.chunked repeats these operations in place.
     """
     log_ratio = log_p - log_q
     if p_weight <= 0.5:
-        r = log_ratio.clamp(max=_MIX_CLAMP)
+        r = log_ratio.clamp(max=MIX_CLAMP)
         log_m_q = torch.log1p(p_weight * torch.expm1(r))
         return log_m_q, log_m_q - r
-    r = log_ratio.clamp(min=-_MIX_CLAMP)
+    r = log_ratio.clamp(min=-MIX_CLAMP)
     log_m_p = torch.log1p((1.0 - p_weight) * torch.expm1(-r))
     return log_m_p + r, log_m_p
 
@@ -218,7 +218,7 @@ def reduced_objective(objective: str, options: dict[str, Any]) -> str:
     return objective
 
 
-def _per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[str, Any]) -> Tensor:
+def per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[str, Any]) -> Tensor:
     objective = reduced_objective(objective, options)
     if objective == "fkl":
         return _kl(log_p, log_q)
@@ -226,7 +226,7 @@ def _per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[st
         return _kl(log_q, log_p)
     if objective == "js":
         beta, normalized = options["beta"], options["normalized"]
-        log_m_q, log_m_p = _mix_log_ratios(log_q, log_p, beta)  # m = beta p + (1 - beta) q
+        log_m_q, log_m_p = mix_log_ratios(log_q, log_p, beta)  # m = beta p + (1 - beta) q
         kl_p_m, kl_q_m = _kl_to(log_p, log_m_p), _kl_to(log_q, log_m_q)
         if normalized:  # beta KL(p||m) + (1-beta) KL(q||m), divided by beta (1 - beta)
             return kl_p_m / (1.0 - beta) + kl_q_m / beta
@@ -234,24 +234,25 @@ def _per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[st
     if objective == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
     if objective == "skl":  # KL(p || m), m = alpha p + (1 - alpha) q
-        return _kl_to(log_p, _mix_log_ratios(log_q, log_p, options["alpha"])[1])
+        return _kl_to(log_p, mix_log_ratios(log_q, log_p, options["alpha"])[1])
     if objective == "srkl":  # KL(q || m), m = (1 - alpha) p + alpha q
-        return _kl_to(log_q, _mix_log_ratios(log_q, log_p, 1.0 - options["alpha"])[0])
+        return _kl_to(log_q, mix_log_ratios(log_q, log_p, 1.0 - options["alpha"])[0])
     if objective == "akl":
         return _akl(log_q, log_p, options["mu"])
-    raise ValueError(_unknown_objective(objective))
+    raise ValueError(unknown_objective(objective))
 
 
-def _divergence(
+def resolved_divergence(
     objective: str,
     student_logits: Tensor,
     teacher_logits: Tensor,
     temperature: float,
     options: dict[str, Any],
 ) -> Tensor:
+    """`divergence` with its arguments already checked and its options resolved (validate_options)."""
     log_q = _log_probs(student_logits, temperature)
     log_p = _log_probs(teacher_logits, temperature)
-    return _per_position(objective, log_q, log_p, options)
+    return per_position(objective, log_q, log_p, options)
 
 
 def divergence(
@@ -263,9 +264,9 @@ def divergence(
     teacher's gradient). Options as in validate_options.
     """
     resolved = validate_options(objective, **options)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in shape"
         )
-    return _divergence(objective, student_logits, teacher_logits, temperature, resolved)
+    return resolved_divergence(objective, student_logits, teacher_logits, temperature, resolved)

@@ -1,5 +1,5 @@
 """Dual-space knowledge distillation (DSKD, arXiv 2406.17328) and its cross-tokenizer variant DSKD-CMA
-(method.md section 3), after the authors' repository (criterions/dual_space_kd*.py).
+(docs/method.md), after the authors' repository (criterions/dual_space_kd*.py).
 
 Plain KD compares distributions that two different heads produce from two different hidden spaces. DSKD
 projects hidden states across and reuses one head, so that both distributions of a comparison live in the
@@ -47,16 +47,17 @@ DSKD-CMA (different tokenizers; the choices below follow DualSpaceKDWithCMA in t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.kd.config import KDSettings
 from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, validate_options
 from warmup_distill_kedro.core.kd.losses import common_vocab, kd_loss
 from warmup_distill_kedro.core.models.encoding import (
@@ -71,19 +72,29 @@ TEACHER_PREFIX = "teacher_"  # teacher-side keys of a dual batch: teacher_input_
 _STD_EPS = 1e-6
 
 
-class DSKDConfig(BaseModel):
-    """The typed parameter block of a DSKD / DSKD-CMA run."""
-
-    model_config = ConfigDict(extra="forbid")
+class DSKDConfig(KDSettings):
+    """A DSKD / DSKD-CMA run: the student-space divergence, the projectors' rate and pre-training, and the
+    shared KD settings."""
 
     divergence: str = Field("fkl", description=f"student-space divergence, one of {', '.join(OBJECTIVES)}")
     options: dict[str, float | bool] = Field(
-        default_factory=dict, description="the divergence's options (see objectives.validate_options)"
+        default_factory=dict, description="the divergence's options (see divergences.validate_options)"
     )
-    temperature: float = Field(2.0, gt=0, allow_inf_nan=False, description="logits are divided by it")
-    kd_rate: float = Field(0.5, ge=0, le=1, description="loss = (1 - kd_rate) CE + kd_rate KD")
     projector_lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="the projectors' own rate")
-    chunk_size: int | None = Field(None, gt=0, description="positions per KD chunk; null: all at once")
+    pretrain_steps: int = Field(
+        0, ge=0, description="steps that train the projectors alone (the CE of the projected teacher) first"
+    )
+
+    # The keys of a grid objective's options block that are DSKD's own; the rest are the divergence's.
+    OWN_OPTIONS: ClassVar[tuple[str, ...]] = ("divergence", "projector_lr", "pretrain_steps")
+
+    @classmethod
+    def from_options(cls, settings: KDSettings, options: Mapping[str, Any]) -> DSKDConfig:
+        """The config of a grid objective's options block, e.g. {divergence: js, beta: 0.3, projector_lr:
+        0.001}: DSKD's own keys, and the divergence's options."""
+        own = {k: v for k, v in options.items() if k in cls.OWN_OPTIONS}
+        divergence_options = {k: v for k, v in options.items() if k not in cls.OWN_OPTIONS}
+        return cls(**settings.model_dump(), **own, options=divergence_options)
 
     @field_validator("divergence")
     @classmethod

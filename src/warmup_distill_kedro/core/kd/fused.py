@@ -10,7 +10,7 @@ head's dtype, as the model's own head would, then float32 for the loss), the chu
 at once, their gradient with respect to the chunk's logits; that gradient goes straight into the
 gradients of the student's hidden states ([positions, hidden], small) and of its head (weight and bias,
 accumulated over chunks), and the chunk's logits are freed. backward then hands out the precomputed
-gradients. Each chunk's loss and gradient come from core.chunked_kd.chunk_loss, the same code as
+gradients. Each chunk's loss and gradient come from core.kd.chunked.chunk_loss, the same code as
 distillation_loss's (every objective's closed form).
 
 Only positions whose next label is a response token are visited (prompt and padding count in neither

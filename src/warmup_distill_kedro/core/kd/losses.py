@@ -1,7 +1,7 @@
 """The KD losses training uses: masked means of a divergence over response positions.
 
-`kd_loss` averages a divergence (core.objectives) over the masked-in positions, chunk by chunk where
-core.chunked_kd has a path for it, so that the full [positions, vocab] float32 distributions of both
+`kd_loss` averages a divergence (core.kd.divergences) over the masked-in positions, chunk by chunk where
+core.kd.chunked has a path for it, so that the full [positions, vocab] float32 distributions of both
 models never exist at once; `distillation_loss` mixes it with the student's cross-entropy on the gold
 response: (1 - kd_rate) CE + kd_rate KD. KDConfig is the distill stage's parameter block for both.
 """
@@ -12,14 +12,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from warmup_distill_kedro.core.kd.chunked import ChunkedLoss, LossSpec, chunk_rows
+from warmup_distill_kedro.core.kd.config import KDSettings
 from warmup_distill_kedro.core.kd.divergences import (
     OBJECTIVES,
-    _check_temperature,
-    _unknown_objective,
+    check_temperature,
+    unknown_objective,
     validate_options,
 )
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX
@@ -60,12 +61,12 @@ def kd_loss(
     tokenizer never produces, e.g. Qwen2.5 151936 vs 152064); without it the vocabulary sizes must agree.
     The positions are walked a chunk at a time, with the value and gradient of the whole computation and
     a peak memory of one chunk's float32 intermediates instead of the full [n_positions, V] ones of both
-    models (core.chunked_kd.ChunkedLoss: each objective's value and gradient in closed form, chunk by
+    models (core.kd.chunked.ChunkedLoss: each objective's value and gradient in closed form, chunk by
     chunk). chunk_size caps the positions per chunk; None sizes chunks for the device
     (chunk_rows: on a CPU, small enough to stay in the caches, which is also several times faster).
     """
     resolved = validate_options(objective, **options)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
@@ -102,29 +103,21 @@ def kd_loss(
 
 
 # -- the distill stage's loss -------------------------------------------------------------------------------
-class KDConfig(BaseModel):
-    """The `distill` stage's typed parameter block for the divergence."""
-
-    model_config = ConfigDict(extra="forbid")
+class KDConfig(KDSettings):
+    """One token-level objective with its options, and the shared KD settings: what `distillation_loss`
+    computes."""
 
     objective: str = Field("fkl", description=f"one of {', '.join(OBJECTIVES)}")
-    temperature: float = Field(2.0, gt=0, allow_inf_nan=False, description="logits are divided by it")
-    kd_rate: float = Field(0.5, ge=0, le=1, description="loss = (1 - kd_rate) CE + kd_rate KD")
     options: dict[str, float | bool] = Field(
         default_factory=dict,
         description="the objective's options (js: beta, normalized; skl/srkl: alpha; akl: mu)",
-    )
-    chunk_size: int | None = Field(
-        None,
-        gt=0,
-        description="positions per KD chunk at most; null: sized for the device",
     )
 
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
         if value not in OBJECTIVES:
-            raise ValueError(_unknown_objective(value))
+            raise ValueError(unknown_objective(value))
         return value
 
     @model_validator(mode="after")
@@ -148,7 +141,7 @@ def distillation_loss(
     A term whose weight is 0 is computed for its metric only, without a graph.
     Metrics: loss, ce, kd, tokens (the number of response positions).
     Both terms, their values and the student's gradient come from one chunked pass over the response
-    positions (core.chunked_kd.ChunkedLoss).
+    positions (core.kd.chunked.ChunkedLoss).
     """
     if student_logits.dim() != 3 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(

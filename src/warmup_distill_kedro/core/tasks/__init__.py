@@ -22,6 +22,7 @@ from warmup_distill_kedro.core.tasks.schema import (
     TASKS,
     TaskDataError,
     build_prompt,
+    training_texts,
     validate_table,
 )
 from warmup_distill_kedro.core.tasks.splits import SPLITS, SplitConfig, split_examples
@@ -47,5 +48,6 @@ __all__ = [
     "math_exact_match",
     "read_task_file",
     "split_examples",
+    "training_texts",
     "validate_table",
 ]

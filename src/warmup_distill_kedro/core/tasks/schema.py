@@ -14,7 +14,7 @@ A task table is a pandas DataFrame with exactly the columns in `COLUMNS`:
 - `prompt` (str): `build_prompt(task, instruction, context)`.
 
 Training concatenates `prompt + RESPONSE_SEPARATOR + response` (then EOS): the response follows the
-prompt after exactly one space. `core.encoding` tokenizes the prompt and `RESPONSE_SEPARATOR + response`
+prompt after exactly one space. `core.models.encoding` tokenizes the prompt and `RESPONSE_SEPARATOR + response`
 separately, so generation starts from the prompt's ids and its first generated text is the separator.
 """
 
@@ -131,3 +131,12 @@ def validate_table(df: pd.DataFrame, origin: str) -> pd.DataFrame:
             )
         seen[example_id] = position
     return df
+
+
+def training_texts(examples: pd.DataFrame) -> list[str]:
+    """Every text a model of this table is trained on, prompt and response joined as in training, plus
+    every alternative reference (a tokenizer trained on these learns the variants the teacher will see)."""
+    texts = [
+        f"{p}{RESPONSE_SEPARATOR}{r}" for p, r in zip(examples["prompt"], examples["response"], strict=True)
+    ]
+    return texts + [ref for refs in examples["references"] for ref in refs]

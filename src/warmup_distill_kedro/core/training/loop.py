@@ -38,6 +38,13 @@ from tqdm.auto import tqdm
 
 from warmup_distill_kedro.core.training.batches import Batch, BatchSource
 from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.core.training.context import (
+    STATE_FILE,
+    MetricsSink,
+    current_metrics_sink,
+    current_state_folder,
+    slug,
+)
 from warmup_distill_kedro.core.training.parallel import (
     allow_mixed_precision,
     broadcast_into,
@@ -46,20 +53,12 @@ from warmup_distill_kedro.core.training.parallel import (
     fill_deepspeed_config,
     shards_parameters,
 )
-from warmup_distill_kedro.core.training.state import (
-    STATE_FILE,
-    current_state_folder,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    slug,
-)
+from warmup_distill_kedro.core.training.rng import rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Mapping[str, float]]]
 EvalFn = Callable[[torch.nn.Module], Mapping[str, float]]
-MetricsSink = Callable[[Mapping[str, float], int], None]
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -102,7 +101,8 @@ class TrainingRun:
         self.loss_fn = loss_fn
         self.data = data
         self.eval_fn = eval_fn
-        self.metrics_sink = metrics_sink
+        # None: the sink the project's MLflow hook set around this node (context.set_metrics_sink), if any.
+        self.metrics_sink = metrics_sink if metrics_sink is not None else current_metrics_sink()
         self.name = name
         allow_mixed_precision(config.mixed_precision)
         self.accelerator = Accelerator(

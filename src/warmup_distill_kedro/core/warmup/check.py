@@ -49,6 +49,10 @@ class CheckConfig(BaseModel):
     )
     continuation: SamplingConfig = SamplingConfig(max_new_tokens=64)
     batch_size: int = Field(32, gt=0, description="sequences per teacher scoring pass")
+    keep_unflagged: bool = Field(
+        False, description="keep rollouts the rule did not flag as SFT rows (chosen only) in corrected_set"
+    )
+    show_progress: bool = True
 
     @model_validator(mode="after")
     def _tau_in_range(self) -> CheckConfig:

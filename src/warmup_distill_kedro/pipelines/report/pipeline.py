@@ -1,15 +1,14 @@
 """The report pipeline: the table of objective x variant, and the plots, from the evaluate outputs.
 
-Inputs follow the grid (`distill.variants` x `distill.objectives`), like the distill and evaluate
-pipelines; the KD-curve plot compares the variants on the grid's first objective.
+Inputs follow the grid (grid.py), like the distill and evaluate pipelines; the KD-curve plot compares the
+variants on the grid's first objective.
 """
 
 import warnings
 
 from kedro.pipeline import Pipeline, node
 
-from warmup_distill_kedro.grid import grid_cells
-from warmup_distill_kedro.pipelines.evaluate.pipeline import STUDENT_SUBJECTS, students_before_kd
+from warmup_distill_kedro import grid
 from warmup_distill_kedro.pipelines.report.nodes import (
     curves_function,
     plot_accuracy,
@@ -19,22 +18,10 @@ from warmup_distill_kedro.pipelines.report.nodes import (
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    cells = grid_cells()
-    variants = list(dict.fromkeys(variant for variant, _ in cells))
-    first_objective = cells[0][1]
-    subjects = [
-        "teacher",
-        *(STUDENT_SUBJECTS[v] for v in students_before_kd(cells)),
-        *(f"{variant}.{objective}" for variant, objective in cells),
-    ]
-    with warnings.catch_warnings():
-        # The report reads the grid's outputs by the full names their namespaces give them
-        # (`warmup.fkl.evaluation_metrics`); Kedro warns about any dotted name outside a namespace.
-        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
-        return Pipeline(_nodes(subjects, variants, first_objective), tags=["report"])
-
-
-def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> list:
+    cells = grid.cells()
+    subjects = [subject.name for subject in grid.subjects(cells)]
+    variants = grid.variants_of(cells)
+    first_objective = cells[0].objective
     nodes = [
         node(
             report_function(subjects),
@@ -51,12 +38,19 @@ def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> li
         ),
     ]
     if "warmup" in variants:
+        before_warmup, after_warmup = (
+            f"{v}.{grid.BEFORE_KD}.evaluation_metrics" for v in ("vanilla", "warmup")
+        )
         nodes.append(
             node(
                 plot_warmup_mismatch,
-                ["student.evaluation_metrics", "warmup_student.evaluation_metrics", "params:check"],
+                [before_warmup, after_warmup, "params:check"],
                 "report_warmup_mismatch_plot",
                 name="plot_warmup_mismatch",
             )
         )
-    return nodes
+    with warnings.catch_warnings():
+        # The report reads the grid's outputs by the full names their namespaces give them
+        # (`warmup.fkl.evaluation_metrics`); Kedro warns about any dotted name outside a namespace.
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        return Pipeline(nodes, tags=["report"])

@@ -1,0 +1,351 @@
+"""One cell of the distill grid: a teacher, a starting student and one objective, trained into a student.
+
+`distill_cell` is the entry point. Every cell of a grid gets the same data, budget and seed
+(`DistillConfig`), so that the cells compare; what differs is what the objective makes of them:
+
+- token-level objectives (fkl, rkl, js, tvd, skl, srkl, akl; `divergences.OBJECTIVES`): the two models'
+  next-token distributions compared position by position, `(1 - kd_rate) CE + kd_rate KD`
+  (`losses.distillation_loss`, or `fused.fused_model_distillation_loss` with `fused_head`);
+- dual-space objectives (dskd with one tokenizer, dskd_cma with two; `dual_space.py`): projectors carry
+  each model's hidden states into the other's output space, learning at their own rate, optionally
+  pre-trained alone first;
+- the baseline `sft`: plain SFT on gold examples, the teacher not asked: what KD must beat at equal steps.
+
+The student is validated along the way on gold validation responses: its NLL and, when both models share
+a vocabulary, KL(teacher || student) (the KD curves of the report).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from pydantic import Field, model_validator
+
+from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
+from warmup_distill_kedro.core.kd.config import KDSettings
+from warmup_distill_kedro.core.kd.data import KDDataConfig, StudentSampledBatches, gold_batches, kd_batches
+from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, validate_options
+from warmup_distill_kedro.core.kd.dual_space import (
+    DSKDConfig,
+    StudentWithProjectors,
+    collate_dual,
+    dskd_cma_loss,
+    dskd_loss,
+    encode_dual,
+    projector_pretraining_loss,
+)
+from warmup_distill_kedro.core.kd.fused import fused_model_distillation_loss
+from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss
+from warmup_distill_kedro.core.models.encoding import (
+    EncodedExample,
+    PromptOverflowParameter,
+    causal_lm_loss,
+    encode_examples,
+)
+from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
+from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
+from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.config import TrainingConfig
+from warmup_distill_kedro.core.training.context import current_metrics_sink
+from warmup_distill_kedro.core.training.loop import TrainingRun
+from warmup_distill_kedro.core.training.stage import train_stage
+
+logger = logging.getLogger(__name__)
+
+# Dual-space KD (arXiv 2406.17328): one tokenizer (dskd) or two, aligned by cross-model attention (dskd_cma).
+DUAL_SPACE_OBJECTIVES: tuple[str, ...] = ("dskd", "dskd_cma")
+# Plain SFT on the same data, steps and seed, without the teacher: the control KD has to beat.
+BASELINE_OBJECTIVES: tuple[str, ...] = ("sft",)
+CELL_OBJECTIVES: tuple[str, ...] = (*OBJECTIVES, *DUAL_SPACE_OBJECTIVES, *BASELINE_OBJECTIVES)
+
+
+class DistillConfig(KDSettings):
+    """What every cell of a grid shares: the KD settings, each objective's options, the data, the budget."""
+
+    fused_head: bool = Field(
+        False,
+        description="compute the KD loss from the last hidden states and the LM heads chunk by chunk, never "
+        "materializing either model's full logits (core/kd/fused.py); needs chunk_size. Applies to the "
+        f"token-level objectives ({', '.join(OBJECTIVES)}); dskd, dskd_cma and sft cells ignore it. "
+        "Not with FSDP (sharded heads)",
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        {},
+        description="per-objective options, e.g. {js: {beta: 0.5}, dskd: {divergence: fkl, projector_lr: 0.001}}",
+    )
+    data: KDDataConfig = KDDataConfig()
+    sft_examples: int | None = Field(
+        1000,
+        gt=0,
+        description="objective sft: plain SFT on the first N gold training examples (the student's labelled "
+        "data); null: every training example",
+    )
+    training: TrainingConfig
+    max_length: int = Field(192, gt=8)
+    prompt_overflow: PromptOverflowParameter = "error"
+    validation_examples: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _options_are_valid(self) -> DistillConfig:
+        """An unknown objective or option stops the run here, before any training."""
+        if self.fused_head and self.chunk_size is None:
+            raise ValueError("fused_head: true needs chunk_size (positions per chunk, e.g. 128); it is null")
+        for objective in self.options:
+            try:
+                self.loss_config(objective)
+            except ValueError as error:  # pydantic's ValidationError is a ValueError
+                raise ValueError(f"options.{objective}: {error}") from error
+        return self
+
+    def loss_config(self, objective: str) -> KDConfig | DSKDConfig | None:
+        """The loss settings of one objective's cells (None for the sft baseline, which has none)."""
+        options = self.options.get(objective, {})
+        settings = KDSettings(temperature=self.temperature, kd_rate=self.kd_rate, chunk_size=self.chunk_size)
+        if objective in DUAL_SPACE_OBJECTIVES:
+            return DSKDConfig.from_options(settings, options)
+        if objective in BASELINE_OBJECTIVES:
+            if options:
+                raise ValueError(f"plain SFT takes no options, got {sorted(options)}")
+            return None
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose from {list(CELL_OBJECTIVES)}")
+        return KDConfig(
+            **settings.model_dump(), objective=objective, options=validate_options(objective, **options)
+        )
+
+
+def distill_cell(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    examples: pd.DataFrame,
+    validation_examples: pd.DataFrame,
+    config: DistillConfig,
+    variant: str,
+    objective: str,
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """Distill `teacher` into a copy of `student` with one objective; the teacher stays frozen.
+
+    `examples`: the KD set (prepare_kd_examples), or the gold examples for the sft baseline. Returns the
+    distilled student and the cell's metrics (its history holds the KD curves, step 0 first).
+    """
+    tokenizer = student.tokenizer
+    _, pad_id = eos_and_pad_ids(tokenizer)
+    encoded, report = encode_examples(tokenizer, examples, config.max_length, config.prompt_overflow)
+    validation, _ = encode_examples(
+        tokenizer,
+        validation_examples.head(config.validation_examples),
+        config.max_length,
+        config.prompt_overflow,
+    )
+    teacher.model.eval().requires_grad_(False)
+    if objective in DUAL_SPACE_OBJECTIVES:
+        cell = _dual_space_cell(teacher, student, examples, encoded, config, objective)
+    elif objective in BASELINE_OBJECTIVES:
+        cell = _sft_cell(teacher, student, encoded, config)
+    else:
+        cell = _token_level_cell(teacher, student, encoded, config, objective)
+
+    def validate(_model: torch.nn.Module) -> dict[str, float]:
+        statistics = heldout_distribution(
+            cell.student, teacher.model, validation, pad_id, config.training.batch_size, cell.shared_vocab
+        )
+        renamed = {"heldout_nll": "validation_nll", "heldout_kl": "validation_kl"}
+        statistics = {renamed[k]: v for k, v in statistics.items() if k in renamed}
+        if isinstance(
+            cell.source, StudentSampledBatches
+        ):  # adaptive: a stalled validation loss raises the share
+            cell.source.observe_validation(statistics["validation_nll"])
+            statistics["student_sampled_share"] = cell.source.share
+        return statistics
+
+    logger.info(
+        "distill %s/%s: %d sequences (%d cut), T %.1f, kd_rate %.2f",
+        variant, objective, report.n_examples, report.n_truncated, config.temperature, config.kd_rate,
+    )  # fmt: skip
+    if cell.pretrain is not None:
+        cell.pretrain()
+    checkpoint, metrics = train_stage(
+        cell.model,
+        tokenizer,
+        cell.loss_fn,
+        cell.source,
+        config.training,
+        stage="distill",
+        name=f"distill {variant}/{objective}",
+        params=config,
+        eval_fn=validate,
+        parameter_groups=cell.parameter_groups,
+        trained=cell.student,
+        start=student,
+        metadata={"variant": variant, "objective": objective, "loss": _dump(config.loss_config(objective))},
+    )
+    counts = cell.source.counts if isinstance(cell.source, StudentSampledBatches) else {}
+    return checkpoint, {
+        "variant": variant,
+        "objective": objective,
+        "train_sequences": report.n_examples,
+        "truncated_prompts": report.n_prompts_truncated,
+        "data_mode": config.data.mode,
+        **{f"batches_{kind}": count for kind, count in counts.items()},
+        **metrics,
+    }
+
+
+@dataclass
+class _Cell:
+    """What one grid cell trains, how, and on what."""
+
+    model: torch.nn.Module  # what the loop trains (the student, or the student with its projectors)
+    student: torch.nn.Module  # the causal LM inside it: validated and saved
+    loss_fn: Callable[..., Any]
+    source: Any
+    shared_vocab: int | None  # tokens both models share (None: different tokenizers, no token-level KL)
+    parameter_groups: list[dict[str, Any]] | None = None
+    pretrain: Callable[[], None] | None = None
+
+
+def _token_level_cell(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    encoded: list[EncodedExample],
+    config: DistillConfig,
+    objective: str,
+) -> _Cell:
+    """fkl, rkl, js, ...: the two models' distributions compared token by token."""
+    vocab_size = shared_vocabulary_size(teacher, student, objective)
+    kd = config.loss_config(objective)
+    assert isinstance(kd, KDConfig)
+    model = copy.deepcopy(student.model)
+    teacher_model = teacher.model
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        teacher_on_device = teacher_model.to(batch["input_ids"].device)
+        if config.fused_head:  # from the last hidden states and the heads, chunk by chunk
+            return fused_model_distillation_loss(model, teacher_on_device, batch, kd, vocab_size)
+        with torch.no_grad():
+            teacher_logits = _logits(teacher_on_device, batch)
+        return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size)
+
+    source = kd_batches(encoded, model, student.tokenizer, config.data, config.training, config.max_length)
+    return _Cell(model, model, loss_fn, source, vocab_size)
+
+
+def _sft_cell(
+    teacher: Checkpoint, student: Checkpoint, encoded: list[EncodedExample], config: DistillConfig
+) -> _Cell:
+    """Plain SFT on gold examples (the teacher is not asked): what KD must beat at equal steps."""
+    shared = vocabulary_fingerprint(teacher.tokenizer) == vocabulary_fingerprint(student.tokenizer)
+    model = copy.deepcopy(student.model)
+    source = gold_batches(encoded, student.tokenizer, config.training)
+    return _Cell(model, model, causal_lm_loss, source, len(student.tokenizer) if shared else None)
+
+
+def _dual_space_cell(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    examples: pd.DataFrame,
+    encoded: list[EncodedExample],
+    config: DistillConfig,
+    objective: str,
+) -> _Cell:
+    """dskd (one tokenizer) and dskd_cma (two): projectors carry each model's hidden states into the
+    other's output space (core/kd/dual_space.py); the projectors learn at their own rate and may be
+    pre-trained."""
+    dskd = config.loss_config(objective)
+    assert isinstance(dskd, DSKDConfig)
+    cross = objective == "dskd_cma"
+    wrapper = StudentWithProjectors(
+        copy.deepcopy(student.model), teacher.model.config.hidden_size, cross_attention=cross
+    )
+    teacher_model = teacher.model
+    training = config.training
+    if cross:
+        if config.data.mode in ("on_policy", "adaptive"):
+            raise ValueError(
+                f"distill: {objective} trains on fixed text; use data.mode off_policy or sequence_kd"
+            )
+        student_examples, teacher_examples = encode_dual(
+            student.tokenizer,
+            teacher.tokenizer,
+            examples["prompt"].tolist(),
+            [RESPONSE_SEPARATOR + r for r in examples["response"]],
+            config.max_length,
+        )
+        pads = eos_and_pad_ids(student.tokenizer)[1], eos_and_pad_ids(teacher.tokenizer)[1]
+        source = ShuffledBatches(
+            list(zip(student_examples, teacher_examples, strict=True)),
+            training.batch_size,
+            lambda pairs: collate_dual([s for s, _ in pairs], [t for _, t in pairs], *pads),
+            training.seed,
+        )
+        sizes = len(student.tokenizer), len(teacher.tokenizer)
+        shared_vocab = None
+
+        def loss_fn(model, batch):
+            return dskd_cma_loss(model, teacher_model.to(batch["input_ids"].device), batch, dskd, *sizes)
+    else:
+        shared_vocab = shared_vocabulary_size(teacher, student, objective)
+        source = kd_batches(
+            encoded, wrapper.student, student.tokenizer, config.data, training, config.max_length
+        )
+
+        def loss_fn(model, batch):
+            return dskd_loss(model, teacher_model.to(batch["input_ids"].device), batch, dskd, shared_vocab)
+
+    def pretrain() -> None:
+        """Projectors alone (the CE of the projected teacher): a DSKD-specific warmup of the projectors."""
+        sink = current_metrics_sink()
+
+        def prefixed(metrics: Mapping[str, float], step: int) -> None:  # beside the cell's own curves
+            if sink is not None:
+                sink({f"projector_pretraining/{k}": v for k, v in metrics.items()}, step)
+
+        TrainingRun(
+            wrapper,
+            lambda model, batch: projector_pretraining_loss(
+                model, teacher_model.to(batch["input_ids"].device), batch, len(student.tokenizer)
+            ),
+            source,
+            training.model_copy(update={"max_steps": dskd.pretrain_steps, "eval_every": 0}),
+            parameter_groups=[{"params": wrapper.projector_parameters(), "lr": dskd.projector_lr}],
+            metrics_sink=prefixed,
+            name=f"{objective} projectors",
+        ).run()
+
+    return _Cell(
+        model=wrapper,
+        student=wrapper.student,
+        loss_fn=loss_fn,
+        source=source,
+        shared_vocab=shared_vocab,
+        parameter_groups=wrapper.parameter_groups(training.learning_rate, dskd.projector_lr),
+        pretrain=pretrain if dskd.pretrain_steps > 0 else None,
+    )
+
+
+def shared_vocabulary_size(teacher: Checkpoint, student: Checkpoint, objective: str) -> int:
+    """The number of logit columns both models mean the same thing by (padding rows are dropped)."""
+    if vocabulary_fingerprint(teacher.tokenizer) != vocabulary_fingerprint(student.tokenizer):
+        raise ValueError(
+            f"distill: objective {objective!r} compares teacher and student distributions token by token, "
+            f"but their tokenizers differ (teacher {len(teacher.tokenizer)} tokens, student "
+            f"{len(student.tokenizer)}). Give both the same tokenizer, or use an objective for different "
+            "tokenizers (dskd_cma)."
+        )
+    return len(student.tokenizer)
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _dump(loss: KDConfig | DSKDConfig | None) -> dict[str, Any] | None:
+    """The cell's loss settings with every default resolved (None for the sft baseline)."""
+    return None if loss is None else loss.model_dump(mode="json")

@@ -1,0 +1,259 @@
+"""The comparison table (reporting.table) as a reader sees it: Markdown for the report and the terminal,
+and one summary line per difference for logs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from warmup_distill_kedro.reporting.records import (
+    DETERMINISTIC_SEED,
+    DISTRIBUTION,
+    GREEDY_SEED,
+    INSTRUCTION,
+    MATH,
+)
+from warmup_distill_kedro.reporting.table import (
+    AVERAGE,
+    BEFORE_KD,
+    BENCHMARK_LABELS,
+    DELTA_VARIANTS,
+    DISTRIBUTION_SHOWN,
+    INCOMPLETE,
+    KEY,
+    MISSING,
+    OBJECTIVE_LABELS,
+    OK,
+    PERCENT_METRICS,
+    TABLE1_BENCHMARKS,
+    TABLE_COLUMNS,
+    TEACHER,
+    lookup,
+)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+def render_markdown(
+    table: pd.DataFrame, title: str = "Warmup-Distill: distillation results", seed_kind: str | None = None
+) -> str:
+    """The comparison as a Markdown document: accuracy per objective x variant (Table 1), distribution
+    statistics (Table 2) and a footer on seeds, missing cells and single-seed rows.
+
+    ``seed_kind`` names what the seeds are in the footer ("sampling", "training"); None: "sampling" when
+    math was decoded greedily (the evaluation JSONs), else "training" (runs compared from MLflow).
+    """
+    _check_table(table)
+    parts = [f"# {title}", ""]
+    parts += _accuracy_section(table)
+    parts += _distribution_section(table)
+    parts += ["## Notes", "", *[f"- {line}" for line in _footer(table, seed_kind)]]
+    return "\n".join(parts) + "\n"
+
+
+def _check_table(table: pd.DataFrame) -> None:
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"table must be a pandas DataFrame, got {type(table).__name__}")
+    absent = [column for column in TABLE_COLUMNS if column not in table.columns]
+    if absent:
+        raise ValueError(
+            f"table: missing column(s) {absent}; expected {list(TABLE_COLUMNS)} (see build_table)"
+        )
+
+
+def _plain_variants(table: pd.DataFrame) -> list[str]:
+    return [v for v in table["variant"].unique() if v != TEACHER and v not in DELTA_VARIANTS]
+
+
+def _delta_variants(table: pd.DataFrame) -> list[str]:
+    return [v for v in table["variant"].unique() if v in DELTA_VARIANTS]
+
+
+def _cell_name(objective: str, variant: str) -> str:
+    return TEACHER if objective == TEACHER else f"{variant}/{objective}"
+
+
+def _format_value(row: pd.Series | None, metric: str, signed: bool = False) -> str:
+    """``43.2 ± 1.1`` (percent for accuracies), ``43.2`` for one seed, ``missing``; empty if no row."""
+    if row is None:
+        return ""
+    if row["status"] != OK:
+        return str(row["status"])
+    scale, digits = (100.0, 1) if metric in PERCENT_METRICS else (1.0, 3)
+    sign = "+" if signed else ""
+    text = f"{row['mean'] * scale:{sign}.{digits}f}"
+    if row["n_seeds"] >= 2:
+        text += f" ± {row['std'] * scale:.{digits}f}"
+    return text
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table padded to column width, so it reads as a table in a terminal too."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    widths = [max(width, 3) for width in widths]
+
+    def line(cells: Sequence[str]) -> str:
+        return (
+            "| "
+            + " | ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True))
+            + " |"
+        )
+
+    return [
+        line(header),
+        "|" + "|".join("-" * (width + 2) for width in widths) + "|",
+        *[line(r) for r in rows],
+    ]
+
+
+def _accuracy_section(table: pd.DataFrame) -> list[str]:
+    benchmarks = [b for b, metric in TABLE1_BENCHMARKS.items() if _has(table, b, metric)]
+    if not benchmarks:
+        return ["No math or instruction accuracy was measured.", ""]
+    plain, deltas = _plain_variants(table), _delta_variants(table)
+    indexed = table.set_index(KEY)
+    header = ["objective"]
+    for benchmark in benchmarks:
+        header += [f"{BENCHMARK_LABELS[benchmark]}: {variant}" for variant in [*plain, *deltas]]
+    rows = []
+    for objective in table["objective"].unique():
+        cells = [OBJECTIVE_LABELS.get(objective, objective)]
+        for benchmark in benchmarks:
+            metric = TABLE1_BENCHMARKS[benchmark]
+            if objective == TEACHER:
+                # The teacher is one model, not a variant: its value sits in the first column only.
+                teacher = lookup(indexed, TEACHER, TEACHER, benchmark, metric)
+                cells += [_format_value(teacher, metric)] + [""] * (len(plain) + len(deltas) - 1)
+                continue
+            cells += [_format_value(lookup(indexed, objective, v, benchmark, metric), metric) for v in plain]
+            cells += [
+                _format_value(lookup(indexed, objective, d, benchmark, metric), metric, signed=True)
+                for d in deltas
+            ]
+        rows.append(cells)
+    caption = (
+        "Table 1. Accuracy in percent (math exact match, instruction ROUGE-L, their average); "
+        "differences in points; mean ± std where there are 2 or more seeds."
+    )
+    return [caption, "", *_markdown_table(header, rows), ""]
+
+
+def _has(table: pd.DataFrame, benchmark: str, metric: str) -> bool:
+    return bool(((table["benchmark"] == benchmark) & (table["metric"] == metric)).any())
+
+
+def _distribution_section(table: pd.DataFrame) -> list[str]:
+    metrics = [m for m in DISTRIBUTION_SHOWN if _has(table, DISTRIBUTION, m)]
+    if not metrics:
+        return ["No distribution statistics were measured.", ""]
+    indexed = table.set_index(KEY)
+    header = ["objective", "variant", *[f"{m} (%)" if m in PERCENT_METRICS else m for m in metrics]]
+    rows = []
+    plain = table[~table["variant"].isin(DELTA_VARIANTS) & (table["benchmark"] == DISTRIBUTION)]
+    for objective, variant in dict.fromkeys(zip(plain["objective"], plain["variant"], strict=True)):
+        cells = [OBJECTIVE_LABELS.get(objective, objective), variant]
+        cells += [_format_value(lookup(indexed, objective, variant, DISTRIBUTION, m), m) for m in metrics]
+        rows.append(cells)
+    caption = (
+        "Table 2. Distribution statistics on held-out responses: KL(teacher || student), share of sampled "
+        "tokens the teacher rejects (%), student entropy, NLL; empty = not measured."
+    )
+    return [caption, "", *_markdown_table(header, rows), ""]
+
+
+def _footer(table: pd.DataFrame, seed_kind: str | None) -> list[str]:
+    lines = [_seed_line(table, seed_kind)]
+    plain = table[~table["variant"].isin(DELTA_VARIANTS)]
+    missing_cells = [
+        _cell_name(objective, variant)
+        for (objective, variant), cell in plain.groupby(["objective", "variant"], sort=False)
+        if (cell["status"] == MISSING).all()
+    ]
+    lines.append(
+        "Missing cells (no evaluation found): " + (", ".join(missing_cells) if missing_cells else "none")
+    )
+    incomplete = plain[plain["status"] == INCOMPLETE]
+    if not incomplete.empty:
+        names = ", ".join(
+            _cell_name(o, v) for o, v in zip(incomplete["objective"], incomplete["variant"], strict=True)
+        )
+        lines.append(f"No average for {names}: a benchmark the other cells have was not measured there")
+    single_seed: dict[str, str] = {}
+    for benchmark, metric in TABLE1_BENCHMARKS.items():
+        rows = plain[
+            (plain["benchmark"] == benchmark) & (plain["metric"] == metric) & (plain["status"] == OK)
+        ]
+        single = rows[rows["n_seeds"] == 1]
+        if rows.empty or single.empty:
+            continue
+        if len(single) == len(rows):
+            single_seed[BENCHMARK_LABELS[benchmark]] = "every value is a single seed (no ±)"
+        else:
+            names = ", ".join(
+                _cell_name(o, v) for o, v in zip(single["objective"], single["variant"], strict=True)
+            )
+            single_seed[BENCHMARK_LABELS[benchmark]] = f"single-seed rows (no ±): {names}"
+    lines += [f"{labels}: {text}" for labels, text in _merged(single_seed)]
+    return lines
+
+
+def _merged(described: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``{"math": d, "ROUGE-L": d}`` -> ``[("math, ROUGE-L", d)]``: one line for what reads the same."""
+    by_text: dict[str, list[str]] = {}
+    for label, text in described.items():
+        by_text.setdefault(text, []).append(label)
+    return [(", ".join(labels), text) for text, labels in by_text.items()]
+
+
+def _seed_line(table: pd.DataFrame, seed_kind: str | None) -> str:
+    seeds: Mapping[str, Sequence[str]] = table.attrs.get("seeds", {})
+    if seed_kind is None:
+        seed_kind = "sampling" if list(seeds.get(MATH, [])) == [GREEDY_SEED] else "training"
+    described: dict[str, str] = {}
+    for benchmark in (MATH, INSTRUCTION):
+        used = [s for s in seeds.get(benchmark, []) if s != DETERMINISTIC_SEED]
+        if used == [GREEDY_SEED]:
+            described[benchmark] = "greedy, 1 decoding"
+        elif used:
+            # Without a logged seed a run id stands in for it: shorten it, the count is what matters.
+            shown = ", ".join(seed if len(seed) <= 12 else seed[:8] + "…" for seed in used)
+            described[benchmark] = f"mean ± std over {len(used)} {seed_kind} seeds ({shown})"
+    parts = [f"{labels}: {text}" for labels, text in _merged(described)]
+    if AVERAGE in set(table["benchmark"]):
+        parts.append("average: mean of the benchmarks (per seed when they share seeds)")
+    if not parts:
+        return f"Seeds: up to {int(table['n_seeds'].max())} per value"
+    return "Seeds: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- summary
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """One line per difference (warmup - vanilla, ...) and accuracy benchmark, for logs and the README, e.g.
+    ``warmup - vanilla on average (points): +0.4 (fkl), -1.2 (rkl), missing (akl); mean over objectives
+    -0.4 (2 of 3); before KD -3.1``. The mean is over the KD objectives; before KD is the starting gap."""
+    _check_table(table)
+    lines = []
+    for delta in _delta_variants(table):
+        minuend, subtrahend = delta.split("-", 1)
+        for benchmark in (AVERAGE, MATH, INSTRUCTION):
+            metric = TABLE1_BENCHMARKS[benchmark]
+            rows = table[
+                (table["variant"] == delta) & (table["benchmark"] == benchmark) & (table["metric"] == metric)
+            ]
+            if rows.empty:
+                continue
+            kd_rows = rows[rows["objective"] != BEFORE_KD]
+            items = [f"{_signed_points(row)} ({row['objective']})" for _, row in kd_rows.iterrows()]
+            ok = kd_rows[kd_rows["status"] == OK]
+            text = f"{minuend} - {subtrahend} on {benchmark} (points): " + (", ".join(items) or "no KD cells")
+            if not ok.empty:
+                text += f"; mean over objectives {ok['mean'].mean() * 100:+.1f} ({len(ok)} of {len(kd_rows)})"
+            before = rows[(rows["objective"] == BEFORE_KD) & (rows["status"] == OK)]
+            if not before.empty:
+                text += f"; before KD {before['mean'].iloc[0] * 100:+.1f}"
+            lines.append(text)
+    return lines
+
+
+def _signed_points(row: pd.Series) -> str:
+    return f"{row['mean'] * 100:+.1f}" if row["status"] == OK else str(row["status"])
