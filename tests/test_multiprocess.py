@@ -137,8 +137,8 @@ def _worker(out: Path) -> None:
     """What each launched process runs: three small trainings, results in OUT/rank<r>.{json,pt}."""
     torch.set_num_threads(1)
     import warmup_distill_kedro.core.training.loop as training
-    from warmup_distill_kedro.core.training.batches import ShuffledBatches
     from tests.core.test_training import _collate, _examples, _model, causal_lm_loss
+    from warmup_distill_kedro.core.training.batches import ShuffledBatches
 
     sink: list = []
     evals: list = []

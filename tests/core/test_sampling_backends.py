@@ -21,6 +21,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.core.tiny_models import TINY_UNTIED
+from warmup_distill_kedro.core.evaluation.evaluate import EvaluateConfig as EvaluateParams
 from warmup_distill_kedro.core.generation import config as generation_config
 from warmup_distill_kedro.core.generation import vllm_backend
 from warmup_distill_kedro.core.generation.config import SamplingConfig
@@ -37,7 +38,6 @@ from warmup_distill_kedro.core.models.tokenization import (
     eos_and_pad_ids,
     train_bpe_tokenizer,
 )
-from warmup_distill_kedro.core.evaluation.evaluate import EvaluateConfig as EvaluateParams
 from warmup_distill_kedro.core.warmup.probe import ProbeConfig as ProbeParams
 
 torch.set_num_threads(1)

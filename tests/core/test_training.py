@@ -12,8 +12,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
 from warmup_distill_kedro.core.training.config import TrainingConfig
-from warmup_distill_kedro.core.training.loop import NonFiniteLossError, TrainingRun, train, warmup_cosine
 from warmup_distill_kedro.core.training.context import set_state_folder
+from warmup_distill_kedro.core.training.loop import NonFiniteLossError, TrainingRun, train, warmup_cosine
 
 torch.set_num_threads(1)
 

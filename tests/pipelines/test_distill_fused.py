@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from warmup_distill_kedro.core.kd.cell import _token_level_cell
+from warmup_distill_kedro.core.kd.cell import distill_cell as distill_student
 from warmup_distill_kedro.core.kd.fused import last_hidden_state, lm_head
 from warmup_distill_kedro.core.models.modeling import Checkpoint, ModelSize, build_model
 from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
-from warmup_distill_kedro.core.kd.cell import _token_level_cell
-from warmup_distill_kedro.core.kd.cell import distill_cell as distill_student
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
 
 torch.set_num_threads(1)

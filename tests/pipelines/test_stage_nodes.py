@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from warmup_distill_kedro.core.models.modeling import Checkpoint
-from warmup_distill_kedro.pipelines.probe.nodes import probe
 from warmup_distill_kedro.core.warmup.probe import ProbeConfig as ProbeParams
-from warmup_distill_kedro.pipelines.warmup.nodes import warmup_student
 from warmup_distill_kedro.core.warmup.warmup import WarmupConfig as WarmupParams
+from warmup_distill_kedro.pipelines.probe.nodes import probe
+from warmup_distill_kedro.pipelines.warmup.nodes import warmup_student
 
 
 def _warmup_params(loss: str) -> WarmupParams:

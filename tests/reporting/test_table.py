@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from tests.reporting import evaluation, row
+from warmup_distill_kedro.reporting.markdown import render_markdown, summary_lines
 from warmup_distill_kedro.reporting.records import RECORD_COLUMNS, evaluation_records
 from warmup_distill_kedro.reporting.table import TABLE_COLUMNS, build_table
-from warmup_distill_kedro.reporting.markdown import render_markdown, summary_lines
 
 VARIANTS = ["vanilla", "warmup"]
 OBJECTIVES = ["fkl", "rkl", "akl"]
