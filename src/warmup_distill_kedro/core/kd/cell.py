@@ -29,7 +29,13 @@ from pydantic import Field, model_validator
 
 from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
 from warmup_distill_kedro.core.kd.config import KDSettings
-from warmup_distill_kedro.core.kd.data import KDDataConfig, StudentSampledBatches, gold_batches, kd_batches
+from warmup_distill_kedro.core.kd.data import (
+    STUDENT_SAMPLED,
+    KDDataConfig,
+    StudentSampledBatches,
+    gold_batches,
+    kd_batches,
+)
 from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, validate_options
 from warmup_distill_kedro.core.kd.dual_space import (
     DSKDConfig,
@@ -227,11 +233,12 @@ def _token_level_cell(
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         teacher_on_device = teacher_model.to(batch["input_ids"].device)
+        ce = STUDENT_SAMPLED not in batch  # no CE on the student's own samples
         if config.fused_head:  # from the last hidden states and the heads, chunk by chunk
-            return fused_model_distillation_loss(model, teacher_on_device, batch, kd, vocab_size)
+            return fused_model_distillation_loss(model, teacher_on_device, batch, kd, vocab_size, ce)
         with torch.no_grad():
             teacher_logits = _logits(teacher_on_device, batch)
-        return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size)
+        return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size, ce)
 
     source = kd_batches(encoded, model, student.tokenizer, config.data, config.training, config.max_length)
     return _Cell(model, model, loss_fn, source, vocab_size)
@@ -277,6 +284,7 @@ def _dual_space_cell(
             examples["prompt"].tolist(),
             [RESPONSE_SEPARATOR + r for r in examples["response"]],
             config.max_length,
+            examples["finished"].astype(bool).tolist() if "finished" in examples else True,
         )
         pads = eos_and_pad_ids(student.tokenizer)[1], eos_and_pad_ids(teacher.tokenizer)[1]
         source = ShuffledBatches(
@@ -297,7 +305,10 @@ def _dual_space_cell(
         )
 
         def loss_fn(model, batch):
-            return dskd_loss(model, teacher_model.to(batch["input_ids"].device), batch, dskd, shared_vocab)
+            teacher_on_device = teacher_model.to(batch["input_ids"].device)
+            return dskd_loss(
+                model, teacher_on_device, batch, dskd, shared_vocab, ce=STUDENT_SAMPLED not in batch
+            )
 
     def pretrain() -> None:
         """Projectors alone (the CE of the projected teacher): a DSKD-specific warmup of the projectors."""
@@ -310,7 +321,11 @@ def _dual_space_cell(
         TrainingRun(
             wrapper,
             lambda model, batch: projector_pretraining_loss(
-                model, teacher_model.to(batch["input_ids"].device), batch, len(student.tokenizer)
+                model,
+                teacher_model.to(batch["input_ids"].device),
+                batch,
+                len(student.tokenizer),
+                dskd.cma_std,
             ),
             source,
             training.model_copy(update={"max_steps": dskd.pretrain_steps, "eval_every": 0}),

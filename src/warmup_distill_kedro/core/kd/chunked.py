@@ -191,7 +191,7 @@ def _kd_terms(
         return _KDTerms(beta * kl_p_m + (1.0 - beta) * kl_q_m, -(1.0 - beta) * kl_q_m, h, beta - 1.0, q_sum)
     if objective == "akl":
         above = scratch("above", rows, vocab)
-        head = torch.gt(p, head_floor(p, options["mu"] * p_sum, above), out=above)
+        head = torch.gt(p, head_floor(p, options["mu"] * p_sum, above, options["crossing"]), out=above)
         gap = torch.mul(q, 1.0 / q_sum, out=product).addcmul_(p, -1.0 / p_sum).abs_()
         w_head, w_tail = (w.unsqueeze(1) for w in gap_shares(gap, head))
         log_ratio = torch.sub(log_q, log_p, out=ratio)  # log q - log p
@@ -342,12 +342,12 @@ def mixed_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, ce, kd) of a chunked Function's forward from its CE and KD sums over n positions: token
     means, ce and kd marked without gradient, loss = spec.ce_weight CE + spec.kd_weight KD (a copy of the term
-    itself when the other weight is 0, so that its value is bit for bit the metric's)."""
+    itself when it has weight 1 and the other 0, so that its value is bit for bit the metric's)."""
     ce, kd = ce_total / max(n, 1), kd_total / max(n, 1)
     if spec.kd_weight == 0.0:
-        loss = ce.clone()
+        loss = ce.clone() if spec.ce_weight == 1.0 else spec.ce_weight * ce
     elif spec.ce_weight == 0.0:
-        loss = kd.clone()
+        loss = kd.clone() if spec.kd_weight == 1.0 else spec.kd_weight * kd
     else:
         loss = spec.ce_weight * ce + spec.kd_weight * kd
     ctx.mark_non_differentiable(ce, kd)

@@ -8,7 +8,9 @@ distribution p and the student's q at every response position (docs/method.md).
     skl   KL(p || alpha p + (1-alpha) q)                                 (DistiLLM skew KL)
     srkl  KL(q || (1-alpha) p + alpha q)                                 (skew reverse KL)
     akl   w_head FKL + w_tail RKL, weights from the |p - q| gap on the teacher's head / tail   (adaptive KL;
-          head: the top tokens up to the one crossing cumulative mass mu, ties with it included)
+          head: the top tokens up to the one crossing cumulative mass mu, that one included (crossing:
+          head, DSKD's code) or not (crossing: tail, the AKL code), ties with it alike; mu = 1 - DSKD's
+          adaptive_kl_alpha)
 
 p and q are softmaxes of the logits divided by the temperature T (no T^2 factor is applied). All
 arithmetic is float32 whatever the logits' dtype, in log space: a mixture's log-ratios come from one
@@ -30,14 +32,14 @@ from torch import Tensor
 OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
 
 # Each objective's options and their defaults; the ranges are checked in validate_options.
-_DEFAULTS: dict[str, dict[str, float | bool]] = {
+_DEFAULTS: dict[str, dict[str, float | bool | str]] = {
     "fkl": {},
     "rkl": {},
     "js": {"beta": 0.5, "normalized": False},
     "tvd": {},
     "skl": {"alpha": 0.1},
     "srkl": {"alpha": 0.1},
-    "akl": {"mu": 0.5},
+    "akl": {"mu": 0.5, "crossing": "head"},
 }
 LOG_FLOOR = -1e30  # floor of log-probabilities: exp() of it is exactly 0, differences of it stay finite
 
@@ -56,7 +58,8 @@ def validate_options(objective: str, **options: Any) -> dict[str, Any]:
     """Check an objective's options and return them with the defaults filled in.
 
     js: beta in (0, 1) (default 0.5), or in [0, 1] with normalized=True; skl / srkl: alpha in [0, 1)
-    (default 0.1); akl: mu in (0, 1) (default 0.5); fkl, rkl, tvd take no options.
+    (default 0.1); akl: mu in (0, 1) (default 0.5) and crossing, head or tail (default head); fkl, rkl, tvd
+    take no options.
     """
     if objective not in _DEFAULTS:
         raise ValueError(unknown_objective(objective))
@@ -90,6 +93,10 @@ def validate_options(objective: str, **options: Any) -> dict[str, Any]:
         mu = resolved["mu"] = _real(objective, "mu", resolved["mu"])
         if not 0.0 < mu < 1.0:
             raise ValueError(f"akl option 'mu' must be in (0, 1), got {mu}")
+        if resolved["crossing"] not in CROSSINGS:
+            raise ValueError(
+                f"akl option 'crossing' must be one of {list(CROSSINGS)}, got {resolved['crossing']!r}"
+            )
     return resolved
 
 
@@ -147,20 +154,50 @@ def _kl_to(log_a: Tensor, log_m_over_a: Tensor) -> Tensor:
 
 
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+# Where akl puts the token whose cumulative teacher mass crosses mu: in the head (DSKD's and KDFlow's code,
+# the default: the head always holds at least mu of the mass) or in the tail (the AKL authors' get_ratio).
+CROSSINGS: tuple[str, ...] = ("head", "tail")
+# Rows whose top tokens hold mu are resolved from a top-k (one pass over the row); others by bisection.
+_TOP_K = 16
 
 
-def head_floor(p: Tensor, mu: Tensor | float, above: Tensor) -> Tensor:
+def head_floor(p: Tensor, mu: Tensor | float, above: Tensor, crossing: str = "head") -> Tensor:
     """akl's head per row of p [N, V] (probabilities, float32 or float64; unnormalized with mu scaled to
-    each row's total [N, 1]) as a floor [N, 1]: the head is p > floor, the top tokens up to and including
-    the one whose cumulative mass crosses mu (and any token tied with that one: the head does not depend on
-    how a sort orders ties). `above` is a scratch tensor like p.
+    each row's total [N, 1]) as a floor [N, 1]: the head is p > floor. `above` is a scratch tensor like p.
 
-    Bisection on the floats' bit patterns, which order like the non-negative values they encode, keeping
-    mass(p > lo) >= mu > mass(p > hi) (lo starts just below min p, above which lies all the mass, hi at
-    max p, above which lies none). The crossing token is the smallest one above lo: a row is done once
-    (lo, hi] holds a single token, or lo and hi are adjacent floats (ties). Two passes over the row per
-    halving of the bracket, several times cheaper than sorting the vocabulary.
+    The crossing value v of a row is the probability of the token whose cumulative mass, tokens taken from
+    the most likely, crosses mu: mass(p >= v) >= mu > mass(p > v). `crossing: head` puts it in the head
+    (head = p >= v); `tail` in the tail (head = p > v), except when it is the top token, which the head
+    always keeps (as the AKL code does). Tokens tied with the crossing one go where it goes, so the head
+    does not depend on how a sort orders ties.
+
+    v comes from the row's top 16 tokens (sorted, cumulated) where they hold mu, which is one pass over a
+    peaked teacher's row; other rows find it by bisection on the floats' bit patterns (tokens_above_floor).
     """
+    rows, width = p.shape
+    k = min(_TOP_K, width)
+    top = p.topk(k, dim=-1).values
+    reaches = top.cumsum(dim=-1) >= mu  # [N, k]
+    crossing_value = top.gather(1, reaches.to(torch.int8).argmax(dim=-1, keepdim=True))
+    unresolved = ~reaches[:, -1]
+    if bool(unresolved.any()):
+        index = unresolved.nonzero().squeeze(1)
+        row_mu = mu[index] if isinstance(mu, Tensor) else mu
+        subset = p[index]
+        lo = _bisect_floor(subset, row_mu, above[: index.numel()])
+        crossing_value[index] = torch.where(subset > lo, subset, torch.inf).amin(dim=-1, keepdim=True)
+    bits = _SAME_WIDTH_INT[p.dtype]
+    below = (crossing_value.view(bits) - 1).view(p.dtype)  # the float just below v (v > 0)
+    if crossing == "head":
+        return below
+    return torch.where(crossing_value < top[:, :1], crossing_value, below)
+
+
+def _bisect_floor(p: Tensor, mu: Tensor | float, above: Tensor) -> Tensor:
+    """A floor lo [N, 1] with mass(p > lo) >= mu > mass(p > hi) and (lo, hi] holding only the crossing
+    value (or lo, hi adjacent floats), by bisection on the floats' bit patterns, which order like the
+    non-negative values they encode (lo starts just below min p, above which lies all the mass, hi at
+    max p, above which lies none). Two passes over the row per halving of the bracket."""
     bits = _SAME_WIDTH_INT[p.dtype]
     lo = (p.amin(dim=-1, keepdim=True).view(bits) - 1).clamp_(min=0)  # the float below the smallest p
     hi = p.amax(dim=-1, keepdim=True).view(bits)
@@ -188,7 +225,7 @@ def gap_shares(gap: Tensor, head: Tensor) -> tuple[Tensor, Tensor]:
     return w_head, w_tail
 
 
-def akl_weights(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+def akl_weights(p: Tensor, q: Tensor, mu: float, crossing: str = "head") -> tuple[Tensor, Tensor]:
     """akl's (w_head, w_tail) per position, from probabilities p (teacher) and q (student) [..., V]: the
     shares of the |p - q| gap on the teacher's head (its top tokens up to and including the one whose
     cumulative mass crosses mu, head_floor) and on the rest; both 0 where p == q. No gradient."""
@@ -197,13 +234,13 @@ def akl_weights(p: Tensor, q: Tensor, mu: float) -> tuple[Tensor, Tensor]:
             p, q = p.float(), q.float()
         p_rows, q_rows = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
         above = torch.empty_like(p_rows)
-        head = torch.gt(p_rows, head_floor(p_rows, mu, above), out=above)
+        head = torch.gt(p_rows, head_floor(p_rows, mu, above, crossing), out=above)
         w_head, w_tail = gap_shares((p_rows - q_rows).abs_(), head)
     return w_head.view(p.shape[:-1]), w_tail.view(p.shape[:-1])
 
 
-def _akl(log_q: Tensor, log_p: Tensor, mu: float) -> Tensor:
-    w_head, w_tail = akl_weights(log_p.detach().exp(), log_q.detach().exp(), mu)
+def _akl(log_q: Tensor, log_p: Tensor, mu: float, crossing: str) -> Tensor:
+    w_head, w_tail = akl_weights(log_p.detach().exp(), log_q.detach().exp(), mu, crossing)
     return w_head * _kl(log_p, log_q) + w_tail * _kl(log_q, log_p)
 
 
@@ -238,7 +275,7 @@ def per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[str
     if objective == "srkl":  # KL(q || m), m = (1 - alpha) p + alpha q
         return _kl_to(log_q, mix_log_ratios(log_q, log_p, 1.0 - options["alpha"])[0])
     if objective == "akl":
-        return _akl(log_q, log_p, options["mu"])
+        return _akl(log_q, log_p, options["mu"], options["crossing"])
     raise ValueError(unknown_objective(objective))
 
 

@@ -13,22 +13,23 @@ same output space:
     KD   = kd_student + ce_t2s + kd_teacher
     loss = (1 - kd_rate) CE(z_s, gold) + kd_rate KD
 
-Every divergence is `objectives.kd_loss` (temperature, options, chunking, vocabulary trimming); nothing
-here re-implements one. Positions follow `encoding`: logits at t predict labels[t + 1], and only positions
+Every divergence is `losses.kd_loss` (temperature, options, chunking, vocabulary trimming); nothing here
+re-implements one. Positions follow `models.encoding`: logits at t predict labels[t + 1], and only positions
 whose next label is a response token (not IGNORE_INDEX) count anywhere.
 
 The projectors live in `StudentWithProjectors`, the module handed to TrainingRun as `model`, so that one
-optimizer trains student and projectors together while `.student` stays the plain causal LM to save.
-TrainingRun puts all of `model.parameters()` in its first group at the stage's learning rate; for the
-projectors' own rate (method.md: 1e-3) build the optimizer from `parameter_groups` by hand.
+optimizer trains student and projectors together while `.student` stays the plain causal LM to save;
+`parameter_groups` gives the projectors their own learning rate (`projector_lr`, 1e-3 in DSKD's scripts).
 
 DSKD-CMA (different tokenizers; the choices below follow DualSpaceKDWithCMA in the DSKD repository):
   - position features: at each position t, [embedding of input token t; embedding of target token t+1],
-    from each model's own (detached) input embeddings;
+    from each model's own (detached) input embeddings; outside the response both are token id 0's;
   - queries: `query` Linear(2 d_s, 2 d_t) of the student features;
   - keys: the teacher features divided by their std, used directly (no key projection, as the repo);
   - values: `t2s`(h_t / std(h_t) + e_target / std(e_target)), the teacher's last hidden state plus its
-    target embedding (method.md: "teacher's hidden states (+ target embeddings)"), h_t detached;
+    target embedding, h_t detached. Each std is one number over the whole padded batch, as in the repo
+    (`cma_std: batch`), or each position's own (`cma_std: position`: padding and the batch's other
+    sequences change nothing);
   - a = softmax(Q K^T / sqrt(2 d_t)) over the teacher's response positions only; a student position with
     none gets a zero row. t2s hidden = a V -> z_t2s with the detached student head;
   - kd_student is kept only where argmax z_t2s equals the student's gold token, and, as in the repo
@@ -36,10 +37,10 @@ DSKD-CMA (different tokenizers; the choices below follow DualSpaceKDWithCMA in t
     times their share of the student's response positions: few well-aligned positions weigh little;
   - student -> teacher: a separate softmax of the same scores, transposed, over the student's response
     positions (the repo's softmax(align^T)), weights `s2t`(h_s) (not detached: the student learns through
-    it) -> z_s2t with the teacher head; kd_teacher = FKL(z_s2t, z_t) averaged over ALL teacher response
-    positions (the repo applies no argmax filter on this side).
-  Deviation from the repo: the std normalisations are per position (over the hidden dim), not one global
-  std over the whole padded batch, so that padding and batch composition change nothing.
+    it) -> z_s2t with the teacher head; kd_teacher = FKL(z_s2t, z_t) over ALL teacher response positions
+    (the repo applies no argmax filter on this side), summed and divided by the student's response
+    tokens as in the repo (`cma_teacher_kl: per_student_token`), or averaged over the teacher's
+    (`per_teacher_token`).
 
 `projector_pretraining_loss` is the ce_t2s term alone: a projector-only warmup before distillation.
 """
@@ -49,7 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional
@@ -77,16 +78,29 @@ class DSKDConfig(KDSettings):
     shared KD settings."""
 
     divergence: str = Field("fkl", description=f"student-space divergence, one of {', '.join(OBJECTIVES)}")
-    options: dict[str, float | bool] = Field(
+    options: dict[str, float | bool | str] = Field(
         default_factory=dict, description="the divergence's options (see divergences.validate_options)"
     )
     projector_lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="the projectors' own rate")
     pretrain_steps: int = Field(
         0, ge=0, description="steps that train the projectors alone (the CE of the projected teacher) first"
     )
+    cma_std: Literal["batch", "position"] = Field(
+        "batch",
+        description="dskd_cma: keys, teacher hidden states and target embeddings divided by one std over the "
+        "whole padded batch (batch: the official code) or by each position's own (position: independent of "
+        "padding and of the batch's other sequences)",
+    )
+    cma_teacher_kl: Literal["per_student_token", "per_teacher_token"] = Field(
+        "per_student_token",
+        description="dskd_cma: the teacher-space KL summed over the teacher's response tokens and divided by "
+        "the student's (per_student_token: the official code), or averaged over the teacher's",
+    )
 
     # The keys of a grid objective's options block that are DSKD's own; the rest are the divergence's.
-    OWN_OPTIONS: ClassVar[tuple[str, ...]] = ("divergence", "projector_lr", "pretrain_steps")
+    OWN_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "divergence", "projector_lr", "pretrain_steps", "cma_std", "cma_teacher_kl"
+    )  # fmt: skip
 
     @classmethod
     def from_options(cls, settings: KDSettings, options: Mapping[str, Any]) -> DSKDConfig:
@@ -105,7 +119,9 @@ class DSKDConfig(KDSettings):
 
     @field_validator("options")
     @classmethod
-    def _valid_options(cls, value: dict[str, float | bool], info: ValidationInfo) -> dict[str, float | bool]:
+    def _valid_options(
+        cls, value: dict[str, float | bool | str], info: ValidationInfo
+    ) -> dict[str, float | bool | str]:
         divergence = info.data.get("divergence")
         if divergence is None:  # the divergence itself failed; its error says so
             return value
@@ -169,9 +185,10 @@ class DSKDTerms:
     def kd(self) -> Tensor:
         return self.kd_student + self.ce_t2s + self.kd_teacher
 
-    def combine(self, kd_rate: float) -> tuple[Tensor, dict[str, float]]:
+    def combine(self, kd_rate: float, ce: bool = True) -> tuple[Tensor, dict[str, float]]:
+        """(1 - kd_rate) CE + kd_rate KD (kd_rate KD alone with `ce` False: labels the student sampled)."""
         kd = self.kd
-        loss = (1.0 - kd_rate) * self.ce + kd_rate * kd
+        loss = (1.0 - kd_rate) * self.ce + kd_rate * kd if ce else kd_rate * kd
         n = self.tokens.clamp(min=1)
         metrics = {
             "loss": loss.item(),
@@ -308,10 +325,11 @@ def dskd_loss(
     batch: dict[str, Tensor],
     config: DSKDConfig,
     vocab_size: int | None = None,
+    ce: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """(1 - kd_rate) CE + kd_rate (kd_student + ce_t2s + kd_teacher), and its metrics: loss, ce, kd,
     kd_student, kd_teacher, ce_t2s, t2s_accuracy, tokens, teacher_tokens."""
-    return dskd_terms(wrapper, teacher, batch, config, vocab_size).combine(config.kd_rate)
+    return dskd_terms(wrapper, teacher, batch, config, vocab_size).combine(config.kd_rate, ce)
 
 
 # -- DSKD-CMA, two tokenizers -------------------------------------------------------------------------------
@@ -321,10 +339,12 @@ def encode_dual(
     prompts: Sequence[str],
     responses: Sequence[str],
     max_length: int,
+    finished: Sequence[bool] | bool = True,
 ) -> tuple[list[EncodedExample], list[EncodedExample]]:
-    """Each (prompt, response) pair encoded by both tokenizers: (student examples, teacher examples)."""
-    student, _ = encode_pairs(student_tokenizer, prompts, responses, max_length)
-    teacher, _ = encode_pairs(teacher_tokenizer, prompts, responses, max_length)
+    """Each (prompt, response) pair encoded by both tokenizers, each with its own EOS after a response
+    that ended: (student examples, teacher examples)."""
+    student, _ = encode_pairs(student_tokenizer, prompts, responses, max_length, finished)
+    teacher, _ = encode_pairs(teacher_tokenizer, prompts, responses, max_length, finished)
     return student, teacher
 
 
@@ -345,17 +365,24 @@ def collate_dual(
     return {**student, **{TEACHER_PREFIX + k: v for k, v in teacher.items()}}
 
 
-def _position_features(model: PreTrainedModel, input_ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """[input embedding; target embedding] per position, detached, and the target embeddings alone."""
+def _position_features(
+    model: PreTrainedModel, input_ids: Tensor, targets: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """[input embedding; target embedding] per position, detached, and the target embeddings alone. As in
+    the official code, positions outside the response (prompt, padding) embed token id 0: they attend and
+    are attended by nothing, but they enter a whole-batch std."""
     embed = model.get_input_embeddings()
     with torch.no_grad():
-        target_embeds = embed(targets.clamp(min=0))  # IGNORE_INDEX -> id 0; those positions are masked
-        features = torch.cat([embed(input_ids), target_embeds], dim=-1)
+        target_embeds = embed(torch.where(mask, targets, 0))
+        features = torch.cat([embed(torch.where(mask, input_ids, 0)), target_embeds], dim=-1)
     return features.float(), target_embeds.float()
 
 
-def _std_normalised(x: Tensor) -> Tensor:
-    """x divided by its std over the last dim (per position), the std detached."""
+def _std_normalised(x: Tensor, how: str) -> Tensor:
+    """x divided by its std, the std detached: one over every element of the padded batch (`batch`, the
+    official code), or each position's own, over the hidden dim (`position`)."""
+    if how == "batch":
+        return x / x.detach().std().clamp(min=_STD_EPS)
     return x / x.detach().std(dim=-1, keepdim=True).clamp(min=_STD_EPS)
 
 
@@ -378,7 +405,11 @@ class _Alignment:
 
 
 def _align(
-    wrapper: StudentWithProjectors, teacher: PreTrainedModel, batch: dict[str, Tensor], student_vocab: int
+    wrapper: StudentWithProjectors,
+    teacher: PreTrainedModel,
+    batch: dict[str, Tensor],
+    student_vocab: int,
+    std: str,
 ) -> _Alignment:
     if wrapper.query is None:
         raise ValueError("dskd_cma needs a StudentWithProjectors built with cross_attention=True")
@@ -391,12 +422,15 @@ def _align(
         teacher, teacher_ids, batch[TEACHER_PREFIX + "attention_mask"]
     )
 
-    student_features, _ = _position_features(wrapper.student, batch["input_ids"], targets)
-    teacher_features, teacher_target_embeds = _position_features(teacher, teacher_ids, teacher_targets)
+    student_features, _ = _position_features(wrapper.student, batch["input_ids"], targets, mask)
+    teacher_features, teacher_target_embeds = _position_features(
+        teacher, teacher_ids, teacher_targets, teacher_mask
+    )
     queries = _project(wrapper.query, student_features)  # [B, Ts, 2 d_t]
-    keys = _std_normalised(teacher_features)  # [B, Tt, 2 d_t]
+    keys = _std_normalised(teacher_features, std)  # [B, Tt, 2 d_t]
     values = _project(
-        wrapper.t2s, _std_normalised(teacher_hidden.float()) + _std_normalised(teacher_target_embeds)
+        wrapper.t2s,
+        _std_normalised(teacher_hidden.float(), std) + _std_normalised(teacher_target_embeds, std),
     )  # [B, Tt, d_s]
     scores = queries @ keys.transpose(-1, -2) / math.sqrt(keys.shape[-1])
     pair_mask = mask.unsqueeze(-1) & teacher_mask.unsqueeze(1)
@@ -439,7 +473,7 @@ def dskd_cma_terms(
     """
     student_vocab = _vocab_of(wrapper.student, student_vocab_size, "student")
     teacher_vocab = _vocab_of(teacher, teacher_vocab_size, "teacher")
-    align = _align(wrapper, teacher, batch, student_vocab)
+    align = _align(wrapper, teacher, batch, student_vocab, config.cma_std)
     hidden, logits = _forward(wrapper.student, batch["input_ids"], batch["attention_mask"])
     tokens = (_next_tokens(batch["labels"]) != IGNORE_INDEX).sum()
 
@@ -455,6 +489,9 @@ def dskd_cma_terms(
     s2t_hidden = s2t_weights @ _project(wrapper.s2t, hidden).to(s2t_weights.dtype)
     s2t_logits = _to_vocab(s2t_hidden, teacher, teacher_vocab)
     kd_teacher = _kd("fkl", s2t_logits, align.teacher_logits, align.teacher_mask, config, teacher_vocab)
+    teacher_tokens = align.teacher_mask.sum()
+    if config.cma_teacher_kl == "per_student_token":  # the official code: its sum over the teacher's tokens
+        kd_teacher = kd_teacher * (teacher_tokens / tokens.clamp(min=1))  # per student token
     return DSKDTerms(
         ce=_ce(logits, batch["labels"]),
         kd_student=kd_student,
@@ -463,7 +500,7 @@ def dskd_cma_terms(
         t2s_logits=align.t2s_logits,
         t2s_correct=kept,
         tokens=tokens,
-        teacher_tokens=align.teacher_mask.sum(),
+        teacher_tokens=teacher_tokens,
     )
 
 
@@ -487,13 +524,16 @@ def projector_pretraining_loss(
     teacher: PreTrainedModel,
     batch: dict[str, Tensor],
     vocab_size: int | None = None,
+    cma_std: str = "batch",
 ) -> tuple[Tensor, dict[str, float]]:
     """ce_t2s alone: trains t2s (and, for CMA, query) and nothing of the student, whose head and embeddings
     enter detached; the student's transformer is not even run. A wrapper built with cross_attention=True
-    takes a `collate_dual` batch, otherwise a `collate` batch. vocab_size: the student tokenizer's size.
-    Metrics: loss, ce_t2s, t2s_accuracy, tokens. Optimise `wrapper.projector_parameters()` only."""
+    takes a `collate_dual` batch (`cma_std` as in DSKDConfig), otherwise a `collate` batch. vocab_size: the
+    student tokenizer's size. Metrics: loss, ce_t2s, t2s_accuracy, tokens. Optimise
+    `wrapper.projector_parameters()` only."""
     if wrapper.cross_attention:
-        align = _align(wrapper, teacher, batch, _vocab_of(wrapper.student, vocab_size, "student"))
+        student_vocab = _vocab_of(wrapper.student, vocab_size, "student")
+        align = _align(wrapper, teacher, batch, student_vocab, cma_std)
         ce_t2s, correct = align.ce_t2s, align.correct
     else:
         _require(batch, _STUDENT_KEYS, "projector pre-training")

@@ -138,6 +138,7 @@ def fused_distillation_loss(
     chunk_size: int | None = None,
     student_head_bias: Tensor | None = None,
     teacher_head_bias: Tensor | None = None,
+    ce: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """distillation_loss(student_hidden @ W_s^T, teacher_hidden @ W_t^T, labels, config, vocab_size),
     chunk by chunk, without either model's full logits.
@@ -172,7 +173,7 @@ def fused_distillation_loss(
         grad and student_head_bias is not None and student_head_bias.requires_grad,
     )
     positions, targets = response_positions(labels, student_hidden.device)
-    spec = distillation_spec(config, vocab, chunk, any(needs))
+    spec = distillation_spec(config, vocab, chunk, any(needs), ce)
     loss, ce, kd = _FusedKD.apply(
         student_hidden,
         student_head_weight,
@@ -233,9 +234,10 @@ def fused_model_distillation_loss(
     batch: dict[str, Tensor],
     config: KDConfig,
     vocab_size: int | None = None,
+    ce: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
-    """distillation_loss(student logits, teacher logits, batch["labels"], config, vocab_size) for two causal
-    LMs, from their last hidden states and heads (the teacher under no_grad), never with full logits."""
+    """distillation_loss(student logits, teacher logits, batch["labels"], config, vocab_size, ce) for two
+    causal LMs, from their last hidden states and heads (the teacher under no_grad), never with full logits."""
     with torch.no_grad():
         teacher_hidden = last_hidden_state(teacher, batch["input_ids"], batch["attention_mask"])
     hidden = last_hidden_state(student, batch["input_ids"], batch["attention_mask"])
@@ -250,4 +252,5 @@ def fused_model_distillation_loss(
         vocab_size=vocab_size,
         student_head_bias=student_head.bias,
         teacher_head_bias=teacher_head.bias,
+        ce=ce,
     )

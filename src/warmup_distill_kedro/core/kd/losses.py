@@ -108,7 +108,7 @@ class KDConfig(KDSettings):
     computes."""
 
     objective: str = Field("fkl", description=f"one of {', '.join(OBJECTIVES)}")
-    options: dict[str, float | bool] = Field(
+    options: dict[str, float | bool | str] = Field(
         default_factory=dict,
         description="the objective's options (js: beta, normalized; skl/srkl: alpha; akl: mu)",
     )
@@ -132,8 +132,12 @@ def distillation_loss(
     labels: Tensor,
     config: KDConfig,
     vocab_size: int | None = None,
+    ce: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """(1 - kd_rate) CE(student, labels) + kd_rate KD over the response positions, with metrics.
+
+    `ce=False` (labels the student sampled itself, which it must not be trained to imitate): kd_rate KD
+    alone, CE still computed for its metric.
 
     logits [B, T, V] at position t predict labels[:, t+1]; positions whose next label is IGNORE_INDEX
     (prompt, padding) count in neither term. CE is the token mean over the student's full vocabulary,
@@ -156,9 +160,11 @@ def distillation_loss(
     teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     positions, targets = response_positions(labels, student_flat.device)
     rows = chunk_rows(student_flat.shape[1], student_flat.device, config.chunk_size)
-    spec = distillation_spec(config, vocab, rows, torch.is_grad_enabled() and student_logits.requires_grad)
-    loss, ce, kd = ChunkedLoss.apply(student_flat, teacher_flat, positions, targets, spec)
-    return loss, distillation_metrics(loss, ce, kd, positions)
+    spec = distillation_spec(
+        config, vocab, rows, torch.is_grad_enabled() and student_logits.requires_grad, ce
+    )
+    loss, ce_mean, kd_mean = ChunkedLoss.apply(student_flat, teacher_flat, positions, targets, spec)
+    return loss, distillation_metrics(loss, ce_mean, kd_mean, positions)
 
 
 def response_positions(labels: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -172,15 +178,16 @@ def response_positions(labels: Tensor, device: torch.device) -> tuple[Tensor, Te
     return positions, next_labels[positions]
 
 
-def distillation_spec(config: KDConfig, vocab: int, rows: int, need_grad: bool) -> LossSpec:
-    """The chunked loss's spec for the distill stage's (1 - kd_rate) CE + kd_rate KD."""
+def distillation_spec(config: KDConfig, vocab: int, rows: int, need_grad: bool, ce: bool = True) -> LossSpec:
+    """The chunked loss's spec for the distill stage's (1 - kd_rate) CE + kd_rate KD (without the CE term
+    when `ce` is False)."""
     return LossSpec(
         objective=config.objective,
         options=config.options,
         temperature=float(config.temperature),
         vocab=vocab,
         rows=rows,
-        ce_weight=1.0 - config.kd_rate,
+        ce_weight=1.0 - config.kd_rate if ce else 0.0,
         kd_weight=float(config.kd_rate),
         need_grad=need_grad,
     )

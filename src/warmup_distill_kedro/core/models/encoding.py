@@ -61,20 +61,27 @@ def encode_pairs(
     prompts: Sequence[str],
     responses: Sequence[str],
     max_length: int,
-    add_eos: bool = True,
+    add_eos: bool | Sequence[bool] = True,
     prompt_overflow: PromptOverflow = "error",
 ) -> tuple[list[EncodedExample], EncodingReport]:
-    """Prompt + response + EOS per pair, cut to `max_length`: the response loses its tail; a prompt that
-    does not fit follows `prompt_overflow`. Both kinds of cut are counted in the report."""
+    """Prompt + response (+ EOS) per pair, cut to `max_length`: the response loses its tail; a prompt that
+    does not fit follows `prompt_overflow`. Both kinds of cut are counted in the report.
+
+    `add_eos`: for all pairs, or per pair: an EOS belongs only after a response that ended (a gold one, a
+    generation that emitted EOS); one cut at a token budget must not teach the model to stop there.
+    """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    ends = [add_eos] * len(prompts) if isinstance(add_eos, bool) else [bool(e) for e in add_eos]
+    if len(ends) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(ends)} add_eos flags")
     eos_id, _ = eos_and_pad_ids(tokenizer)
     # One batched call each: the Rust tokenizer encodes a list many times faster than a Python loop.
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     encoded = [
-        _assemble(p_ids, r_ids + ([eos_id] if add_eos else []), max_length, prompt, prompt_overflow)
-        for p_ids, r_ids, prompt in zip(prompt_ids, response_ids, prompts, strict=True)
+        _assemble(p_ids, r_ids + ([eos_id] if end else []), max_length, prompt, prompt_overflow)
+        for p_ids, r_ids, end, prompt in zip(prompt_ids, response_ids, ends, prompts, strict=True)
     ]
     report = EncodingReport(
         len(encoded), sum(e.truncated for e in encoded), sum(e.prompt_truncated for e in encoded)
@@ -109,10 +116,13 @@ def encode_examples(
     max_length: int,
     prompt_overflow: PromptOverflow = "error",
 ) -> tuple[list[EncodedExample], EncodingReport]:
-    """Encode a task table's `prompt` and `response` columns, the response after the task's separator."""
+    """Encode a task table's `prompt` and `response` columns, the response after the task's separator,
+    followed by EOS where the response ended (the table's `finished` column when it has one: responses a
+    model wrote; gold responses have none and all end)."""
     responses = [RESPONSE_SEPARATOR + r for r in examples["response"]]
+    ends = examples["finished"].astype(bool).tolist() if "finished" in examples else True
     return encode_pairs(
-        tokenizer, examples["prompt"].tolist(), responses, max_length, prompt_overflow=prompt_overflow
+        tokenizer, examples["prompt"].tolist(), responses, max_length, ends, prompt_overflow=prompt_overflow
     )
 
 

@@ -89,6 +89,18 @@ def build_model(size: ModelSize, tokenizer: PreTrainedTokenizerBase, seed: int) 
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every dropout of `model` off, in train mode too: `nn.Dropout` layers and the attention dropout
+    transformers' attention modules read from their `attention_dropout` attribute. What TRL's preference
+    trainers do by default: a policy compared with a reference must not differ from it by dropout noise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -7,13 +7,29 @@ from typing import Any, Protocol
 
 import torch
 
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX
+
 Batch = dict[str, torch.Tensor]
 
 
 class BatchSource(Protocol):
-    """Data for the loop, addressed by position so that a run can resume exactly where it stopped."""
+    """Data for the loop, addressed by position so that a run can resume exactly where it stopped.
+
+    A source may also have `begin_step(step, max_steps)`, called before each optimizer step (a mix that
+    follows training progress), and `state_dict()` / `load_state_dict()` (state of its own, saved with
+    the run's).
+    """
 
     def batch(self, position: int) -> Batch: ...
+
+
+def batch_weight(batch: Batch) -> int:
+    """What a batch's loss is a mean over, counted before the forward: its response tokens (the positions
+    whose next label counts), or for a batch without `labels` (preference pairs) its rows."""
+    labels = batch.get("labels")
+    if labels is None:
+        return int(next(iter(batch.values())).shape[0])
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class ShuffledBatches:

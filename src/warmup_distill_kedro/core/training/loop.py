@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from warmup_distill_kedro.core.training.batches import Batch, BatchSource
+from warmup_distill_kedro.core.training.batches import Batch, BatchSource, batch_weight
 from warmup_distill_kedro.core.training.config import TrainingConfig
 from warmup_distill_kedro.core.training.context import (
     STATE_FILE,
@@ -323,15 +323,28 @@ class TrainingRun:
         # accelerate counts micro-batches per Accelerator, but how many to accumulate lives in a state shared
         # by every Accelerator of the process (a singleton): set it for this run before every step.
         accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+        if hasattr(self.data, "begin_step"):  # a source whose mix follows training progress (DistiLLM's)
+            self.data.begin_step(self.step, config.max_steps)
+        # The step's micro-batches first: each one's loss is a mean over its own tokens, and is weighted by
+        # its share of the tokens of the whole step, over every process, so that the gradient is the
+        # step's token mean however the batch is cut (accumulation, processes).
+        positions = [
+            self.data_position + k * self.num_processes + self.process_index
+            for k in range(config.gradient_accumulation_steps)
+        ]
+        batches = [{k: v.to(accelerator.device) for k, v in self.data.batch(p).items()} for p in positions]
+        weights = [batch_weight(batch) for batch in batches]
+        step_weight = self._sum_over_processes(sum(weights))
+        shares = config.gradient_accumulation_steps * self.num_processes / max(step_weight, 1.0)
         accumulated: list[Mapping[str, float]] = []
-        for _ in range(config.gradient_accumulation_steps):
-            position = self.data_position + self.process_index
-            batch = {k: v.to(accelerator.device) for k, v in self.data.batch(position).items()}
+        for position, batch, weight in zip(positions, batches, weights, strict=True):
             # accumulate(): no gradient sync but on the last micro-batch (DDP no_sync, FSDP, DeepSpeed).
             with accelerator.accumulate(self.prepared), accelerator.autocast():
                 loss, loss_metrics = self.prepared(batch)
                 self._check_finite(loss, position)
-                accelerator.backward(loss)  # divided by gradient_accumulation_steps
+                # backward divides by the micro-batches accumulated and DDP averages over processes: the
+                # weight times their number turns both into this batch's share of the step's tokens.
+                accelerator.backward(loss * (weight * shares))
             accumulated.append({"loss": loss.item(), **loss_metrics})
             self.data_position += self.num_processes
         clipping: dict[str, float] = {}
@@ -344,7 +357,19 @@ class TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {**_mean_metrics(accumulated), "learning_rate": lr, **clipping}
+        metrics = _mean_metrics(accumulated)
+        if len(accumulated) > 1:  # the loss the step optimized: its micro-batches weighted by their tokens
+            metrics["loss"] = sum(m["loss"] * w for m, w in zip(accumulated, weights, strict=True)) / max(
+                sum(weights), 1
+            )
+        return {**metrics, "learning_rate": lr, **clipping}
+
+    def _sum_over_processes(self, value: float) -> float:
+        """A number summed over the run's processes (itself with one process: no collective)."""
+        if self.num_processes == 1:
+            return float(value)
+        total = torch.tensor([float(value)], device=self.accelerator.device)
+        return float(self.accelerator.reduce(total, reduction="sum").item())
 
     def _check_finite(self, loss: torch.Tensor, position: int) -> None:
         """Raise on a non-finite loss, on every process at once (one that raised alone would leave the

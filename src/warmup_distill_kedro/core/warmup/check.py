@@ -194,6 +194,15 @@ def flag_tokens(
 
 
 # ---------------------------------------------------------------------------------------------- modifying
+@dataclass(frozen=True)
+class Correction:
+    """A corrected response: its text, and whether it ended with an end-of-sequence token (False: cut at
+    the continuation's max_new_tokens)."""
+
+    text: str
+    finished: bool
+
+
 def continue_from_flags(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -202,7 +211,7 @@ def continue_from_flags(
     first_flags: Sequence[int],
     config: CheckConfig,
     across_processes: bool = False,
-) -> list[str]:
+) -> list[Correction]:
     """`continue`: keep the tokens before the first flag; the teacher picks that token and writes the rest.
 
     `across_processes`: as in `generate_from_ids` (with several processes, `choose: sample` draws what
@@ -216,18 +225,22 @@ def continue_from_flags(
         model, tokenizer, contexts, sampling, desc="teacher continues", across_processes=across_processes
     )
     return [
-        tokenizer.decode(s.token_ids[:flag] + g.token_ids, skip_special_tokens=True)
+        Correction(tokenizer.decode(s.token_ids[:flag] + g.token_ids, skip_special_tokens=True), g.finished)
         for s, flag, g in zip(scored, first_flags, generations, strict=True)
     ]
 
 
-def replace_flagged(tokenizer: PreTrainedTokenizerBase, scored: ScoredResponse, flags: np.ndarray) -> str:
-    """`replace_only`: every flagged token becomes the teacher's argmax; the response ends at an EOS."""
+def replace_flagged(
+    tokenizer: PreTrainedTokenizerBase, scored: ScoredResponse, flags: np.ndarray
+) -> Correction:
+    """`replace_only`: every flagged token becomes the teacher's argmax; the response ends at the first EOS
+    (finished), or where the scored tokens end (not finished: no EOS was kept)."""
     eos_id, _ = eos_and_pad_ids(tokenizer)
     ids = [int(a) if f else t for t, a, f in zip(scored.token_ids, scored.argmax, flags, strict=True)]
-    if eos_id in ids:
+    finished = eos_id in ids
+    if finished:
         ids = ids[: ids.index(eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return Correction(tokenizer.decode(ids, skip_special_tokens=True), finished)
 
 
 # ------------------------------------------------------------------------------------------ whole rollouts
@@ -319,13 +332,13 @@ def correct_rollouts(
     checked: Sequence[CheckedRollout],
     config: CheckConfig,
     across_processes: bool = False,
-) -> list[str | None]:
-    """The corrected response of every flagged rollout (None where nothing fired).
+) -> list[Correction | None]:
+    """The correction of every flagged rollout (None where nothing fired).
 
     `across_processes`: the teacher's continuations are shared out, as in `generate_from_ids`.
     """
     flagged = [i for i, c in enumerate(checked) if c.first_flag >= 0]
-    corrected: list[str | None] = [None] * len(checked)
+    corrected: list[Correction | None] = [None] * len(checked)
     if not flagged:
         return corrected
     if config.strategy == "replace_only":
@@ -335,7 +348,7 @@ def correct_rollouts(
     prompt_ids = [
         teacher_tokenizer(rollouts[i].prompt, add_special_tokens=False)["input_ids"] for i in flagged
     ]
-    texts = continue_from_flags(
+    corrections = continue_from_flags(
         teacher,
         teacher_tokenizer,
         prompt_ids,
@@ -344,6 +357,6 @@ def correct_rollouts(
         config,
         across_processes=across_processes,
     )
-    for i, text in zip(flagged, texts, strict=True):
-        corrected[i] = text
+    for i, correction in zip(flagged, corrections, strict=True):
+        corrected[i] = correction
     return corrected

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 CORRECTED_SET_COLUMNS = [
-    "prompt_id", "task", "prompt", "answer", "sample_index", "chosen", "rejected", "kind",
+    "prompt_id", "task", "prompt", "answer", "sample_index", "chosen", "rejected", "chosen_finished",
+    "rejected_finished", "kind",
     "flag_char", "flag_token", "flag_teacher_token", "n_flagged", "n_tokens",
     "teacher_mean_logp_chosen", "teacher_mean_logp_rejected",
 ]  # fmt: skip
@@ -76,7 +77,10 @@ def build_corrected_set(
 
     `kind` says what a row is: `pair` (flagged and corrected: the warmup data), or with
     `keep_unflagged`, `sft` (nothing fired: the student's own response, chosen only). Flagged rollouts
-    whose correction came out identical to the original are counted, not kept.
+    whose correction came out identical to the original (text and ending) are counted, not kept.
+    `chosen_finished` / `rejected_finished`: whether each side ended with an end-of-sequence token (the
+    original, as the probe sampled it; the correction, as the teacher wrote it), False where it was cut
+    at a token budget: the warmup gives an EOS only to the sides that ended.
     """
     table = scored_rollouts.reset_index(drop=True)
     checked = _checked(table)
@@ -85,8 +89,10 @@ def build_corrected_set(
     )
     flag_chars = [c.scored.char_starts[c.first_flag] if c.first_flag >= 0 else -1 for c in checked]
     rows = table.assign(
-        chosen=corrected,
+        chosen=[None if c is None else c.text for c in corrected],
+        chosen_finished=[None if c is None else c.finished for c in corrected],
         rejected=table["response"],
+        rejected_finished=table["finished"].astype(bool),
         flag_char=flag_chars,
         flag_token=[
             _student_token(row, char) for row, char in zip(table.itertuples(), flag_chars, strict=True)
@@ -95,14 +101,17 @@ def build_corrected_set(
         teacher_mean_logp_rejected=[float(np.mean(c.scored.logprobs)) for c in checked],
     )
     flagged = rows["first_flag"] >= 0
-    changed = flagged & (rows["chosen"] != rows["rejected"])
+    changed = flagged & (
+        (rows["chosen"] != rows["rejected"]) | (rows["chosen_finished"] != rows["rejected_finished"])
+    )
     rows["kind"] = np.where(changed, "pair", np.where(flagged, "unchanged", "unflagged"))
     pairs = rows[rows["kind"] == "pair"].copy()
     pairs["teacher_mean_logp_chosen"] = _teacher_mean_logprobs(teacher, pairs, config)
     kept = [pairs]
     if config.keep_unflagged:
         sft = rows[rows["kind"] == "unflagged"]
-        kept.append(sft.assign(kind="sft", chosen=sft["response"], rejected=None,
+        kept.append(sft.assign(kind="sft", chosen=sft["response"], chosen_finished=sft["rejected_finished"],
+                               rejected=None, rejected_finished=None,
                                teacher_mean_logp_chosen=sft["teacher_mean_logp_rejected"]))  # fmt: skip
     corrected_set = pd.concat(kept, ignore_index=True)[CORRECTED_SET_COLUMNS]
     summary = _summary(rows, pairs, config)
@@ -161,18 +170,22 @@ def _student_token(row: Any, char: int) -> int:
 
 
 def _teacher_mean_logprobs(teacher: Checkpoint, pairs: pd.DataFrame, config: CheckConfig) -> list[float]:
-    """The teacher's mean per-token log-probability of each corrected response (EOS included)."""
+    """The teacher's mean per-token log-probability of each corrected response (its EOS included where it
+    ended)."""
     if pairs.empty:
         return []
     tokenizer = teacher.tokenizer
     eos_id, _ = eos_and_pad_ids(tokenizer)
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pairs["prompt"]]
-    response_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos_id] for c in pairs["chosen"]]
+    response_ids = [
+        tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos_id] if finished else [])
+        for c, finished in zip(pairs["chosen"], pairs["chosen_finished"], strict=True)
+    ]
     scores = score_responses(
         teacher.model, prompt_ids, response_ids, config.batch_size, desc="teacher scores corrections",
         show_progress=config.show_progress, vocab_size=len(tokenizer), across_processes=True,
     )  # fmt: skip
-    return [float(np.mean(logprobs)) for logprobs, _, _ in scores]
+    return [float(np.mean(logprobs)) if len(logprobs) else float("nan") for logprobs, _, _ in scores]
 
 
 def _mean(values: pd.Series) -> float:

@@ -56,16 +56,19 @@ def encode_preference_pairs(
     rejected: Sequence[str],
     max_length: int,
     prompt_overflow: PromptOverflow = "error",
+    chosen_finished: Sequence[bool] | bool = True,
+    rejected_finished: Sequence[bool] | bool = True,
 ) -> list[PreferencePair]:
-    """Encode both sides of each pair with the same prompt; responses are used as given, EOS appended."""
+    """Encode both sides of each pair with the same prompt; responses are used as given, with an EOS after
+    the sides that ended (`*_finished`: per pair, or one value for all)."""
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError(
             f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses: "
             "each prompt needs exactly one of each"
         )
-    chosen_encoded, _ = encode_pairs(tokenizer, prompts, chosen, max_length, prompt_overflow=prompt_overflow)
+    chosen_encoded, _ = encode_pairs(tokenizer, prompts, chosen, max_length, chosen_finished, prompt_overflow)
     rejected_encoded, _ = encode_pairs(
-        tokenizer, prompts, rejected, max_length, prompt_overflow=prompt_overflow
+        tokenizer, prompts, rejected, max_length, rejected_finished, prompt_overflow
     )
     return [PreferencePair(c, r) for c, r in zip(chosen_encoded, rejected_encoded, strict=True)]
 

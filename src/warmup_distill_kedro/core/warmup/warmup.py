@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +29,7 @@ from warmup_distill_kedro.core.models.encoding import (
     collate,
     encode_examples,
 )
-from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.modeling import Checkpoint, disable_dropout
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
 from warmup_distill_kedro.core.training.config import TrainingConfig
@@ -56,6 +56,11 @@ class WarmupConfig(BaseModel):
     max_length: int = Field(192, gt=8, description="prompt + response tokens; longer responses are cut")
     prompt_overflow: PromptOverflowParameter = "error"
     validation_examples: int = Field(256, gt=0, description="gold validation examples for the NLL guard")
+    cut_off: Literal["keep", "drop"] = Field(
+        "keep",
+        description="a pair with a side cut at a token budget: keep it (that side gets no end-of-sequence "
+        "token) or drop it",
+    )
 
 
 def warmup_student(
@@ -65,7 +70,9 @@ def warmup_student(
     pairs = training_rows(corrected_set, config)
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
-    rejected = pairs["rejected"].fillna(pairs["chosen"])  # sft rows have no rejected side; sft ignores it
+    # sft rows have no rejected side, and sft ignores it
+    rejected = pairs["rejected"].fillna(pairs["chosen"])
+    rejected_finished = pairs["rejected_finished"].fillna(pairs["chosen_finished"])
     encoded = encode_preference_pairs(
         tokenizer,
         pairs["prompt"].tolist(),
@@ -73,12 +80,16 @@ def warmup_student(
         rejected.tolist(),
         config.max_length,
         config.prompt_overflow,
+        chosen_finished=pairs["chosen_finished"].astype(bool).tolist(),
+        rejected_finished=rejected_finished.astype(bool).tolist(),
     )
     if config.loss.loss != "sft":
         encoded = with_reference_logprobs(student.model, encoded, pad_id, config.training.batch_size)
     logger.info("warmup: %d training rows, loss %s", len(encoded), config.loss.loss)
     checkpoint, metrics = train_stage(
-        copy.deepcopy(student.model),
+        # The reference's log-probs were computed in eval mode: the policy trains without dropout too, so
+        # that at step 0 the two agree (TRL's disable_dropout).
+        disable_dropout(copy.deepcopy(student.model)),
         tokenizer,
         preference_loss_fn(config.loss),
         ShuffledBatches(
@@ -134,7 +145,13 @@ def control_student(
 
 
 def training_rows(corrected_set: pd.DataFrame, config: WarmupConfig) -> pd.DataFrame:
-    """The rows the loss can use: pairs for DPO; pairs and kept SFT rows (chosen only) for sft."""
+    """The rows the loss can use: pairs for DPO; pairs and kept SFT rows (chosen only) for sft; with
+    `cut_off: drop`, only those whose sides all ended."""
+    if missing := [c for c in ("chosen_finished", "rejected_finished") if c not in corrected_set]:
+        raise ValueError(
+            f"warmup: the corrected set has no column {missing[0]!r}: it was written by an older version of "
+            "the check stage; run it again (kedro run --pipeline=check)"
+        )
     kinds = {"pair", "sft"} if config.loss.loss == "sft" else {"pair"}
     rows = corrected_set[corrected_set["kind"].isin(kinds)].reset_index(drop=True)
     if rows.empty:
@@ -144,6 +161,17 @@ def training_rows(corrected_set: pd.DataFrame, config: WarmupConfig) -> pd.DataF
             "'margin' or 'top_k', sample the probe at a higher temperature, or probe more prompts "
             "(probe.max_prompts, probe.n_samples)."
         )
+    if config.cut_off == "drop":
+        ended = rows["chosen_finished"].astype(bool) & rows["rejected_finished"].fillna(True).astype(bool)
+        logger.info(
+            "warmup: %d of %d rows have a side cut at a token budget: dropped", (~ended).sum(), len(rows)
+        )
+        rows = rows[ended].reset_index(drop=True)
+        if rows.empty:
+            raise ValueError(
+                "warmup: every row of the corrected set has a side cut at a token budget and warmup.cut_off is "
+                "drop: raise probe.max_new_tokens and check.continuation.max_new_tokens, or keep them"
+            )
     return rows
 
 
