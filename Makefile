@@ -18,7 +18,7 @@ help:
 	@echo "make test         run the test suite"
 	@echo "make viz          serve the pipeline lineage (kedro viz) on http://127.0.0.1:4141"
 	@echo "make mlflow-ui    serve the MLflow tracking UI on http://127.0.0.1:5000"
-	@echo "make bench        benchmarks (KD loss, distill step, rollouts, the demo stage by stage; ~21 min)"
+	@echo "make bench        benchmarks (KD loss, distill step, rollouts, the demo stage by stage; ~23 min, docs/benchmarks.md)"
 	@echo "make lint         ruff"
 	@echo "make clean-outputs  delete data/ outputs, mlflow.db and mlruns/ (asks first)"
 

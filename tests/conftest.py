@@ -1,27 +1,19 @@
-"""Shared fixtures: a throwaway copy of the project, so end-to-end runs never touch the real data/ or mlflow.db."""
+"""Shared fixtures: a throwaway copy of the project, so end-to-end runs never touch the real data/ or
+mlflow.db; the distill grid's shape, restored after the test."""
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import make_project_copy
+from warmup_distill_kedro import grid
 
 # Tests share 2 cores with whatever else runs; one thread keeps timings steady and avoids oversubscription.
 torch.set_num_threads(1)
-
-
-def make_project_copy(folder: Path) -> Path:
-    """The project's conf/ (without conf/local) and pyproject.toml in `folder`: a project to run."""
-    shutil.copytree(PROJECT_ROOT / "conf", folder / "conf", ignore=shutil.ignore_patterns("local"))
-    (folder / "conf" / "local").mkdir()
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", folder / "pyproject.toml")
-    (folder / "src").mkdir()  # Kedro checks that it exists; the package itself is installed
-    (folder / "data").mkdir()
-    return folder
 
 
 @pytest.fixture
@@ -32,3 +24,15 @@ def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
     return tmp_path
+
+
+@pytest.fixture
+def use_grid() -> Iterator[Callable[[list[str], list[str]], None]]:
+    """`use_grid(variants, objectives)`: the distill grid pipelines are built for (as GridParametersHook sets
+    it from a run's parameters); the defaults again after the test."""
+
+    def use(variants: list[str], objectives: list[str]) -> None:
+        grid.use_parameters({"variants": variants, "objectives": objectives})
+
+    yield use
+    grid.use_parameters({})

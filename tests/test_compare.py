@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
-from tests.reporting import row
+from tests.helpers import row
 from warmup_distill_kedro.compare import commands, compare_table, runs_records
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

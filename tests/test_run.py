@@ -13,6 +13,7 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
+from tests.helpers import version_folders
 from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
 from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.datasets import COMPLETE_MARKER
@@ -26,13 +27,9 @@ def _run(project: Path, pipelines: list[str], **runtime_params) -> None:
         session.run(pipeline_names=pipelines)
 
 
-def _versions(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
 def _latest(versioned: Path) -> Path:
     """The file or folder of the newest version of a versioned dataset."""
-    return _versions(versioned)[-1] / versioned.name
+    return version_folders(versioned)[-1] / versioned.name
 
 
 def test_bootstrap_end_to_end(project_copy: Path) -> None:
@@ -41,12 +38,12 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
     for split in ("train", "validation", "test"):
         assert (project_copy / f"data/03_primary/{split}_examples.parquet").is_file()
     for name in ("teacher_model", "student_model", "student_tokenizer"):
-        versions = _versions(project_copy / "data/06_models" / name)
+        versions = version_folders(project_copy / "data/06_models" / name)
         assert len(versions) == 1, name
         checkpoint = versions[0] / name
         assert (checkpoint / COMPLETE_MARKER).is_file()
     assert (
-        _versions(project_copy / "data/06_models/teacher_model")[0] / "teacher_model/config.json"
+        version_folders(project_copy / "data/06_models/teacher_model")[0] / "teacher_model/config.json"
     ).is_file()
 
     summary_file = next(
@@ -69,14 +66,14 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
     assert "loss" in teacher_run.data.metrics and "eval/validation_nll" in teacher_run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(teacher_run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # log_every 2 over 6 steps
-    saved_version = _versions(project_copy / "data/06_models/teacher_model")[0].name
+    saved_version = version_folders(project_copy / "data/06_models/teacher_model")[0].name
     assert parents[0].data.tags["version.save.teacher_model"] == saved_version
 
 
 def test_bootstrap_alone_reuses_the_latest_splits(project_copy: Path) -> None:
     _run(project_copy, ["data"])
     _run(project_copy, ["bootstrap"])
-    assert len(_versions(project_copy / "data/06_models/student_model")) == 1
+    assert len(version_folders(project_copy / "data/06_models/student_model")) == 1
 
 
 def test_a_bad_parameter_fails_before_any_node_runs(project_copy: Path) -> None:
@@ -205,7 +202,7 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     assert "nll" in control_run.data.metrics and control_run.data.tags["stage"] == "control"
 
     _run(project_copy, ["warmup"])  # alone, on the latest corrected set
-    assert len(_versions(project_copy / "data/06_models/student_warmup")) == 2
+    assert len(version_folders(project_copy / "data/06_models/student_warmup")) == 2
 
 
 @pytest.mark.parametrize(
@@ -231,13 +228,13 @@ def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
     _run(project_copy, ["probe", "check"])
     _run(project_copy, ["probe", "check"])
     for name in ("rollouts", "scored_rollouts", "corrected_set"):
-        first, second = _versions(project_copy / f"data/07_model_output/{name}.parquet")
+        first, second = version_folders(project_copy / f"data/07_model_output/{name}.parquet")
         pd.testing.assert_frame_equal(
             pd.read_parquet(first / f"{name}.parquet"), pd.read_parquet(second / f"{name}.parquet")
         )
     summaries = [
         json.loads((v / "check_summary.json").read_text())
-        for v in _versions(project_copy / "data/08_reporting/check_summary.json")
+        for v in version_folders(project_copy / "data/08_reporting/check_summary.json")
     ]
     assert summaries[0] == summaries[1]
 
@@ -269,8 +266,8 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     )
     assert metrics["steps"] == 2 and "final_validation_kl" in metrics
     assert [record["step"] for record in metrics["history"] if "loss" in record] == [1.0, 2.0]
-    assert len(_versions(project_copy / "data/06_models/distilled/warmup.fkl.student")) == 2
-    assert len(_versions(project_copy / "data/06_models/distilled/vanilla.fkl.student")) == 1
+    assert len(version_folders(project_copy / "data/06_models/distilled/warmup.fkl.student")) == 2
+    assert len(version_folders(project_copy / "data/06_models/distilled/vanilla.fkl.student")) == 1
 
 
 def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
@@ -382,7 +379,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
         assert row.mean == pytest.approx(evaluation["math"]["exact_match"]), subject
     assert (table["status"] == "ok").all()
     _run(project_copy, ["report"])  # alone, on the latest evaluations
-    assert len(_versions(reporting / "report.md")) == 2
+    assert len(version_folders(reporting / "report.md")) == 2
     markdown = _latest(reporting / "report.md").read_text()
     assert "fkl" in markdown and "js" in markdown and "warmup" in markdown
     for plot in ("accuracy", "kd_curves", "warmup_mismatch"):

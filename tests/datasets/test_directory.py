@@ -12,8 +12,8 @@ from kedro.io import DataCatalog
 from kedro.io.core import DatasetError, Version
 
 import warmup_distill_kedro.datasets.directory as directory_module
-from warmup_distill_kedro.core.models.modeling import Checkpoint, ModelSize, build_model
-from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
+from tests.helpers import assert_same_weights, bpe_tokenizer, tiny_checkpoint
+from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.datasets import (
     COMPLETE_MARKER,
     AtomicDirectoryDataset,
@@ -31,26 +31,17 @@ def tokenizer():
     torch.set_num_threads(1)
     words = ["apples", "pears", "has", "eats", "left", "many", "how", "are", "and", "the", "sum"]
     texts = [f"{w} {i} {words[(i * 3) % len(words)]} {i * 7} = {i + 5}." for i, w in enumerate(words * 4)]
-    return train_bpe_tokenizer(texts, TokenizerConfig(vocab_size=300))
+    return bpe_tokenizer(texts)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer) -> Checkpoint:
-    size = ModelSize(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    return Checkpoint(build_model(size, tokenizer, seed=0), tokenizer, {"produced_by": "test", "step": 7})
+    return tiny_checkpoint(tokenizer, seed=0, metadata={"produced_by": "test", "step": 7})
 
 
 @pytest.fixture(scope="module")
 def other_checkpoint(tokenizer) -> Checkpoint:
-    size = ModelSize(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    return Checkpoint(build_model(size, tokenizer, seed=1), tokenizer, {"produced_by": "other"})
-
-
-def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for name in sa:
-        assert torch.equal(sa[name], sb[name]), name
+    return tiny_checkpoint(tokenizer, seed=1, metadata={"produced_by": "other"})
 
 
 def versioned(path: Path, load: str | None = None, save: str | None = None) -> CheckpointDataset:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from tests.reporting import evaluation
+from tests.helpers import evaluation
 from warmup_distill_kedro.reporting.plots import (
     accuracy_by_objective,
     kd_loss_curves,

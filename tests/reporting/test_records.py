@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.reporting import evaluation
+from tests.helpers import evaluation
 from warmup_distill_kedro.reporting.records import RECORD_COLUMNS, evaluation_records
 
 

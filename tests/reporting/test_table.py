@@ -1,3 +1,6 @@
+"""reporting/table.py: the long table from evaluation records: seed statistics, averages, differences
+between variants, missing cells, order, and the errors of bad records."""
+
 from __future__ import annotations
 
 import math
@@ -5,30 +8,12 @@ import math
 import pandas as pd
 import pytest
 
-from tests.reporting import evaluation, row
-from warmup_distill_kedro.reporting.markdown import render_markdown, summary_lines
+from tests.helpers import REPORT_OBJECTIVES as OBJECTIVES
+from tests.helpers import REPORT_VARIANTS as VARIANTS
+from tests.helpers import evaluation, markdown_rows, row
+from warmup_distill_kedro.reporting.markdown import render_markdown
 from warmup_distill_kedro.reporting.records import RECORD_COLUMNS, evaluation_records
 from warmup_distill_kedro.reporting.table import TABLE_COLUMNS, build_table
-
-VARIANTS = ["vanilla", "warmup"]
-OBJECTIVES = ["fkl", "rkl", "akl"]
-
-
-@pytest.fixture
-def evaluations():
-    return {
-        "teacher": evaluation("teacher", "teacher", "teacher", 0.90, (0.60, 0.61, 0.62), kl=None),
-        "student": evaluation("student", "vanilla", "before_kd", 0.30, (0.40, 0.41, 0.42)),
-        "warmup_student": evaluation("warmup_student", "warmup", "before_kd", 0.28, (0.38, 0.39, 0.40)),
-        "vanilla.fkl": evaluation("vanilla.fkl", "vanilla", "fkl", 0.40, (0.50, 0.51, 0.52), kl=0.125),
-        "warmup.fkl": evaluation("warmup.fkl", "warmup", "fkl", 0.44, (0.50, 0.52, 0.54), kl=0.12),
-        "vanilla.rkl": evaluation("vanilla.rkl", "vanilla", "rkl", 0.41, (0.50, 0.51, 0.52)),
-    }
-
-
-@pytest.fixture
-def table(evaluations):
-    return build_table(evaluation_records(evaluations), VARIANTS, OBJECTIVES)
 
 
 def test_seed_statistics_match_hand_computed_values(table):
@@ -146,60 +131,6 @@ def test_bad_records_name_the_problem(evaluations):
         build_table(records, VARIANTS, "fkl,rkl")
     with pytest.raises(ValueError, match=r"no evaluation records"):
         build_table(records.iloc[0:0], VARIANTS, OBJECTIVES)
-
-
-def markdown_rows(markdown: str, first_cell: str) -> list[list[str]]:
-    """The cells of every Markdown table line whose first cell is ``first_cell``."""
-    rows = []
-    for line in markdown.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            rows.append(cells)
-    return rows
-
-
-def test_markdown_shows_the_main_table(table):
-    markdown = render_markdown(table, title="Demo results")
-    assert markdown.startswith("# Demo results\n")
-    header = markdown_rows(markdown, "objective")[0]
-    assert header[:4] == ["objective", "math EM: vanilla", "math EM: warmup", "math EM: warmup-vanilla"]
-    assert "average: warmup-vanilla" in header
-    teacher = markdown_rows(markdown, "teacher")[0]
-    assert teacher[1:4] == ["90.0", "", ""]  # the teacher's value sits in the first variant column only
-    assert teacher[4] == "61.0 ± 1.0"
-    fkl = markdown_rows(markdown, "fkl")[0]
-    assert fkl[1:4] == ["40.0", "44.0", "+4.0"]
-    assert fkl[4:7] == ["51.0 ± 1.0", "52.0 ± 2.0", "+1.0 ± 2.2"]
-    assert fkl[7:10] == ["45.5", "48.0", "+2.5"]
-    akl = markdown_rows(markdown, "akl")[0]
-    assert set(akl[1:]) == {"missing"}
-    assert markdown_rows(markdown, "before KD")[0][3] == "-2.0"
-
-
-def test_markdown_distribution_table_and_footer(table):
-    markdown = render_markdown(table)
-    distribution = {cells[1]: cells for cells in markdown_rows(markdown, "fkl") if len(cells) == 6}
-    assert distribution["vanilla"][2:] == ["0.125", "7.0", "0.300", "0.200"]
-    teacher = [cells for cells in markdown_rows(markdown, "teacher") if len(cells) == 6][0]
-    assert teacher[2] == ""  # heldout_kl not measured for the teacher: empty, not "missing"
-    assert (
-        "Seeds: math: greedy, 1 decoding; instruction: mean ± std over 3 sampling seeds (0, 1, 2)" in markdown
-    )
-    assert "Missing cells (no evaluation found): warmup/rkl, vanilla/akl, warmup/akl" in markdown
-    assert "math EM, average: every value is a single seed (no ±)" in markdown  # instruction has 3 seeds
-
-
-def test_summary_lines(table):
-    lines = summary_lines(table)
-    assert lines[0] == (
-        "warmup - vanilla on average (points): +2.5 (fkl), missing (rkl), missing (akl); "
-        "mean over objectives +2.5 (1 of 3); before KD -2.0"
-    )
-    assert [line.split(" (points)")[0] for line in lines] == [
-        "warmup - vanilla on average",
-        "warmup - vanilla on math",
-        "warmup - vanilla on instruction",
-    ]
 
 
 def test_a_control_student_outside_the_grid_is_a_reference_row_only(evaluations):

@@ -89,8 +89,8 @@ def probe(student: Checkpoint, train_examples: pd.DataFrame, config: ProbeConfig
             f"probe: no training prompts left to probe ({train_examples['prompt'].nunique()} distinct prompts, "
             f"probe.skip_prompts is {config.skip_prompts})"
         )
-    # Sample-major order: the i-th sample of every prompt before the (i+1)-th, so a smaller n_samples
-    # gives a prefix of the same rollouts batch by batch.
+    # Sample-major order: the i-th sample of every prompt before the (i+1)-th. (generate sorts prompts by
+    # length into batches, so another n_samples gives other batches, and other samples.)
     repeated = pd.concat([prompts.assign(sample_index=i) for i in range(config.n_samples)], ignore_index=True)
     tokenizer = student.tokenizer
     generations = generate(

@@ -21,7 +21,14 @@ def create_pipeline(**kwargs) -> Pipeline:
     cells = grid.cells()
     subjects = [subject.name for subject in grid.subjects(cells)]
     variants = grid.variants_of(cells)
-    first_objective = cells[0].objective
+    with warnings.catch_warnings():
+        # The report reads the grid's outputs by the full names their namespaces give them
+        # (`warmup.fkl.evaluation_metrics`); Kedro warns about any dotted name outside a namespace.
+        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
+        return Pipeline(_nodes(subjects, variants, cells[0].objective), tags=["report"])
+
+
+def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> list:
     nodes = [
         node(
             report_function(subjects),
@@ -49,8 +56,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="plot_warmup_mismatch",
             )
         )
-    with warnings.catch_warnings():
-        # The report reads the grid's outputs by the full names their namespaces give them
-        # (`warmup.fkl.evaluation_metrics`); Kedro warns about any dotted name outside a namespace.
-        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
-        return Pipeline(nodes, tags=["report"])
+    return nodes

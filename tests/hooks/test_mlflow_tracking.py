@@ -1,0 +1,248 @@
+"""hooks/mlflow_tracking.py: MLflowTrackingHook against a real MLflow sqlite store (no mocks).
+
+The pipeline tests drive a real ``SequentialRunner`` through a Kedro hook manager, with a real
+``KedroContext`` (``OmegaConfigLoader`` on a throwaway ``conf/`` using the project's config patterns) and its
+catalog, calling the pipeline hooks exactly as ``KedroSession.run`` does (``tests.helpers.kedro_run``). One
+sqlite store is shared by the module (creating one runs migrations); every test uses its own experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from kedro.framework.hooks.manager import _create_hook_manager
+from kedro.pipeline import Pipeline, node
+from mlflow import MlflowClient
+
+from tests.helpers import RAW_VERSIONS, SEEN, TRAIN_TAGS, kedro_run, make_context, train, write_raw
+from warmup_distill_kedro.hooks.mlflow_tracking import (
+    MLflowTrackingHook,
+    TrackingConfigError,
+    TrackingStoreError,
+)
+from warmup_distill_kedro.tracking import (
+    TrackingConfig,
+    default_artifact_location,
+    default_tracking_uri,
+    log_step_metrics,
+)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project root whose default store (``tracking_uri: null``) is shared by the module's tests."""
+    root = tmp_path_factory.mktemp("project")
+    write_raw(root, [1.0, 2.0, 3.0], RAW_VERSIONS)
+    previous_uri = mlflow.get_tracking_uri()
+    yield root
+    mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_active_run():
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run("KILLED")
+
+
+def tracked_context(project: Path, tmp_path: Path, experiment: str, **mlflow_conf):
+    hook = MLflowTrackingHook()
+    hook_manager = _create_hook_manager()
+    hook_manager.register(hook)
+    conf = {"enabled": True, "tracking_uri": None, "experiment_name": experiment, **mlflow_conf}
+    context = make_context(project, tmp_path / "conf", conf, hook_manager)
+    hook_manager.hook.after_context_created(context=context)
+    return hook, hook_manager, context
+
+
+def runs_by_name(experiment: str) -> dict:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return {run.info.run_name: run for run in client.search_runs([exp.experiment_id])}
+
+
+# ------------------------------------------------------------------------------------------- node functions
+def evaluate(model_table: pd.DataFrame) -> dict:
+    log_step_metrics({"eval_progress": 1.0}, step=0)  # a non-training node: the parent run is active
+    return {"exact_match": 0.75, "label": "x"}
+
+
+def train_fails(raw: pd.DataFrame, training: dict) -> pd.DataFrame:
+    log_step_metrics({"loss": 1.0}, step=0)
+    raise ValueError("boom: the loss diverged")
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_pipeline_run_is_tracked_end_to_end(project, tmp_path):
+    hook, hook_manager, context = tracked_context(project, tmp_path, "e2e")
+    assert hook.tracking_uri == default_tracking_uri(project)
+    pipeline = Pipeline(
+        [
+            node(
+                train,
+                ["raw", "params:training"],
+                ["model_table", "train_metrics"],
+                name="train_student",
+                tags=TRAIN_TAGS,
+            ),
+            node(evaluate, "model_table", "eval_metrics", name="evaluate"),
+        ]
+    )
+    kedro_run(hook_manager, context, pipeline, names=("demo",), session_id="session-e2e")
+
+    assert mlflow.active_run() is None
+    runs = runs_by_name("e2e")
+    assert sorted(runs) == ["demo", "train_student"]
+    parent, child = runs["demo"], runs["train_student"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("e2e")
+    assert experiment.artifact_location == default_artifact_location(project)
+
+    # parent: named after the pipeline, kedro tags, all params flattened, parent-level metrics
+    assert parent.info.status == "FINISHED"
+    assert "mlflow.parentRunId" not in parent.data.tags
+    assert parent.data.tags["kedro.session_id"] == "session-e2e"
+    assert parent.data.tags["kedro.pipelines"] == "demo"
+    assert parent.data.tags["kedro.env"] == "local"
+    assert parent.data.tags["kedro.runner"] == "SequentialRunner"
+    assert parent.data.params["training.lr"] == "0.01"
+    assert parent.data.params["training.schedule.warmup"] == "2"
+    assert json.loads(parent.data.params["training.layers"]) == [4, 8]
+    assert parent.data.params["prep.seed"] == "1"
+    assert parent.data.metrics["eval_metrics.exact_match"] == 0.75
+    assert "eval_metrics.label" not in parent.data.metrics
+    assert parent.data.metrics["eval_progress"] == 1.0
+
+    # child: nested under the parent, tags from the node, only its own params, its metrics
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["stage"] == "student"
+    assert child.data.tags["variant"] == "kd"
+    assert child.data.tags["objective"] == "fkl"
+    assert child.data.params["training.schedule.steps"] == "3"
+    assert "prep.seed" not in child.data.params
+    assert child.data.metrics["final_loss"] == 0.25
+    assert child.data.metrics["eval.acc"] == 0.5
+    assert "note" not in child.data.metrics
+
+    # step metrics from inside the node: the child run is active in the node's (= the caller's) thread
+    assert SEEN["thread"] == threading.get_ident()
+    assert SEEN["active_run"] == child.info.run_id
+    history = client.get_metric_history(child.info.run_id, "loss")
+    assert sorted((m.step, round(m.value, 4)) for m in history) == [(0, 1.0), (1, 0.5), (2, 0.3333)]
+    assert not client.get_metric_history(parent.info.run_id, "loss")
+
+    # versions: the folders really read/written on disk
+    (saved,) = [p.name for p in (project / "data" / "model_table.csv").iterdir()]
+    assert parent.data.tags["version.save.model_table"] == saved
+    assert parent.data.tags["version.load.model_table"] == saved
+    assert child.data.tags["version.save.model_table"] == saved
+    assert parent.data.tags["version.load.raw"] == RAW_VERSIONS[-1]
+    assert child.data.tags["version.load.raw"] == RAW_VERSIONS[-1]
+    assert "version.load.model_table" not in child.data.tags  # loaded by `evaluate`, not by the child
+
+
+def test_failing_training_node_marks_child_and_parent_failed(project, tmp_path):
+    hook, hook_manager, context = tracked_context(project, tmp_path, "failing")
+    pipeline = Pipeline(
+        [node(train_fails, ["raw", "params:training"], "model_table", name="train_student", tags=TRAIN_TAGS)]
+    )
+    with pytest.raises(ValueError, match="boom"):
+        kedro_run(hook_manager, context, pipeline, names=("warmup", "kd"), session_id="session-fail")
+
+    assert mlflow.active_run() is None
+    runs = runs_by_name("failing")
+    parent, child = runs["warmup+kd"], runs["train_student"]
+    assert parent.data.tags["kedro.pipelines"] == "warmup,kd"
+    assert parent.info.status == "FAILED"
+    assert child.info.status == "FAILED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.tags["error.type"] == "ValueError"
+    assert "boom" in parent.data.tags["error.message"]
+    assert child.data.tags["error.type"] == "ValueError"
+    assert [m.step for m in MlflowClient().get_metric_history(child.info.run_id, "loss")] == [0]
+
+    # the same hook tracks the next run of the process normally
+    ok = Pipeline([node(evaluate, "raw", "eval_metrics", name="evaluate")])
+    kedro_run(hook_manager, context, ok, names=("eval",), session_id="session-ok")
+    assert runs_by_name("failing")["eval"].info.status == "FINISHED"
+
+
+def test_disabled_tracking_touches_no_store(tmp_path):
+    hook = MLflowTrackingHook()
+    hook_manager = _create_hook_manager()
+    hook_manager.register(hook)
+    context = make_context(tmp_path, tmp_path / "conf", {"enabled": False}, hook_manager)
+    write_raw(tmp_path, [1.0])
+    uri_before = mlflow.get_tracking_uri()
+    hook_manager.hook.after_context_created(context=context)
+    pipeline = Pipeline(
+        [node(train, ["raw", "params:training"], ["model_table", "train_metrics"], tags=TRAIN_TAGS)]
+    )
+    kedro_run(hook_manager, context, pipeline)
+    assert not hook.tracking
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists()
+    assert mlflow.get_tracking_uri() == uri_before
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    hook_manager = _create_hook_manager()
+    context = make_context(tmp_path, tmp_path / "conf", {"trackng_uri": "x"}, hook_manager)
+    with pytest.raises(TrackingConfigError, match="mlflow.trackng_uri"):
+        MLflowTrackingHook().after_context_created(context)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_config_means_defaults(tmp_path):
+    from warmup_distill_kedro.hooks.mlflow_tracking import load_tracking_config
+
+    context = make_context(tmp_path, tmp_path / "conf", None, _create_hook_manager())
+    assert load_tracking_config(context.config_loader) == TrackingConfig()
+
+
+def test_unopenable_store_names_the_uri(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    uri = f"sqlite:///{(tmp_path / 'a_file' / 'mlflow.db').as_posix()}"
+    context = make_context(tmp_path, tmp_path / "conf", {"tracking_uri": uri}, _create_hook_manager())
+    uri_before = mlflow.get_tracking_uri()
+    with pytest.raises(TrackingStoreError, match="a_file/mlflow.db"):
+        MLflowTrackingHook().after_context_created(context)
+    assert mlflow.get_tracking_uri() == uri_before
+
+
+def test_unopenable_store_runs_untracked_when_asked(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    uri = f"sqlite:///{(tmp_path / 'a_file' / 'mlflow.db').as_posix()}"
+    hook = MLflowTrackingHook()
+    hook_manager = _create_hook_manager()
+    hook_manager.register(hook)
+    config = {"tracking_uri": uri, "on_store_error": "continue_untracked"}
+    context = make_context(tmp_path, tmp_path / "conf", config, hook_manager)
+    write_raw(tmp_path, [1.0])
+    hook_manager.hook.after_context_created(context=context)
+    pipeline = Pipeline(
+        [node(train, ["raw", "params:training"], ["model_table", "train_metrics"], tags=TRAIN_TAGS)]
+    )
+    kedro_run(hook_manager, context, pipeline)  # the run itself completes, untracked
+    assert not hook.tracking
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_store_that_refuses_writes_stops_the_run_at_start(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("attempt to write a readonly database")
+
+    # Opening the store sets $MLFLOW_TRACKING_URI (MLflow's doing); monkeypatch restores it afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    context = make_context(tmp_path, tmp_path / "conf", {}, _create_hook_manager())
+    MLflowTrackingHook().after_context_created(context)  # the store and experiment exist and open...
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", read_only)  # ...but now refuse writes
+    with pytest.raises(TrackingStoreError, match=r"(?s)mlflow.db.*readonly database.*continue_untracked"):
+        MLflowTrackingHook().after_context_created(context)

@@ -1,0 +1,92 @@
+"""The `report` pipeline on an in-memory catalog, built for the grid {vanilla, warmup} x {fkl}: the table of
+every subject's evaluation, its Markdown, and the plots (the warmup mismatch because warmup is in the grid)."""
+
+from __future__ import annotations
+
+import pytest
+from matplotlib.figure import Figure
+
+from tests.helpers import evaluation, row, run_pipeline
+from warmup_distill_kedro.pipelines.check.params import CheckParams
+from warmup_distill_kedro.pipelines.distill.params import DistillParams
+from warmup_distill_kedro.pipelines.report.pipeline import create_pipeline
+
+TRAINING = {"max_steps": 1, "batch_size": 2, "learning_rate": 1e-3}
+
+
+def _curves(kd: list[float]) -> dict:
+    return {"history": [{"step": step + 1, "kd": value} for step, value in enumerate(kd)]}
+
+
+def test_the_table_markdown_and_plots_of_a_grid(use_grid):
+    use_grid(["vanilla", "warmup"], ["fkl"])
+    pipeline = create_pipeline()
+    assert {n.name for n in pipeline.nodes} == {
+        "build_report",
+        "plot_accuracy",
+        "plot_kd_curves",
+        "plot_warmup_mismatch",
+    }
+    exact_match = {
+        "teacher": 0.9,
+        "vanilla.before_kd": 0.30,
+        "warmup.before_kd": 0.32,
+        "control.before_kd": 0.31,
+        "vanilla.fkl": 0.40,
+        "warmup.fkl": 0.46,
+    }
+    data = {
+        f"{subject}.evaluation_metrics": evaluation(
+            subject,
+            *(("teacher", "teacher") if subject == "teacher" else subject.split(".")),
+            value,
+            counts=[1] * 20,
+        )
+        for subject, value in exact_match.items()
+    }
+    outputs = run_pipeline(
+        pipeline,
+        {
+            **data,
+            "vanilla.fkl.distill_metrics": _curves([0.9, 0.6]),
+            "warmup.fkl.distill_metrics": _curves([0.7, 0.5]),
+            "params:distill": DistillParams(
+                variants=["vanilla", "warmup"], objectives=["fkl"], training=TRAINING
+            ),
+            "params:check": CheckParams(tau=0.1),
+        },
+    )
+    table = outputs["report_table"]
+    assert row(table, "fkl", "warmup-vanilla", "math", "exact_match")["mean"] == pytest.approx(0.06)
+    assert row(table, "before_kd", "warmup-control", "math", "exact_match")["mean"] == pytest.approx(0.01)
+    assert row(table, "teacher", "teacher", "math", "exact_match")["mean"] == pytest.approx(0.9)
+    assert (table["status"] == "ok").all()
+    markdown = outputs["report_markdown"]
+    assert markdown.startswith("# Warmup-Distill") and "+6.0" in markdown
+    for name in ("report_accuracy_plot", "report_kd_curves_plot", "report_warmup_mismatch_plot"):
+        assert isinstance(outputs[name], Figure), name
+    curves = outputs["report_kd_curves_plot"].get_axes()[0].get_lines()
+    assert [(line.get_label(), list(line.get_ydata())) for line in curves] == [
+        ("vanilla", [0.9, 0.6]),
+        ("warmup", [0.7, 0.5]),
+    ]
+    mismatch = outputs["report_warmup_mismatch_plot"].get_axes()[0].get_lines()
+    assert [line.get_label().split(" (")[0] for line in mismatch] == [
+        "before warmup",
+        "after warmup",
+        "tau = 0.1",
+    ]
+
+
+def test_without_warmup_in_the_grid_there_is_no_mismatch_plot(use_grid):
+    use_grid(["vanilla"], ["fkl", "js"])
+    pipeline = create_pipeline()
+    assert "plot_warmup_mismatch" not in {n.name for n in pipeline.nodes}
+    assert pipeline.inputs() == {
+        "params:distill",
+        "teacher.evaluation_metrics",
+        "vanilla.before_kd.evaluation_metrics",
+        "vanilla.fkl.evaluation_metrics",
+        "vanilla.js.evaluation_metrics",
+        "vanilla.fkl.distill_metrics",  # the curves compare the variants on the first objective
+    }
