@@ -55,8 +55,8 @@ bench: install
 	$(BIN)/python benchmarks/rollouts.py
 
 lint: install-dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
 
 viz: install-dev
 	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141

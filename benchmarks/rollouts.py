@@ -22,10 +22,10 @@ from kedro.framework.session import KedroSession  # noqa: E402
 from kedro.framework.startup import bootstrap_project  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from warmup_distill_kedro.core.warmup.probe import ProbeConfig  # noqa: E402
 from warmup_distill_kedro.pipelines.check.nodes import score_rollouts  # noqa: E402
 from warmup_distill_kedro.pipelines.check.params import CheckParams  # noqa: E402
 from warmup_distill_kedro.pipelines.probe.nodes import probe  # noqa: E402
-from warmup_distill_kedro.pipelines.probe.params import ProbeParams  # noqa: E402
 
 
 def _typed(model: type[BaseModel], value: Any, **updates: Any) -> Any:
@@ -49,7 +49,7 @@ def main() -> None:
         catalog, params = context.catalog, context.params
         student, teacher = catalog.load("student_model"), catalog.load("teacher_model")
         train_examples = catalog.load("train_examples")
-    probe_params = _typed(ProbeParams, params["probe"], max_prompts=args.prompts, show_progress=False)
+    probe_params = _typed(ProbeConfig, params["probe"], max_prompts=args.prompts, show_progress=False)
     check_params = _typed(CheckParams, params["check"], show_progress=False)
 
     rollouts = probe(student, train_examples, probe_params)

@@ -210,6 +210,30 @@ def toy_lm_loss(model, batch):
     return loss, {"nll": loss.item(), "tokens": float((targets != IGNORE_INDEX).sum())}
 
 
+def uneven_examples(n: int) -> list[dict[str, list[int]]]:
+    """Sequences whose response lengths differ (1 to 6 labelled tokens), so that micro-batches of one step
+    hold different numbers of tokens."""
+    generator = torch.Generator().manual_seed(3)
+    examples = []
+    for i in range(n):
+        length = PROMPT_LEN + 2 + i % 6
+        examples.append({"input_ids": torch.randint(2, VOCAB, (length,), generator=generator).tolist()})
+    return examples
+
+
+def uneven_collate(examples):
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.ones(len(examples), width, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)
+    mask = torch.zeros(len(examples), width, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, PROMPT_LEN:n] = input_ids[row, PROMPT_LEN:n]
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
 def training_config(**overrides: Any) -> TrainingConfig:
     """Training settings for a test: on the CPU, no progress bar, seed 0, logged every step."""
     values = dict(

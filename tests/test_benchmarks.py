@@ -98,3 +98,11 @@ def test_inputs_are_the_baseline_and_backward_is_seen():
 def test_refuses_other_devices():
     with pytest.raises(ValueError, match="cpu or cuda"):
         peak_memory(lambda: None, device="meta")
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_script_imports(script):
+    """The scripts make bench runs import the project's modules by name: a moved module breaks them."""
+    import importlib
+
+    assert importlib.import_module(script).__doc__

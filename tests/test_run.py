@@ -299,7 +299,7 @@ def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
 @pytest.mark.parametrize("mode", ["on_policy", "adaptive", "sequence_kd"])
 def test_distill_data_modes(project_copy: Path, mode: str) -> None:
     _run(project_copy, ["data", "bootstrap"])
-    data = {"mode": mode, "lmbda": 1.0, "initial_share": 1.0, "sampling": {"max_new_tokens": 4}}
+    data = {"mode": mode, "lmbda": 1.0, "initial_threshold": 1.0, "sampling": {"max_new_tokens": 4}}
     _run(project_copy, ["distill"], distill={"variants": ["vanilla"], "objectives": ["fkl"], "data": data})
 
     metrics = json.loads(
@@ -309,6 +309,7 @@ def test_distill_data_modes(project_copy: Path, mode: str) -> None:
     kd_examples = pd.read_parquet(_latest(project_copy / "data/05_model_input/kd_examples.parquet"))
     if mode == "sequence_kd":  # the teacher's own responses replace the gold ones
         assert (kd_examples["response"] != kd_examples["gold_response"]).any()
+        assert not kd_examples["finished"].all()  # 4 new tokens: cut responses, marked (and given no EOS)
         assert "batches_sampled" not in metrics
     else:
         assert (kd_examples["response"] == kd_examples["gold_response"]).all()

@@ -46,6 +46,8 @@ from tests.helpers import (
     toy_model,
     train,
     training_config,
+    uneven_collate,
+    uneven_examples,
     version_folders,
     write_raw,
 )
@@ -122,7 +124,7 @@ def _loss_by_parts(model, batch):
     return loss, {"nll": loss.item(), "tokens": float((targets != IGNORE_INDEX).sum())}
 
 
-def _train(batch_size: int, state_folder: Path | None, sink=None, evals=None, seed: int = 0):
+def _train(batch_size: int, state_folder: Path | None, sink=None, evals=None, seed: int = 0, uneven=False):
     from warmup_distill_kedro.core.training.batches import ShuffledBatches
     from warmup_distill_kedro.core.training.loop import TrainingRun
 
@@ -134,9 +136,16 @@ def _train(batch_size: int, state_folder: Path | None, sink=None, evals=None, se
     run = TrainingRun(
         toy_model(seed=seed),
         _loss_by_parts,
-        # 64 equal-length sequences: 16 batches of 4 or 8 of 8 per epoch, so the 5 steps cross an epoch
-        # at the same place for both
-        ShuffledBatches(toy_examples(64), batch_size, toy_collate, seed=1),
+        # 64 sequences: 16 batches of 4 or 8 of 8 per epoch, so the 5 steps cross an epoch at the same place
+        # for both. Equal lengths, or with `uneven`, response lengths 1 to 6: then the two processes'
+        # micro-batches hold different token counts, and only weighting each by its share of the step's
+        # tokens makes two processes train as one.
+        ShuffledBatches(
+            uneven_examples(64) if uneven else toy_examples(64),
+            batch_size,
+            uneven_collate if uneven else toy_collate,
+            seed=1,
+        ),
         _loop_config(batch_size),
         eval_fn=eval_fn,
         metrics_sink=sink,
@@ -177,6 +186,10 @@ def _worker(out: Path) -> None:
     _, copied = _train(4, None)
     training.shards_parameters = lambda accelerator: False
     torch.save(copied.model.state_dict(), out / f"copied{rank}.pt")
+
+    # Uneven responses: the processes' micro-batches hold different token counts.
+    _, uneven = _train(4, None, uneven=True)
+    torch.save(uneven.model.state_dict(), out / f"uneven{rank}.pt")
 
     # A non-finite loss on process 1 only: both processes stop with the error, neither hangs.
     def loss_fn(model, batch):
@@ -251,6 +264,20 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path: Path) -> None
         copied = torch.load(tmp_path / f"copied{rank}.pt")
         for name in copied:
             assert torch.allclose(copied[name], weights[rank][name], atol=1e-6), name
+
+    # With uneven responses too: each micro-batch weighs by its share of the step's tokens, over both
+    # processes, so two processes at batch 4 train exactly as one at batch 8.
+    _, single_uneven = _train(8, None, uneven=True)
+    for rank in (0, 1):
+        trained = torch.load(tmp_path / f"uneven{rank}.pt")
+        for name, value in single_uneven.model.state_dict().items():
+            assert torch.allclose(trained[name], value, rtol=1e-4, atol=5e-5), name
+    # (the responses vary in length, so batches of 4 hold different token counts)
+    counts = {
+        int((uneven_collate(uneven_examples(64)[k : k + 4])["labels"][:, 1:] != IGNORE_INDEX).sum())
+        for k in range(0, 64, 4)
+    }
+    assert len(counts) > 1
 
     # A NaN on process 1 stops both.
     for rank in ranks:

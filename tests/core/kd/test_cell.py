@@ -39,14 +39,14 @@ def checkpoints() -> tuple[Checkpoint, Checkpoint]:
 
 def _params(**changes) -> DistillConfig:
     training = {"max_steps": 2, "batch_size": 6, "learning_rate": 1e-2, "show_progress": False}
-    return DistillConfig(
-        chunk_size=5,
-        max_length=32,
-        validation_examples=6,
-        data={"mode": "off_policy"},
-        training=training,
-        **changes,
-    )
+    fields = {
+        "chunk_size": 5,
+        "max_length": 32,
+        "validation_examples": 6,
+        "data": {"mode": "off_policy"},
+        "training": training,
+    }
+    return DistillConfig(**{**fields, **changes})
 
 
 @pytest.mark.parametrize(("objective", "kd_rate"), [("fkl", 0.5), ("akl", 0.5), ("js", 1.0)])
@@ -119,3 +119,35 @@ def test_each_objective_gets_its_loss_settings():
     )
     assert config.loss_config("fkl").options == {}
     assert config.loss_config("sft") is None  # the baseline has no KD loss
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("objective", ["fkl", "dskd"])
+def test_no_ce_on_the_students_own_samples(checkpoints, objective, fused):
+    """on_policy with lmbda 1: every batch is the student's own samples, and the loss is kd_rate x KD, no
+    CE term (GKD and DistiLLM have none there); on a gold batch the loss mixes in the CE."""
+    from warmup_distill_kedro.core.kd.cell import _dual_space_cell
+    from warmup_distill_kedro.core.kd.data import STUDENT_SAMPLED
+    from warmup_distill_kedro.core.models.encoding import encode_examples
+
+    teacher, student = checkpoints
+    examples = _examples()
+    encoded, _ = encode_examples(student.tokenizer, examples, 32)
+    sampling = {"do_sample": True, "max_new_tokens": 6, "show_progress": False}
+    config = _params(
+        data={"mode": "on_policy", "lmbda": 1.0, "sampling": sampling}, kd_rate=0.3, fused_head=fused
+    )
+    if objective == "dskd":
+        cell = _dual_space_cell(teacher, student, examples, encoded, config, objective)
+    else:
+        cell = _token_level_cell(teacher, student, encoded, config, objective)
+    sampled = cell.source.batch(0)
+    assert STUDENT_SAMPLED in sampled
+    with torch.no_grad():
+        loss, metrics = cell.loss_fn(cell.model, sampled)
+    assert metrics["ce"] > 0.1  # computed (for its metric), not trained on
+    assert loss.item() == pytest.approx(0.3 * metrics["kd"], rel=1e-6)
+    gold = {k: v for k, v in sampled.items() if k != STUDENT_SAMPLED}
+    with torch.no_grad():
+        loss, metrics = cell.loss_fn(cell.model, gold)
+    assert loss.item() == pytest.approx(0.7 * metrics["ce"] + 0.3 * metrics["kd"], rel=1e-6)

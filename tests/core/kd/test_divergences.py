@@ -18,6 +18,7 @@ from tests.core.kd.reference import (
     reference_divergence,
 )
 from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, akl_weights, divergence, validate_options
+from warmup_distill_kedro.core.kd.losses import kd_loss
 
 torch.set_num_threads(1)
 
@@ -168,6 +169,58 @@ def test_akl_head_takes_every_token_tied_with_the_crossing_one():
     assert torch.equal(akl_weights(p[:, permutation], q[:, permutation], 0.5)[0], akl_weights(p, q, 0.5)[0])
 
 
+def _get_ratio64(p: torch.Tensor, q: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AKL authors' get_ratio, in float64: sort descending, the tail is where the cumulative mass
+    exceeds mu (so the crossing token is in the tail), the top token always in the head."""
+    p_sorted, order = p.double().sort(dim=-1, descending=True)
+    errors = (p_sorted - q.double().gather(-1, order)).abs()
+    tail = p_sorted.cumsum(dim=-1) > mu
+    tail[:, 0] = False
+    s1, s2 = errors.masked_fill(tail, 0.0).sum(-1), errors.masked_fill(~tail, 0.0).sum(-1)
+    return s1 / (s1 + s2), s2 / (s1 + s2)
+
+
+@pytest.mark.parametrize("mu", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0, 12.0])
+def test_akl_crossing_tail_is_the_akl_codes_head(mu, scale):
+    """crossing: tail reproduces AKL's get_ratio on rows without ties, flat (bisection) and peaked (top-k)."""
+    p = torch.softmax(random_logits(72, 6, 5000, scale=scale), dim=-1)
+    q = torch.softmax(random_logits(73, 6, 5000, scale=scale), dim=-1)
+    expected_head, expected_tail = _get_ratio64(p, q, mu)
+    w_head, w_tail = akl_weights(p, q, mu, crossing="tail")
+    torch.testing.assert_close(w_head.double(), expected_head, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w_tail.double(), expected_tail, rtol=1e-5, atol=1e-7)
+
+
+def test_akl_crossing_puts_the_crossing_token_in_the_head_or_the_tail():
+    p = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1], [0.7, 0.1, 0.1, 0.05, 0.05], [0.3, 0.3, 0.2, 0.1, 0.1]])
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.2, 0.3, 0.2, 0.2]])
+    gap = (p - q).abs()
+    # mu 0.5: row 0 crosses at a 0.2 (0.4 + 0.2), tied with the next 0.2; row 1 at its top token (0.7);
+    # row 2 at its second 0.3, tied with the top token
+    head, _ = akl_weights(p, q, 0.5, crossing="head")
+    tail, _ = akl_weights(p, q, 0.5, crossing="tail")
+    expected_head = torch.stack([gap[0, :3].sum(), gap[1, :1].sum(), gap[2, :2].sum()]) / gap.sum(-1)
+    torch.testing.assert_close(head, expected_head)  # the crossing token and its ties in the head
+    # tail: row 0's crossing 0.2 and its tie leave the head; the top token stays in the head, with its
+    # ties (row 2: a sort would keep one 0.3 of two, by its order)
+    expected_tail = torch.stack([gap[0, :1].sum(), gap[1, :1].sum(), gap[2, :2].sum()]) / gap.sum(-1)
+    torch.testing.assert_close(tail, expected_tail)
+    assert divergence("akl", q.log(), p.log(), crossing="tail").shape == (3,)
+
+
+def test_akl_is_the_same_in_the_chunked_closed_form_with_either_crossing():
+    student, teacher = random_logits(74, 24, 700, scale=3.0), random_logits(75, 24, 700, scale=3.0)
+    mask = torch.ones(24, dtype=torch.bool)
+    for crossing in ("head", "tail"):
+        expected = divergence("akl", student, teacher, 2.0, crossing=crossing).mean()
+        got = kd_loss("akl", student, teacher, mask, temperature=2.0, crossing=crossing)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kd_loss("akl", student, teacher, mask, 2.0, crossing="tail").item() != pytest.approx(
+        kd_loss("akl", student, teacher, mask, 2.0).item(), rel=1e-4
+    )
+
+
 def test_akl_guard_when_the_gap_is_zero():
     logits = random_logits(16, 3, V)
     value = divergence("akl", logits, logits.clone(), mu=0.5)
@@ -202,7 +255,12 @@ def test_validate_options_fills_defaults():
     assert validate_options("js", beta=0, normalized=True) == {"beta": 0.0, "normalized": True}
     assert validate_options("skl") == {"alpha": 0.1} == validate_options("srkl")
     assert validate_options("srkl", alpha=0) == {"alpha": 0.0}
-    assert validate_options("akl", mu=0.9) == {"mu": 0.9}
+    assert validate_options("akl", mu=0.9) == {"mu": 0.9, "crossing": "head"}
+    assert validate_options("akl", crossing="tail") == {"mu": 0.5, "crossing": "tail"}
+    with pytest.raises(
+        ValueError, match=r"akl option 'crossing' must be one of \['head', 'tail'\], got 'middle'"
+    ):
+        validate_options("akl", crossing="middle")
 
 
 def test_validate_options_errors():

@@ -264,10 +264,11 @@ def _perturbed_last_hidden(model: PreTrainedModel, positions: torch.Tensor, scal
         handle.remove()
 
 
-def _metrics(setup_tuple, batch):
+def _metrics(setup_tuple, batch, cma_std="position"):
+    """cma_std position: each position normalised alone, the variant that padding cannot change."""
     wrapper, teacher, _, _, loss_fn = setup_tuple
     with torch.no_grad():
-        return loss_fn(wrapper, teacher, batch, DSKDConfig(divergence="js"))[1]
+        return loss_fn(wrapper, teacher, batch, DSKDConfig(divergence="js", cma_std=cma_std))[1]
 
 
 def test_padding_positions_change_nothing(setup):
@@ -280,6 +281,27 @@ def test_padding_positions_change_nothing(setup):
         noise = torch.randint(0, 200, ids.shape, generator=generator)
         perturbed[prefix + "input_ids"] = torch.where(attention == 0, noise, ids)
     assert _metrics(setup, perturbed) == pytest.approx(_metrics(setup, batch), rel=1e-6, abs=1e-7)
+
+
+def test_the_official_whole_batch_std_depends_on_padding(cma_wrapper, cross_teacher, dual_batches):
+    """The DSKD code divides by one std over the padded batch (its default here): adding padding to the
+    teacher side changes the loss; per-position normalisation does not."""
+    batch = dual_batches[2]
+    padded = dict(batch)
+    extra = 7
+    for key, value in (
+        ("teacher_input_ids", 1),
+        ("teacher_attention_mask", 0),
+        ("teacher_labels", IGNORE_INDEX),
+    ):
+        padded[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
+    setup_tuple = (cma_wrapper, cross_teacher, None, None, dskd_cma_loss)
+    assert _metrics(setup_tuple, padded, "position") == pytest.approx(
+        _metrics(setup_tuple, batch, "position"), rel=1e-5
+    )
+    assert _metrics(setup_tuple, padded, "batch")["loss"] != pytest.approx(
+        _metrics(setup_tuple, batch, "batch")["loss"], rel=1e-4
+    )
 
 
 def test_prompt_and_padding_positions_change_nothing(setup):
@@ -453,7 +475,10 @@ def _cma_reference(wrapper, teacher, batch, config):
 
 
 def test_cma_terms_match_a_loop_reference(cma_wrapper, cross_teacher, dual_batches):
-    config = DSKDConfig(divergence="rkl", temperature=1.3)
+    """The per-position variants, example by example."""
+    config = DSKDConfig(
+        divergence="rkl", temperature=1.3, cma_std="position", cma_teacher_kl="per_teacher_token"
+    )
     batch = dual_batches[2]
     terms = dskd_cma_terms(cma_wrapper, cross_teacher, batch, config)
     rows, kept, kd_student, kd_teacher, ce_t2s = _cma_reference(cma_wrapper, cross_teacher, batch, config)
@@ -465,6 +490,71 @@ def test_cma_terms_match_a_loop_reference(cma_wrapper, cross_teacher, dual_batch
     assert terms.kd_teacher.item() == pytest.approx(kd_teacher.item(), rel=1e-5)
     assert terms.ce_t2s.item() == pytest.approx(ce_t2s.item(), rel=1e-5)
     assert terms.kd_student.item() > 1e-4 and terms.kd_teacher.item() > 1e-3
+
+
+def _cma_official(wrapper, teacher, batch, config):
+    """DualSpaceKDWithCMA.compute_dual_space_kd_loss_with_cma of the DSKD repository, line by line on this
+    project's batch (its `target` is the label each position predicts), each term divided by the student's
+    response tokens as the repository's loss_denom does: (kd_student, kd_teacher, ce_t2s)."""
+    from warmup_distill_kedro.core.kd.divergences import divergence
+
+    target = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    teacher_target = torch.nn.functional.pad(batch["teacher_labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    pad_mask, teacher_pad_mask = target.ne(IGNORE_INDEX), teacher_target.ne(IGNORE_INDEX)
+    hiddens, logits = _forward(wrapper.student, batch["input_ids"], batch["attention_mask"])
+    teacher_hiddens, teacher_logits = _forward(
+        teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"]
+    )
+    stu_embed, tea_embed = wrapper.student.model.embed_tokens, teacher.model.embed_tokens
+    with torch.no_grad():
+        formal_target = torch.where(pad_mask, target, torch.zeros_like(target))
+        formal_input = torch.where(pad_mask, batch["input_ids"], torch.zeros_like(target))
+        stu_index = torch.cat([stu_embed(formal_input), stu_embed(formal_target)], -1)
+        formal_t_target = torch.where(teacher_pad_mask, teacher_target, torch.zeros_like(teacher_target))
+        formal_t_input = torch.where(
+            teacher_pad_mask, batch["teacher_input_ids"], torch.zeros_like(teacher_target)
+        )
+        tea_target_embeds = tea_embed(formal_t_target)
+        tea_index = torch.cat([tea_embed(formal_t_input), tea_target_embeds], -1)
+        norm_tea_index = tea_index / tea_index.std()
+        norm_tea_target = tea_target_embeds / tea_target_embeds.std()
+        norm_teacher_hiddens = teacher_hiddens / teacher_hiddens.std()
+        q = wrapper.query(stu_index).float()
+        v_s = wrapper.s2t(hiddens).float()
+        v_t = wrapper.t2s(norm_teacher_hiddens + norm_tea_target).float()
+        align = q.matmul(norm_tea_index.float().transpose(-1, -2)) / math.sqrt(2 * teacher_hiddens.shape[-1])
+        align_mask = pad_mask.float().unsqueeze(-1) * teacher_pad_mask.float().unsqueeze(1)
+        align = align + (1.0 - align_mask) * (-100000)
+        t2s_logits = torch.softmax(align, -1).matmul(v_t).matmul(wrapper.student.lm_head.weight.T)
+        lprobs = torch.log_softmax(t2s_logits, -1)
+        ce_sum = -(lprobs.gather(-1, formal_target.unsqueeze(-1)).squeeze(-1) * pad_mask).sum()
+        acc = t2s_logits.argmax(-1).eq(target)
+        options = {k: v for k, v in config.options.items()}
+        per_position = divergence(config.divergence, logits, t2s_logits, config.temperature, **options)
+        t2s_kd = (per_position * pad_mask * acc).sum()
+        s2t_logits = torch.softmax(align.transpose(-1, -2), -1).matmul(v_s).matmul(teacher.lm_head.weight.T)
+        s2t_kd = (divergence("fkl", s2t_logits, teacher_logits, config.temperature) * teacher_pad_mask).sum()
+    n = pad_mask.sum()
+    return t2s_kd / n, s2t_kd / n, ce_sum / n
+
+
+def test_cma_terms_match_the_official_code_by_default(cma_wrapper, cross_teacher, dual_batches):
+    """The defaults (cma_std batch, cma_teacher_kl per_student_token) give the repository's terms, at their
+    scale: the teacher-space KL summed over the teacher's tokens and divided by the student's."""
+    config = DSKDConfig(divergence="rkl", temperature=1.3)
+    batch = dual_batches[2]
+    terms = dskd_cma_terms(cma_wrapper, cross_teacher, batch, config)
+    kd_student, kd_teacher, ce_t2s = _cma_official(cma_wrapper, cross_teacher, batch, config)
+    assert terms.tokens != terms.teacher_tokens  # two tokenizations: the normalisation matters
+    assert terms.kd_student.item() == pytest.approx(kd_student.item(), rel=1e-4)
+    assert terms.kd_teacher.item() == pytest.approx(kd_teacher.item(), rel=1e-4)
+    assert terms.ce_t2s.item() == pytest.approx(ce_t2s.item(), rel=1e-4)
+    assert terms.kd_student.item() > 1e-4 and terms.kd_teacher.item() > 1e-3
+    per_teacher = dskd_cma_terms(
+        cma_wrapper, cross_teacher, batch, config.model_copy(update={"cma_teacher_kl": "per_teacher_token"})
+    )
+    ratio = terms.teacher_tokens.item() / terms.tokens.item()
+    assert terms.kd_teacher.item() == pytest.approx(per_teacher.kd_teacher.item() * ratio, rel=1e-5)
 
 
 def test_padded_head_rows_are_trimmed(plain_wrapper, cma_wrapper, teacher, cross_teacher, tokenizers):

@@ -130,6 +130,27 @@ def test_encode_examples_uses_separator(tokenizer):
 
 
 # -- collate ----------------------------------------------------------------------------------------------
+def test_an_eos_only_after_responses_that_ended(tokenizer):
+    """Per pair: a response cut at a token budget gets no EOS (one would teach the model to stop there)."""
+    eos = tokenizer.eos_token_id
+    encoded, _ = encode_pairs(tokenizer, ["a b", "a b"], [" c d", " c d"], 32, add_eos=[True, False])
+    assert encoded[0].input_ids[-1] == eos and encoded[0].labels[-1] == eos
+    assert eos not in encoded[1].input_ids and encoded[1].input_ids == encoded[0].input_ids[:-1]
+    with pytest.raises(ValueError, match="2 prompts but 1 add_eos flags"):
+        encode_pairs(tokenizer, ["a", "b"], ["c", "d"], 32, add_eos=[True])
+
+
+def test_encode_examples_reads_whether_each_response_ended(tokenizer):
+    """A table of responses a model wrote carries `finished`; gold tables have none and every response ends."""
+    eos = tokenizer.eos_token_id
+    table = pd.DataFrame({"prompt": ["a b", "a b", "a b"], "response": ["c", "c d", "d"]})
+    gold, _ = encode_examples(tokenizer, table, 32)
+    assert all(e.input_ids[-1] == eos for e in gold)
+    written, _ = encode_examples(tokenizer, table.assign(finished=[True, False, True]), 32)
+    assert [e.input_ids[-1] == eos for e in written] == [True, False, True]
+    assert written[1].input_ids == gold[1].input_ids[:-1]
+
+
 def test_collate_pads_right(tokenizer):
     pad = tokenizer.pad_token_id
     a = EncodedExample(

@@ -18,6 +18,7 @@ from warmup_distill_kedro.core.models.modeling import (
     build_model,
     check_tokenizer_fits,
     count_parameters,
+    disable_dropout,
     load_checkpoint,
     save_checkpoint,
 )
@@ -172,3 +173,15 @@ def test_missing_config_names_folder(tmp_path):
         load_checkpoint(folder)
     with pytest.raises(FileNotFoundError, match="not_there"):
         load_checkpoint(tmp_path / "not_there")
+
+
+def test_disable_dropout_turns_off_dropout_layers_and_attention_dropout():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3))
+    attention = torch.nn.Module()
+    attention.attention_dropout = 0.2
+    model.append(attention)
+    assert disable_dropout(model) is model
+    assert model[1].p == 0.0 and attention.attention_dropout == 0.0
+    model.train()
+    x = torch.ones(2, 4)
+    assert torch.equal(model[:2](x), model[:2](x))  # no noise in train mode

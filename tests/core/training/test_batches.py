@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from warmup_distill_kedro.core.training.batches import ShuffledBatches
+from warmup_distill_kedro.core.training.batches import ShuffledBatches, batch_weight
 
 
 def _ints(examples):
@@ -45,3 +45,10 @@ def test_shuffled_batches_drop_tail_and_clamp():
     assert sorted(small.batch(0)["x"].tolist()) == [1, 2, 3]
     with pytest.raises(ValueError, match="empty"):
         ShuffledBatches([], batch_size=2, collate_fn=_ints, seed=0)
+
+
+def test_a_batch_weighs_by_its_response_tokens_or_its_rows():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])  # position t predicts t + 1
+    assert batch_weight({"input_ids": labels.clamp(min=0), "labels": labels}) == 4
+    pairs = {"chosen_input_ids": torch.zeros(3, 5, dtype=torch.long), "reference_chosen_logp": torch.zeros(3)}
+    assert batch_weight(pairs) == 3

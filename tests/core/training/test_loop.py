@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from tests.helpers import (
+    IGNORE_INDEX,
     assert_weights_close,
     toy_collate,
     toy_examples,
     toy_lm_loss,
     toy_model,
     training_config,
+    uneven_collate,
+    uneven_examples,
 )
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
 from warmup_distill_kedro.core.training.context import set_state_folder
@@ -362,3 +365,50 @@ def test_runs_with_different_mixed_precision_share_one_process():
         run = TrainingRun(toy_model(), toy_lm_loss, data, config, name=precision)
         assert run.accelerator.mixed_precision == precision
         assert run.run().steps == 1
+
+
+# -- the loss of a step does not depend on how its batch is cut -------------------------------------------------
+class _Fixed:
+    """The same 32 examples, cut into micro-batches of `size` in order (position k: examples k*size ...)."""
+
+    def __init__(self, examples, size):
+        self.examples, self.size = examples, size
+
+    def batch(self, position):
+        return uneven_collate(self.examples[position * self.size : (position + 1) * self.size])
+
+
+def _first_step_gradient(size: int, accumulation: int) -> list[torch.Tensor]:
+    model = toy_model(seed=2)
+    run = TrainingRun(
+        model,
+        toy_lm_loss,
+        _Fixed(uneven_examples(32), size),
+        training_config(
+            max_steps=1, batch_size=size, gradient_accumulation_steps=accumulation, max_grad_norm=None
+        ),
+    )
+    gradients: list[torch.Tensor] = []
+    inner = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
+    inner.register_step_pre_hook(
+        lambda optimizer, args, kwargs: gradients.extend(p.grad.clone() for p in run.module.parameters())
+    )
+    run.run()
+    return gradients
+
+
+def test_one_step_of_32_sequences_and_of_4_micro_batches_of_8_give_the_same_gradient():
+    """The step's loss is the token mean over all 32 sequences however they are cut: each micro-batch's
+    token mean weighs by its share of the step's tokens (a plain mean of micro-batch means would weigh a
+    micro-batch of short responses as much as one of long ones)."""
+    whole = _first_step_gradient(32, 1)
+    cut = _first_step_gradient(8, 4)
+    assert len(whole) == len(cut) > 0
+    for a, b in zip(whole, cut, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # The examples really are uneven: the micro-batches hold different token counts.
+    counts = [
+        int((uneven_collate(uneven_examples(32)[k * 8 : (k + 1) * 8])["labels"][:, 1:] != IGNORE_INDEX).sum())
+        for k in range(4)
+    ]
+    assert len(set(counts)) > 1

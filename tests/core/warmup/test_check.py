@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from tests.helpers import MATH_CORPUS, SMALL_UNTIED, bpe_tokenizer
 from warmup_distill_kedro.core.generation.config import SamplingConfig
-from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.generation.sampling import generate, generate_from_ids
 from warmup_distill_kedro.core.models.modeling import build_model
 from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.warmup.check import (
@@ -220,10 +220,11 @@ def test_continue_keeps_the_prefix_and_replace_only_swaps_tokens(student, tokeni
     checked = check_rollouts(student, tokenizer, rollouts, True, config, show_progress=False)
     assert any(c.first_flag >= 0 for c in checked)
     corrected = correct_rollouts(student, tokenizer, rollouts, checked, config)
-    for rollout, result, text in zip(rollouts, checked, corrected, strict=True):
+    for rollout, result, correction in zip(rollouts, checked, corrected, strict=True):
         if result.first_flag < 0:
-            assert text is None
+            assert correction is None
             continue
+        text = correction.text
         prefix = tokenizer.decode(result.scored.token_ids[: result.first_flag], skip_special_tokens=True)
         assert text.startswith(prefix)
         assert prefix == rollout.response[: result.scored.char_starts[result.first_flag]]
@@ -231,19 +232,55 @@ def test_continue_keeps_the_prefix_and_replace_only_swaps_tokens(student, tokeni
     replaced = correct_rollouts(
         student, tokenizer, rollouts, checked, _config(rule="teacher_prob", tau=0.5, strategy="replace_only")
     )
-    result, text = next((c, t) for c, t in zip(checked, replaced, strict=True) if t is not None)
+    result, correction = next((c, t) for c, t in zip(checked, replaced, strict=True) if t is not None)
     expected = [
         int(a) if f else t
         for t, a, f in zip(result.scored.token_ids, result.scored.argmax, result.flags, strict=True)
     ]
-    if tokenizer.eos_token_id in expected:
+    ended = tokenizer.eos_token_id in expected
+    if ended:
         expected = expected[: expected.index(tokenizer.eos_token_id)]
-    assert text == tokenizer.decode(expected, skip_special_tokens=True)
-    assert replace_flagged(
-        tokenizer, result.scored, np.zeros(len(result.flags), dtype=bool)
-    ) == tokenizer.decode(
+    assert correction.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert correction.finished == ended
+    unchanged = replace_flagged(tokenizer, result.scored, np.zeros(len(result.flags), dtype=bool))
+    assert unchanged.text == tokenizer.decode(
         [t for t in result.scored.token_ids if t != tokenizer.eos_token_id], skip_special_tokens=True
     )
+    assert unchanged.finished == (tokenizer.eos_token_id in result.scored.token_ids)
+
+
+def test_a_correction_ends_where_the_teacher_ended_it(student, tokenizer, rollouts):
+    """`continue`: the correction is finished when the teacher's continuation emitted EOS, not when it was
+    cut at continuation.max_new_tokens. `replace_only`: when an EOS survived the replacement."""
+    config = _config(rule="teacher_prob", tau=0.5)
+    checked = check_rollouts(student, tokenizer, rollouts, True, config, show_progress=False)
+    flagged = [i for i, c in enumerate(checked) if c.first_flag >= 0]
+    cut = config.model_copy(
+        update={"continuation": config.continuation.model_copy(update={"max_new_tokens": 1})}
+    )
+    short = [correct_rollouts(student, tokenizer, rollouts, checked, cut)[i] for i in flagged]
+    assert any(not correction.finished for correction in short)  # one new token: cut, unless it was EOS
+    generous = correct_rollouts(student, tokenizer, rollouts, checked, config)
+    continuations = generate_from_ids(
+        student,
+        tokenizer,
+        [
+            tokenizer(rollouts[i].prompt, add_special_tokens=False)["input_ids"]
+            + checked[i].scored.token_ids[: checked[i].first_flag]
+            for i in flagged
+        ],
+        config.continuation.model_copy(update={"do_sample": False}),
+    )
+    assert [generous[i].finished for i in flagged] == [g.finished for g in continuations]
+
+    eos = tokenizer.eos_token_id
+    scored = ScoredResponse(
+        [5, 6, eos], [0, 1, 2], np.zeros(3, np.float32), np.array([7, eos, 9]), np.ones(3, bool)
+    )
+    assert replace_flagged(tokenizer, scored, np.array([False, False, False])).finished  # its EOS stayed
+    assert not replace_flagged(tokenizer, scored, np.array([False, False, True])).finished  # EOS swapped away
+    teachers = replace_flagged(tokenizer, scored, np.array([False, True, False]))  # the teacher's EOS at 1
+    assert teachers.finished and teachers.text == tokenizer.decode([5])
 
 
 def test_a_teacher_with_another_tokenizer(student, tokenizer, other_tokenizer, rollouts):
@@ -264,9 +301,11 @@ def test_a_teacher_with_another_tokenizer(student, tokenizer, other_tokenizer, r
     corrected = correct_rollouts(teacher, other_tokenizer, rollouts, checked, config)
     pairs = [(r, c, t) for r, c, t in zip(rollouts, checked, corrected, strict=True) if t is not None]
     assert pairs
-    for rollout, result, text in pairs:
+    for rollout, result, correction in pairs:
         flag_char = result.scored.char_starts[result.first_flag]
-        assert text.startswith(rollout.response[:flag_char])  # the prefix before the flag is the student's
+        assert correction.text.startswith(
+            rollout.response[:flag_char]
+        )  # the prefix before the flag is the student's
 
 
 class BigramTeacher(torch.nn.Module):
@@ -321,4 +360,4 @@ def test_every_rule_on_a_teacher_with_known_probabilities(tokenizer):
     assert verdict(rule="top_k", top_k=2).flags.tolist() == [False, False, False]  # "2" is second after "1"
 
     [replaced] = correct_rollouts(teacher, tokenizer, [rollout], [result], _config(strategy="replace_only"))
-    assert replaced == tokenizer.decode([a, d, c])  # the flagged "2" became the teacher's "4"
+    assert replaced.text == tokenizer.decode([a, d, c])  # the flagged "2" became the teacher's "4"

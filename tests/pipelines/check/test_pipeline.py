@@ -41,15 +41,25 @@ def test_scores_corrections_and_the_histogram(rollouts, teacher):
 
     assert list(corrected.columns) == CORRECTED_SET_COLUMNS
     assert len(corrected) == summary["n_pairs"] > 0
-    assert (corrected["kind"] == "pair").all() and (corrected["chosen"] != corrected["rejected"]).all()
+    assert (corrected["kind"] == "pair").all()
+    # a correction differs from the original in its text or in how it ends
+    assert (
+        (corrected["chosen"] != corrected["rejected"])
+        | (corrected["chosen_finished"] != corrected["rejected_finished"])
+    ).all()
     by_response = flagged.set_index(["prompt_id", "sample_index"])
     for row in corrected.itertuples():
         source = by_response.loc[(row.prompt_id, row.sample_index)]
         assert row.rejected == source["response"]  # the student's own response
+        assert row.rejected_finished == source["finished"]  # ...and whether it ended, as the probe sampled it
         assert row.flag_teacher_token == source["first_flag"]
         assert row.flag_char == source["teacher_char_starts"][source["first_flag"]]
         assert row.chosen[: row.flag_char] == row.rejected[: row.flag_char]  # rewritten from the flag on
         assert row.teacher_mean_logp_rejected == pytest.approx(float(np.mean(source["teacher_logprobs"])))
+
+    # 8 new tokens at most: some rollouts were cut, and they carry it into the corrected set
+    assert not scored["finished"].all() and corrected["rejected_finished"].dtype == bool
+    assert set(corrected["chosen_finished"]) <= {True, False}
 
     histogram = outputs["teacher_prob_histogram"]
     assert isinstance(histogram, Figure)

@@ -17,6 +17,8 @@ def corrected_set(splits) -> pd.DataFrame:
             "prompt": train["prompt"],
             "chosen": train["response"],  # the teacher's correction
             "rejected": [f"{response} wrong" for response in train["response"]],  # the student's response
+            "chosen_finished": True,
+            "rejected_finished": [True, False, True, True],  # one rollout cut at the probe's token budget
             "kind": "pair",
         }
     ).reset_index(drop=True)

@@ -19,7 +19,14 @@ def _warmup_params(loss: str) -> WarmupParams:
 @pytest.mark.parametrize("loss", ["dpo", "dpo_nll"])
 def test_warmup_explains_an_empty_corrected_set(loss):
     corrected = pd.DataFrame(
-        {"kind": ["sft", "sft"], "prompt": ["a", "b"], "chosen": ["x", "y"], "rejected": [None, None]}
+        {
+            "kind": ["sft", "sft"],
+            "prompt": ["a", "b"],
+            "chosen": ["x", "y"],
+            "rejected": [None, None],
+            "chosen_finished": [True, True],
+            "rejected_finished": [None, None],
+        }
     )
     student = Checkpoint(model=None, tokenizer=None, metadata={})  # never reached: the check comes first
     with pytest.raises(ValueError, match=r"no rollout was corrected.*raise check\.tau") as error:

@@ -164,11 +164,9 @@ def distill_cell(
         )
         renamed = {"heldout_nll": "validation_nll", "heldout_kl": "validation_kl"}
         statistics = {renamed[k]: v for k, v in statistics.items() if k in renamed}
-        if isinstance(
-            cell.source, StudentSampledBatches
-        ):  # adaptive: a stalled validation loss raises the share
+        if isinstance(cell.source, StudentSampledBatches):  # adaptive: a rising validation loss raises it
             cell.source.observe_validation(statistics["validation_nll"])
-            statistics["student_sampled_share"] = cell.source.share
+            statistics["student_sampled_threshold"] = cell.source.threshold
         return statistics
 
     logger.info(

@@ -14,7 +14,13 @@ class KDSettings(BaseModel):
     temperature: float = Field(
         2.0, gt=0, allow_inf_nan=False, description="both models' logits are divided by it (no T^2 factor)"
     )
-    kd_rate: float = Field(0.5, ge=0, le=1, description="loss = (1 - kd_rate) CE + kd_rate KD")
+    kd_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="loss = (1 - kd_rate) CE + kd_rate KD, the CE on gold or teacher-written responses only: "
+        "on a batch the student sampled itself (data modes on_policy, adaptive) the loss is kd_rate KD",
+    )
     chunk_size: int | None = Field(
         None,
         gt=0,
