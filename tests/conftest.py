@@ -28,11 +28,12 @@ def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def use_grid() -> Iterator[Callable[[list[str], list[str]], None]]:
-    """`use_grid(variants, objectives)`: the distill grid pipelines are built for (as GridParametersHook sets
-    it from a run's parameters); the defaults again after the test."""
+    """`use_grid(variants, objectives, **more)`: the distill grid pipelines are built for (as
+    GridParametersHook sets it from a run's `distill` parameters, `more` being others of them); the defaults
+    again after the test."""
 
-    def use(variants: list[str], objectives: list[str]) -> None:
-        grid.use_parameters({"variants": variants, "objectives": objectives})
+    def use(variants: list[str], objectives: list[str], **more) -> None:
+        grid.use_parameters({"variants": variants, "objectives": objectives, **more})
 
     yield use
     grid.use_parameters({})

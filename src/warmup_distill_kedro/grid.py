@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from warmup_distill_kedro.core.kd.cell import BASELINE_OBJECTIVES, CELL_OBJECTIVES
+from warmup_distill_kedro.core.kd.cell import BASELINE_OBJECTIVES, CELL_OBJECTIVES, reads_teacher_cache
 
 TEACHER = "teacher"
 TEACHER_CHECKPOINT = "teacher_model"
@@ -98,6 +98,15 @@ def cells(parameters: Mapping[str, Any] | None = None) -> list[Cell]:
         parameters.get("objectives", DEFAULT_OBJECTIVES), "distill.objectives", CELL_OBJECTIVES
     )
     return [Cell(variant, objective) for variant in variants for objective in objectives]
+
+
+def teacher_cache_readers(grid: Sequence[Cell], parameters: Mapping[str, Any] | None = None) -> list[Cell]:
+    """The cells that read the teacher's top-k cache (`distill.teacher_cache.enabled`; token-level
+    objectives on fixed text, core.kd.cell.reads_teacher_cache); none when it is off."""
+    parameters = _parameters if parameters is None else parameters
+    enabled = bool((parameters.get("teacher_cache") or {}).get("enabled", False))
+    mode = (parameters.get("data") or {}).get("mode", "off_policy")
+    return [cell for cell in grid if reads_teacher_cache(enabled, mode, cell.objective)]
 
 
 def variants_of(grid: Sequence[Cell]) -> list[str]:

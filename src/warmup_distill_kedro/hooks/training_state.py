@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
-from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.modeling import Checkpoint, weights_digest
 from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.processes import is_main_process
 from warmup_distill_kedro.core.training.context import set_state_folder
@@ -52,7 +51,7 @@ def input_fingerprint(inputs: Mapping[str, Any]) -> str:
 
 def _content_digest(value: Any) -> str:
     if isinstance(value, Checkpoint):
-        return vocabulary_fingerprint(value.tokenizer) + _weights_digest(value.model)
+        return vocabulary_fingerprint(value.tokenizer) + weights_digest(value.model)
     if isinstance(value, pd.DataFrame):
         try:
             hashed = pd.util.hash_pandas_object(value, index=True)
@@ -64,19 +63,6 @@ def _content_digest(value: Any) -> str:
     if hasattr(value, "get_vocab"):  # a tokenizer
         return vocabulary_fingerprint(value)
     return json.dumps(value, sort_keys=True, default=str)
-
-
-@torch.no_grad()
-def _weights_digest(model: torch.nn.Module) -> str:
-    """A checksum of every weight tensor from an evenly strided sample of its values: cheap even for a
-    7B model on its device, and different for any two trainings in practice."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)].float().cpu()
-        digest.update(name.encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
 
 
 class TrainingStateHook:

@@ -82,6 +82,11 @@ def reference_divergence(
 ):
     p = torch.softmax(teacher.double() / temperature, dim=-1)
     q = torch.softmax(student.double() / temperature, dim=-1)
+    return reference_of_distributions(objective, p, q, **opts)
+
+
+def reference_of_distributions(objective: str, p: torch.Tensor, q: torch.Tensor, **opts) -> torch.Tensor:
+    """The divergence between the teacher's p and the student's q (float64 probabilities, last dim)."""
     if objective == "fkl":
         return kl64(p, q)
     if objective == "rkl":

@@ -78,3 +78,44 @@ def test_the_sft_baseline_cell_of_the_control_student(use_grid, distill_params, 
     assert (distilled.metadata["variant"], distilled.metadata["objective"]) == ("control", "sft")
     assert metrics["train_sequences"] == 6
     assert "final_validation_kl" in metrics  # measured against the teacher all the same (the KD curves)
+
+
+def test_token_level_cells_read_the_teachers_cache_the_others_the_live_teacher(
+    use_grid, distill_params, teacher, student, splits
+):
+    """distill.teacher_cache: one node runs the teacher over the KD set; fkl reads its top-k, dskd and sft
+    do not. At k = the vocabulary the cached cell trains as the live one (float32 values)."""
+    cache = {"enabled": True, "top_k": len(teacher.tokenizer), "values": "float32", "show_progress": False}
+    use_grid(["vanilla"], ["fkl", "dskd", "sft"], teacher_cache=cache)
+    pipeline = create_pipeline()
+    readers = {n.name for n in pipeline.nodes if "teacher_topk" in n.inputs}
+    assert readers == {"vanilla.fkl.distill"}
+    assert "cache_teacher_logits" in {n.name for n in pipeline.nodes}
+    train, validation, _ = splits
+    data = {
+        "teacher_model": teacher,
+        "student_model": student,
+        "train_examples": train,
+        "validation_examples": validation,
+    }
+    cached = run_pipeline(
+        pipeline,
+        {**data, "params:distill": distill_params(["vanilla"], ["fkl", "dskd", "sft"], teacher_cache=cache)},
+    )
+    topk = cached["teacher_topk"]
+    assert topk.k == len(teacher.tokenizer) and topk.metadata["n_examples"] == 8
+
+    use_grid(["vanilla"], ["fkl"])
+    live = run_pipeline(create_pipeline(), {**data, "params:distill": distill_params(["vanilla"], ["fkl"])})
+    cached_metrics, live_metrics = cached["vanilla.fkl.distill_metrics"], live["vanilla.fkl.distill_metrics"]
+    for key in ("final_validation_nll", "final_validation_kl"):
+        assert cached_metrics[key] == pytest.approx(live_metrics[key], rel=1e-5), key
+    first = [[r for r in m["history"] if "loss" in r][0] for m in (cached_metrics, live_metrics)]
+    assert first[0]["kd"] == pytest.approx(first[1]["kd"], rel=1e-5)
+
+
+def test_a_cache_is_not_built_for_the_sampled_data_modes(use_grid):
+    use_grid(["vanilla"], ["fkl"], teacher_cache={"enabled": True}, data={"mode": "on_policy"})
+    pipeline = create_pipeline()
+    assert "cache_teacher_logits" not in {n.name for n in pipeline.nodes}
+    assert not any("teacher_topk" in n.inputs for n in pipeline.nodes)

@@ -28,6 +28,15 @@ import torch
 from pydantic import Field, model_validator
 
 from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
+from warmup_distill_kedro.core.kd.cache import (
+    TeacherCacheConfig,
+    TeacherTopK,
+    cached_examples,
+    check_cache,
+    collate_cached,
+    teacher_identity,
+    topk_distillation_loss,
+)
 from warmup_distill_kedro.core.kd.config import KDSettings
 from warmup_distill_kedro.core.kd.data import (
     STUDENT_SAMPLED,
@@ -72,6 +81,14 @@ BASELINE_OBJECTIVES: tuple[str, ...] = ("sft",)
 CELL_OBJECTIVES: tuple[str, ...] = (*OBJECTIVES, *DUAL_SPACE_OBJECTIVES, *BASELINE_OBJECTIVES)
 
 
+def reads_teacher_cache(enabled: bool, data_mode: str, objective: str) -> bool:
+    """Whether a cell reads the teacher from its top-k cache: when it is enabled, for token-level objectives
+    on fixed text. The cache holds the teacher's distributions of the KD examples' tokens: DSKD needs its
+    hidden states, and the sampled data modes (on_policy, adaptive) new text every step, so those cells keep
+    the live teacher."""
+    return enabled and objective in OBJECTIVES and data_mode in ("sequence_kd", "off_policy")
+
+
 class DistillConfig(KDSettings):
     """What every cell of a grid shares: the KD settings, each objective's options, the data, the budget."""
 
@@ -87,6 +104,7 @@ class DistillConfig(KDSettings):
         description="per-objective options, e.g. {js: {beta: 0.5}, dskd: {divergence: fkl, projector_lr: 0.001}}",
     )
     data: KDDataConfig = KDDataConfig()
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
     sft_examples: int | None = Field(
         1000,
         gt=0,
@@ -103,12 +121,20 @@ class DistillConfig(KDSettings):
         """An unknown objective or option stops the run here, before any training."""
         if self.fused_head and self.chunk_size is None:
             raise ValueError("fused_head: true needs chunk_size (positions per chunk, e.g. 128); it is null")
+        if self.fused_head and self.teacher_cache.enabled:
+            raise ValueError(
+                "fused_head and teacher_cache.enabled are both true: the cache replaces the teacher's forward, "
+                "the fused head its logits; choose one"
+            )
         for objective in self.options:
             try:
                 self.loss_config(objective)
             except ValueError as error:  # pydantic's ValidationError is a ValueError
                 raise ValueError(f"options.{objective}: {error}") from error
         return self
+
+    def reads_teacher_cache(self, objective: str) -> bool:
+        return reads_teacher_cache(self.teacher_cache.enabled, self.data.mode, objective)
 
     def loss_config(self, objective: str) -> KDConfig | DSKDConfig | None:
         """The loss settings of one objective's cells (None for the sft baseline, which has none)."""
@@ -135,11 +161,14 @@ def distill_cell(
     config: DistillConfig,
     variant: str,
     objective: str,
+    teacher_topk: TeacherTopK | None = None,
 ) -> tuple[Checkpoint, dict[str, Any]]:
     """Distill `teacher` into a copy of `student` with one objective; the teacher stays frozen.
 
-    `examples`: the KD set (prepare_kd_examples), or the gold examples for the sft baseline. Returns the
-    distilled student and the cell's metrics (its history holds the KD curves, step 0 first).
+    `examples`: the KD set (prepare_kd_examples), or the gold examples for the sft baseline. `teacher_topk`:
+    the teacher's cached top-k of those examples, read instead of running the teacher (token-level cells,
+    `config.reads_teacher_cache`). Returns the distilled student and the cell's metrics (its history holds
+    the KD curves, step 0 first).
     """
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
@@ -156,7 +185,7 @@ def distill_cell(
     elif objective in BASELINE_OBJECTIVES:
         cell = _sft_cell(teacher, student, encoded, config)
     else:
-        cell = _token_level_cell(teacher, student, encoded, config, objective)
+        cell = _token_level_cell(teacher, student, encoded, config, objective, teacher_topk)
 
     def validate(_model: torch.nn.Module) -> dict[str, float]:
         statistics = heldout_distribution(
@@ -221,12 +250,29 @@ def _token_level_cell(
     encoded: list[EncodedExample],
     config: DistillConfig,
     objective: str,
+    teacher_topk: TeacherTopK | None = None,
 ) -> _Cell:
-    """fkl, rkl, js, ...: the two models' distributions compared token by token."""
+    """fkl, rkl, js, ...: the two models' distributions compared token by token (the teacher's read from its
+    top-k cache when one is given)."""
     vocab_size = shared_vocabulary_size(teacher, student, objective)
     kd = config.loss_config(objective)
     assert isinstance(kd, KDConfig)
     model = copy.deepcopy(student.model)
+    if teacher_topk is not None:
+        check_cache(teacher_topk, teacher_identity(teacher), encoded, config.temperature)
+        _, pad_id = eos_and_pad_ids(student.tokenizer)
+        training = config.training
+        source = ShuffledBatches(  # the same order as gold_batches: the same seed, the same examples
+            cached_examples(encoded, teacher_topk),
+            training.batch_size,
+            lambda examples: collate_cached(examples, pad_id),
+            training.seed,
+        )
+
+        def cached_loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+            return topk_distillation_loss(_logits(model, batch), batch, kd, vocab_size)
+
+        return _Cell(model, model, cached_loss_fn, source, vocab_size)
     teacher_model = teacher.model
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):

@@ -8,6 +8,7 @@ the same `load_checkpoint`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,19 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
     return model
+
+
+@torch.no_grad()
+def weights_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A checksum of every weight tensor from an evenly strided sample of its values: cheap even for a 7B
+    model on its device, and different for any two trainings in practice."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples_per_tensor)].float().cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

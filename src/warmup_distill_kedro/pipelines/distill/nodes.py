@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from warmup_distill_kedro.core.kd.cache import TeacherTopK, cache_teacher
 from warmup_distill_kedro.core.kd.cell import distill_cell
 from warmup_distill_kedro.core.kd.data import prepare_kd_examples, select_sft_examples
 from warmup_distill_kedro.core.models.modeling import Checkpoint
@@ -25,6 +26,19 @@ def sft_examples(train_examples: pd.DataFrame, params: DistillParams) -> pd.Data
     return select_sft_examples(train_examples, params.sft_examples)
 
 
+def teacher_topk(teacher: Checkpoint, kd_examples: pd.DataFrame, params: DistillParams) -> TeacherTopK:
+    """The teacher's top-k log-probabilities at every response position of the KD set, computed once for
+    every token-level cell (distill.teacher_cache)."""
+    return cache_teacher(
+        teacher,
+        kd_examples,
+        params.teacher_cache,
+        params.temperature,
+        params.max_length,
+        params.prompt_overflow,
+    )
+
+
 def cell_function(cell: Cell) -> Callable[..., tuple[Checkpoint, dict[str, Any]]]:
     """The node function of one grid cell: `distill_cell` with its variant and objective bound."""
 
@@ -34,10 +48,12 @@ def cell_function(cell: Cell) -> Callable[..., tuple[Checkpoint, dict[str, Any]]
         examples: pd.DataFrame,
         validation_examples: pd.DataFrame,
         params: DistillParams,
+        cache: TeacherTopK | None = None,
     ) -> tuple[Checkpoint, dict[str, Any]]:
-        """Distill the teacher into a copy of the cell's starting student with the cell's objective."""
+        """Distill the teacher into a copy of the cell's starting student with the cell's objective (the
+        teacher read from its cache when the cell is given one)."""
         return distill_cell(
-            teacher, student, examples, validation_examples, params, cell.variant, cell.objective
+            teacher, student, examples, validation_examples, params, cell.variant, cell.objective, cache
         )
 
     distill.__name__ = distill.__qualname__ = f"distill_{cell.variant}_{cell.objective}"

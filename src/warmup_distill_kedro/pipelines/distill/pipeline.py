@@ -3,16 +3,24 @@
 Node `vanilla.fkl.distill` reads `student_model`, node `warmup.fkl.distill` reads `student_warmup`; both
 read the same teacher, KD set (`kd_examples`) and `params:distill`, and write
 `<variant>.<objective>.student` and `<variant>.<objective>.distill_metrics` (catalog factories). The
-plain-SFT baseline (objective `sft`) reads `sft_examples`, the gold examples the student has, instead. Run
-one cell with `kedro run --pipeline=distill --namespaces=warmup.fkl`.
+plain-SFT baseline (objective `sft`) reads `sft_examples`, the gold examples the student has, instead.
+With `distill.teacher_cache.enabled`, node `cache_teacher_logits` runs the teacher once over the KD set and
+the token-level cells read its top-k (`teacher_topk`) instead of running the teacher every step. Run one
+cell with `kedro run --pipeline=distill --namespaces=warmup.fkl`.
 """
 
 from kedro.pipeline import Pipeline, node
 
 from warmup_distill_kedro import grid
-from warmup_distill_kedro.pipelines.distill.nodes import cell_function, kd_examples, sft_examples
+from warmup_distill_kedro.pipelines.distill.nodes import (
+    cell_function,
+    kd_examples,
+    sft_examples,
+    teacher_topk,
+)
 
-_SHARED_INPUTS = ("teacher_model", "kd_examples", "sft_examples", "validation_examples")  # not namespaced
+# not namespaced: one of each for the whole grid
+_SHARED_INPUTS = ("teacher_model", "kd_examples", "sft_examples", "validation_examples", "teacher_topk")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -36,15 +44,27 @@ def create_pipeline(**kwargs) -> Pipeline:
                 tags=["distill"],
             )
         )
-    return sum((_cell(cell) for cell in cells), Pipeline(shared))
+    cached = grid.teacher_cache_readers(cells)
+    if cached:
+        shared.append(
+            node(
+                teacher_topk,
+                ["teacher_model", "kd_examples", "params:distill"],
+                "teacher_topk",
+                name="cache_teacher_logits",
+                tags=["distill"],
+            )
+        )
+    return sum((_cell(cell, cell in cached) for cell in cells), Pipeline(shared))
 
 
-def _cell(cell: grid.Cell) -> Pipeline:
+def _cell(cell: grid.Cell, reads_cache: bool) -> Pipeline:
+    inputs = ["teacher_model", "student_start", cell.examples, "validation_examples", "params:distill"]
     template = Pipeline(
         [
             node(
                 cell_function(cell),
-                ["teacher_model", "student_start", cell.examples, "validation_examples", "params:distill"],
+                inputs + (["teacher_topk"] if reads_cache else []),
                 ["student", "distill_metrics"],
                 name="distill",
                 tags=["distill", "training", f"variant.{cell.variant}", f"objective.{cell.objective}"],
