@@ -12,6 +12,10 @@ minute cancels out of it.
     python benchmarks/distill_step.py                       # CPU preset: 1024 tokens, 32k vocabulary, fkl
     python benchmarks/distill_step.py --objectives all      # every objective, in the same rounds
     python benchmarks/distill_step.py --preset qwen2.5      # GPU: Qwen2.5-1.5B student, 7B teacher, 152k vocab
+    python benchmarks/distill_step.py --teacher-cache 32    # also a step reading the teacher's top-32 cache
+
+With `--teacher-cache K`, each objective also gets a `cached_step`: the same step with the teacher read from
+its top-K cache (distill.teacher_cache) instead of a teacher forward; its speedup is live / cached.
 """
 
 from __future__ import annotations
@@ -27,9 +31,15 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_seconds, summarize, write_report  # noqa: E402
 
+from warmup_distill_kedro.core.kd.cache import (  # noqa: E402
+    build_teacher_topk,
+    cached_examples,
+    collate_cached,
+    topk_distillation_loss,
+)
 from warmup_distill_kedro.core.kd.divergences import OBJECTIVES  # noqa: E402
 from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss  # noqa: E402
-from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, causal_lm_loss  # noqa: E402
+from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample, causal_lm_loss  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate) of each model, vocabulary, batch, sequence length.
 PRESETS = {
@@ -89,6 +99,7 @@ def main() -> None:
         "--objectives", default="fkl", help="comma-separated KD objectives, or 'all' (default: fkl)"
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--teacher-cache", type=int, default=None, metavar="K", help="also time cached steps")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,6 +152,25 @@ def main() -> None:
 
     steps = {"teacher_forward": teacher_forward, "student_sft_step": sft_step}
     steps |= {f"distill_step_{objective}": distill_step(kd) for objective, kd in configs.items()}
+    if args.teacher_cache:
+        rows = [
+            EncodedExample(input_ids=ids.tolist(), labels=row.tolist(), truncated=False)
+            for ids, row in zip(input_ids, labels, strict=True)
+        ]
+        cache = build_teacher_topk(
+            teacher, rows, 0, args.teacher_cache, 2.0, preset["vocab"], batch_size, {}, show_progress=False
+        )
+        cached_batch = {k: v.to(device) for k, v in collate_cached(cached_examples(rows, cache), 0).items()}
+
+        def cached_step(kd: KDConfig):
+            def step():
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                loss, _ = topk_distillation_loss(student(**inputs).logits, cached_batch, kd, preset["vocab"])
+                optimizer_step(loss)
+
+            return step
+
+        steps |= {f"cached_step_{objective}": cached_step(kd) for objective, kd in configs.items()}
     times = interleaved_seconds(steps, args.repeats)
     bounds = [t + s for t, s in zip(times["teacher_forward"], times["student_sft_step"], strict=True)]
     timings = {name: summarize(step_times) for name, step_times in times.items()}
@@ -154,6 +184,14 @@ def main() -> None:
         per_objective[objective]["ratio_to_bound"] = statistics.median(
             per_objective[objective]["round_ratios"]
         )
+        if args.teacher_cache:
+            cached_times = times[f"cached_step_{objective}"]
+            per_objective[objective]["cached_speedup"] = statistics.median(
+                d / c for d, c in zip(step_times, cached_times, strict=True)
+            )
+            per_objective[objective]["teacher_forward_share"] = statistics.median(
+                t / d for t, d in zip(times["teacher_forward"], step_times, strict=True)
+            )
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     results = {
         "preset": args.preset,
@@ -175,6 +213,15 @@ def main() -> None:
         row(f"distill_step_{objective}", f"**{per_objective[objective]['ratio_to_bound']:.2f}**")
         for objective in objectives
     ]
+    if args.teacher_cache:
+        ratio_rows += [
+            row(
+                f"cached_step_{objective}",
+                f"top-{args.teacher_cache} cache: {per_objective[objective]['cached_speedup']:.2f}x the live step "
+                f"(teacher forward {100 * per_objective[objective]['teacher_forward_share']:.0f}% of it)",
+            )
+            for objective in objectives
+        ]
     bound = results["bound_s"]
     markdown = "\n".join(
         [
@@ -198,6 +245,7 @@ def main() -> None:
     name = f"distill_step_{args.preset}{suffix}"
     name += f"_chunk{args.chunk_size}" if args.chunk_size else ""
     name += "_checkpointing" if args.gradient_checkpointing else ""
+    name += f"_cache{args.teacher_cache}" if args.teacher_cache else ""
     json_path, _ = write_report(name, results, markdown)
     print(markdown)
     print(f"\nwrote {json_path}")

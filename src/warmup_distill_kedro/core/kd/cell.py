@@ -198,6 +198,13 @@ def distill_cell(
             statistics["student_sampled_threshold"] = cell.source.threshold
         return statistics
 
+    if config.teacher_cache.enabled and teacher_topk is None and objective not in BASELINE_OBJECTIVES:
+        logger.info(
+            "distill %s/%s: the live teacher, not its cache: %s",
+            variant, objective,
+            "DSKD reads the teacher's hidden states" if objective in DUAL_SPACE_OBJECTIVES
+            else f"data.mode {config.data.mode} trains on new text every step",
+        )  # fmt: skip
     logger.info(
         "distill %s/%s: %d sequences (%d cut), T %.1f, kd_rate %.2f",
         variant, objective, report.n_examples, report.n_truncated, config.temperature, config.kd_rate,
