@@ -11,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 # This machine's pip configuration names index folders that do not exist: pip warns once per package.
 QUIET_PIP := grep -v "^WARNING: Location 'file:" || true
 
-.PHONY: help install install-dev demo test lint viz mlflow-ui bench clean-outputs
+.PHONY: help install install-dev demo test lint viz mlflow-ui bench bench-peers clean-outputs
 
 help:
 	@echo "make demo         build, train and evaluate the whole default flow on the CPU"
@@ -53,6 +53,13 @@ bench: install
 	$(BIN)/python benchmarks/distill_step.py --objectives all
 	$(BIN)/python benchmarks/demo_stages.py
 	$(BIN)/python benchmarks/rollouts.py
+
+# The KD losses benchmarks/kd_loss.py sets beside the project's (TRL, torchtune), in .bench-peers/ with --no-deps:
+# their own requirements would replace this project's torch.
+bench-peers: install
+	$(BIN)/python -m pip install -q --no-deps --target .bench-peers trl==1.16.0 datasets==5.2.0 dill==0.4.1 \
+		xxhash==4.1.0 multiprocess==0.70.19 torchtune==0.6.1 torchao==0.11.0 sentencepiece==0.2.3 \
+		tiktoken==0.14.0 blobfile==3.3.0 2>&1 | $(QUIET_PIP)
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks experiments

@@ -18,6 +18,13 @@ Memory is the peak allocated above the inputs (logits, hidden states and head we
 before and not counted; gradients made during the call are), measured by benchmarks/peak_memory.py in
 its own run (the profiler it uses on CPU slows the code down); times are medians of separate runs.
 
+Beside the project's loss, part 1 measures its peers on the same logits when they are installed
+(`make bench-peers` puts them in `.bench-peers/` with `pip install --no-deps`, so the project's torch stays):
+TRL's `GKDTrainer.generalized_jsd_loss` (beta 0 is fkl, beta 0.5 js) and torchtune's
+`ForwardKLWithChunkedOutputLoss` (fkl only, without a temperature: it is given the logits divided by T; it
+returns the cross-entropy to the teacher, which differs from the KL by the teacher's entropy, so only its
+gradient is compared).
+
     python benchmarks/kd_loss.py           # 1024 tokens, both parts
     python benchmarks/kd_loss.py --quick   # smoke: 128 tokens, one repeat
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +51,43 @@ from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss, kd_
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX  # noqa: E402
 
 MIB = 2**20
+PEERS = Path(__file__).resolve().parents[1] / ".bench-peers"
+
+
+def peer_losses(
+    objective: str, temperature: float
+) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The peers' KD losses for `objective` that are installed, each as loss(student [1, N, V], teacher)."""
+    if PEERS.is_dir() and str(PEERS) not in sys.path:
+        sys.path.append(str(PEERS))
+    peers: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+    beta = {"fkl": 0.0, "js": 0.5}.get(objective)
+    if beta is not None:
+        try:
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+            from trl.experimental.gkd import GKDTrainer
+
+            # labels (none ignored) make its reduction the mean over positions, as the project's
+            peers["TRL generalized_jsd_loss"] = lambda s, t: GKDTrainer.generalized_jsd_loss(
+                s, t, labels=torch.zeros(s.shape[:2], dtype=torch.long, device=s.device), beta=beta,
+                temperature=temperature,
+            )  # fmt: skip
+        except ImportError:
+            pass
+    if objective == "fkl":
+        try:
+            from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
+            chunked = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
+            peers["torchtune ForwardKLWithChunkedOutputLoss (gradient only)"] = lambda s, t: chunked(
+                list((s / temperature).chunk(8, dim=1)), list((t / temperature).chunk(8, dim=1)),
+                torch.zeros(s.shape[:2], dtype=torch.long, device=s.device),
+            )  # fmt: skip
+        except ImportError:
+            pass
+    return peers
+
+
 QWEN_STUDENT_ROWS, QWEN_TEACHER_ROWS, QWEN_TOKENIZER = 151936, 152064, 151665
 
 
@@ -106,10 +151,22 @@ def _kd_loss_at(vocab: int, args: argparse.Namespace, device: str) -> list[dict[
 
         return step
 
+    def peer(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            loss = loss_fn(student, teacher)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
     paths = [
         ("unchunked", None, textbook),
         (f"kd_loss, chunk {args.chunk_size}", args.chunk_size, project(args.chunk_size)),
         ("kd_loss, default", None, project(None)),
+        *(
+            (name, None, peer(loss_fn))
+            for name, loss_fn in peer_losses(args.objective, args.temperature).items()
+        ),
     ]
     rows: list[dict[str, Any]] = []
     reference_grad = None
