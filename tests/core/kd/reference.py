@@ -24,7 +24,11 @@ CASES = [
     ("srkl", {"alpha": 0.3}),
     ("akl", {}),
     ("akl", {"mu": 0.8}),
+    ("dpkd", {}),
+    ("dpkd", {"beta": 0.5, "label_smoothing": 0.1}),
 ]
+# Objectives that are not divergences: not 0 at p = q (dpkd: log 2 wherever the top tokens agree).
+NOT_DIVERGENCES = ("dpkd",)
 CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in CASES]
 
 
@@ -77,6 +81,16 @@ def akl_weights64(p: torch.Tensor, q: torch.Tensor, mu: float) -> tuple[torch.Te
     return torch.tensor(heads, dtype=torch.float64), torch.tensor(tails, dtype=torch.float64)
 
 
+def dpkd64(p: torch.Tensor, q: torch.Tensor, beta: float, smoothing: float) -> torch.Tensor:
+    """DPKD at each position: DPO with the teacher's top token chosen over the student's, the teacher the
+    reference (arXiv 2406.19774)."""
+    chosen, rejected = p.detach().argmax(-1, keepdim=True), q.detach().argmax(-1, keepdim=True)
+    log_ratio = (q.gather(-1, chosen) / q.gather(-1, rejected)).log()
+    h = (log_ratio - (p.gather(-1, chosen) / p.gather(-1, rejected)).log()).squeeze(-1)
+    sigmoid = torch.sigmoid
+    return -(1 - smoothing) * sigmoid(beta * h).log() - smoothing * sigmoid(-beta * h).log()
+
+
 def reference_divergence(
     objective: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float, **opts
 ):
@@ -106,6 +120,8 @@ def reference_of_distributions(objective: str, p: torch.Tensor, q: torch.Tensor,
     if objective == "srkl":
         alpha = opts.get("alpha", 0.1)
         return kl64(q, (1 - alpha) * p + alpha * q)
+    if objective == "dpkd":
+        return dpkd64(p, q, opts.get("beta", 0.1), opts.get("label_smoothing", 0.0))
     assert objective == "akl"
     w_head, w_tail = akl_weights64(p.detach(), q.detach(), opts.get("mu", 0.5))
     return w_head * kl64(p, q) + w_tail * kl64(q, p)

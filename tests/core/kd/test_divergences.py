@@ -3,12 +3,15 @@ identities, bounds and symmetries, akl's head and tail, zero-probability tokens,
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from tests.core.kd.reference import (
     CASE_IDS,
     CASES,
+    NOT_DIVERGENCES,
     TEMPERATURE,
     B,
     T,
@@ -52,7 +55,14 @@ def test_the_temperature_changes_the_value():
 
 
 # -- identities ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("objective", "options"), CASES, ids=CASE_IDS)
+DIVERGENCES = [case for case in CASES if case[0] not in NOT_DIVERGENCES]
+
+
+@pytest.mark.parametrize(
+    ("objective", "options"),
+    DIVERGENCES,
+    ids=[i for i, c in zip(CASE_IDS, CASES, strict=True) if c in DIVERGENCES],
+)
 def test_zero_at_equal_distributions_and_positive_elsewhere(objective, options):
     logits = random_logits(3, 6, V).requires_grad_(True)
     same = divergence(objective, logits, logits.detach().clone(), TEMPERATURE, **options)
@@ -227,7 +237,26 @@ def test_akl_guard_when_the_gap_is_zero():
     assert torch.equal(value, torch.zeros(3))
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_dpkd_is_log_two_without_gradient_where_the_top_tokens_agree():
+    """h = 0 when the student's top token is the teacher's: -log sigmoid(0) = log 2 for any beta, and the
+    choice does not move the student there (nothing to prefer); elsewhere the student is pushed to raise the
+    teacher's top token against its own."""
+    teacher = random_logits(20, 8, V)
+    student = random_logits(21, 8, V)
+    student[:4] = teacher[:4] + 0.3 * random_logits(22, 4, V)  # near the teacher ...
+    student[:4, teacher[:4].argmax(-1)] += 50.0  # ... with the same top token
+    student[4:, teacher[4:].argmax(-1)] -= 50.0  # ... a different one
+    student.requires_grad_(True)
+    for beta, smoothing in ((0.1, 0.0), (2.0, 0.2)):
+        value = divergence("dpkd", student, teacher, beta=beta, label_smoothing=smoothing)
+        torch.testing.assert_close(value[:4], torch.full((4,), math.log(2.0)))
+        (grad,) = torch.autograd.grad(value.sum(), student)
+        assert grad[:4].abs().max() == 0 and grad[4:].abs().max() > 1e-3
+        chosen = teacher[4:].argmax(-1)
+        assert (grad[4:].gather(1, chosen[:, None]) < 0).all()  # descent raises the teacher's top token
+
+
+@pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o not in NOT_DIVERGENCES])
 def test_zero_probability_tokens_give_no_nan(objective):
     student, teacher = random_logits(17, 4, V), random_logits(18, 4, V)
     student[:, :3] = float("-inf")  # tokens neither model can produce

@@ -119,3 +119,33 @@ def test_a_cache_is_not_built_for_the_sampled_data_modes(use_grid):
     pipeline = create_pipeline()
     assert "cache_teacher_logits" not in {n.name for n in pipeline.nodes}
     assert not any("teacher_topk" in n.inputs for n in pipeline.nodes)
+
+
+def test_the_methods_the_dskd_paper_compares_are_cells_of_the_grid(
+    use_grid, distill_params, teacher, student, splits
+):
+    """dpkd (token-level DPO against the teacher) and sinkd (fkl plus the batch's Sinkhorn distance) train
+    like any cell, each with its loss settings in the student's metadata and its terms in the history."""
+    objectives = ["dpkd", "sinkd"]
+    use_grid(["vanilla"], objectives)
+    train, validation, _ = splits
+    outputs = run_pipeline(
+        create_pipeline(),
+        {
+            "teacher_model": teacher,
+            "student_model": student,
+            "train_examples": train,
+            "validation_examples": validation,
+            "params:distill": distill_params(["vanilla"], objectives, options={"sinkd": {"weight": 0.5}}),
+        },
+    )
+    dpkd, sinkd = (outputs[f"vanilla.{o}.student"].metadata["loss"] for o in objectives)
+    assert (dpkd["objective"], dpkd["options"]) == ("dpkd", {"beta": 0.1, "label_smoothing": 0.0})
+    assert (sinkd["base"], sinkd["weight"], sinkd["iters"]) == ("fkl", 0.5, 20)
+    for objective in objectives:
+        metrics = outputs[f"vanilla.{objective}.distill_metrics"]
+        training = [record for record in metrics["history"] if "loss" in record]
+        assert len(training) == 2 and all(record["kd"] > 0 for record in training)
+        assert metrics["initial_validation_nll"] != pytest.approx(metrics["final_validation_nll"])
+    sinkd_history = outputs["vanilla.sinkd.distill_metrics"]["history"]
+    assert all(record["sinkhorn"] > 0 for record in sinkd_history if "loss" in record)

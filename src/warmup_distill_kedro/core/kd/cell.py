@@ -3,9 +3,10 @@
 `distill_cell` is the entry point. Every cell of a grid gets the same data, budget and seed
 (`DistillConfig`), so that the cells compare; what differs is what the objective makes of them:
 
-- token-level objectives (fkl, rkl, js, tvd, skl, srkl, akl; `divergences.OBJECTIVES`): the two models'
-  next-token distributions compared position by position, `(1 - kd_rate) CE + kd_rate KD`
+- token-level objectives (fkl, rkl, js, tvd, skl, srkl, akl, dpkd; `divergences.OBJECTIVES`): the two
+  models' next-token distributions compared position by position, `(1 - kd_rate) CE + kd_rate KD`
   (`losses.distillation_loss`, or `fused.fused_model_distillation_loss` with `fused_head`);
+- sinkd: a token-level divergence plus the Sinkhorn distance between the batch's positions (`sinkd.py`);
 - dual-space objectives (dskd with one tokenizer, dskd_cma with two; `dual_space.py`): projectors carry
   each model's hidden states into the other's output space, learning at their own rate, optionally
   pre-trained alone first;
@@ -57,6 +58,7 @@ from warmup_distill_kedro.core.kd.dual_space import (
 )
 from warmup_distill_kedro.core.kd.fused import fused_model_distillation_loss
 from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss
+from warmup_distill_kedro.core.kd.sinkd import SinKDConfig, sinkd_loss
 from warmup_distill_kedro.core.models.encoding import (
     EncodedExample,
     PromptOverflowParameter,
@@ -76,17 +78,26 @@ logger = logging.getLogger(__name__)
 
 # Dual-space KD (arXiv 2406.17328): one tokenizer (dskd) or two, aligned by cross-model attention (dskd_cma).
 DUAL_SPACE_OBJECTIVES: tuple[str, ...] = ("dskd", "dskd_cma")
+# A token-level divergence plus a batch-level term on the same logits: SinKD's Sinkhorn distance.
+BATCH_LEVEL_OBJECTIVES: tuple[str, ...] = ("sinkd",)
 # Plain SFT on the same data, steps and seed, without the teacher: the control KD has to beat.
 BASELINE_OBJECTIVES: tuple[str, ...] = ("sft",)
-CELL_OBJECTIVES: tuple[str, ...] = (*OBJECTIVES, *DUAL_SPACE_OBJECTIVES, *BASELINE_OBJECTIVES)
+CELL_OBJECTIVES: tuple[str, ...] = (
+    *OBJECTIVES,
+    *BATCH_LEVEL_OBJECTIVES,
+    *DUAL_SPACE_OBJECTIVES,
+    *BASELINE_OBJECTIVES,
+)
 
 
 def reads_teacher_cache(enabled: bool, data_mode: str, objective: str) -> bool:
     """Whether a cell reads the teacher from its top-k cache: when it is enabled, for token-level objectives
     on fixed text. The cache holds the teacher's distributions of the KD examples' tokens: DSKD needs its
-    hidden states, and the sampled data modes (on_policy, adaptive) new text every step, so those cells keep
-    the live teacher."""
-    return enabled and objective in OBJECTIVES and data_mode in ("sequence_kd", "off_policy")
+    hidden states, sinkd its whole distributions, dpkd its probability of the student's top token (outside its
+    top k as often as not), and the sampled data modes (on_policy, adaptive) new text every step, so those
+    cells keep the live teacher."""
+    readable = objective in OBJECTIVES and objective != "dpkd"
+    return enabled and readable and data_mode in ("sequence_kd", "off_policy")
 
 
 class DistillConfig(KDSettings):
@@ -96,7 +107,7 @@ class DistillConfig(KDSettings):
         False,
         description="compute the KD loss from the last hidden states and the LM heads chunk by chunk, never "
         "materializing either model's full logits (core/kd/fused.py); needs chunk_size. Applies to the "
-        f"token-level objectives ({', '.join(OBJECTIVES)}); dskd, dskd_cma and sft cells ignore it. "
+        f"token-level objectives ({', '.join(OBJECTIVES)}); sinkd, dskd, dskd_cma and sft cells ignore it. "
         "Not with FSDP (sharded heads)",
     )
     options: dict[str, dict[str, Any]] = Field(
@@ -136,12 +147,14 @@ class DistillConfig(KDSettings):
     def reads_teacher_cache(self, objective: str) -> bool:
         return reads_teacher_cache(self.teacher_cache.enabled, self.data.mode, objective)
 
-    def loss_config(self, objective: str) -> KDConfig | DSKDConfig | None:
+    def loss_config(self, objective: str) -> KDConfig | SinKDConfig | DSKDConfig | None:
         """The loss settings of one objective's cells (None for the sft baseline, which has none)."""
         options = self.options.get(objective, {})
         settings = KDSettings(temperature=self.temperature, kd_rate=self.kd_rate, chunk_size=self.chunk_size)
         if objective in DUAL_SPACE_OBJECTIVES:
             return DSKDConfig.from_options(settings, options)
+        if objective in BATCH_LEVEL_OBJECTIVES:
+            return SinKDConfig.from_options(settings, options)
         if objective in BASELINE_OBJECTIVES:
             if options:
                 raise ValueError(f"plain SFT takes no options, got {sorted(options)}")
@@ -201,10 +214,10 @@ def distill_cell(
     if config.teacher_cache.enabled and teacher_topk is None and objective not in BASELINE_OBJECTIVES:
         logger.info(
             "distill %s/%s: the live teacher, not its cache: %s",
-            variant, objective,
-            "DSKD reads the teacher's hidden states" if objective in DUAL_SPACE_OBJECTIVES
-            else f"data.mode {config.data.mode} trains on new text every step",
-        )  # fmt: skip
+            variant,
+            objective,
+            _why_live(objective, config),
+        )
     logger.info(
         "distill %s/%s: %d sequences (%d cut), T %.1f, kd_rate %.2f",
         variant, objective, report.n_examples, report.n_truncated, config.temperature, config.kd_rate,
@@ -238,6 +251,15 @@ def distill_cell(
     }
 
 
+def _why_live(objective: str, config: DistillConfig) -> str:
+    if config.data.mode not in ("sequence_kd", "off_policy"):
+        return f"data.mode {config.data.mode} trains on new text every step"
+    return {
+        "dpkd": "dpkd reads the teacher's probability of the student's top token, outside its cached top k",
+        "sinkd": "the Sinkhorn term compares the teacher's whole distributions",
+    }.get(objective, "DSKD reads the teacher's hidden states")
+
+
 @dataclass
 class _Cell:
     """What one grid cell trains, how, and on what."""
@@ -259,13 +281,14 @@ def _token_level_cell(
     objective: str,
     teacher_topk: TeacherTopK | None = None,
 ) -> _Cell:
-    """fkl, rkl, js, ...: the two models' distributions compared token by token (the teacher's read from its
-    top-k cache when one is given)."""
+    """fkl, rkl, js, ..., and sinkd: the two models' distributions compared token by token (the teacher's read
+    from its top-k cache when one is given), sinkd's also batch-wise."""
     vocab_size = shared_vocabulary_size(teacher, student, objective)
     kd = config.loss_config(objective)
-    assert isinstance(kd, KDConfig)
+    assert isinstance(kd, KDConfig | SinKDConfig)
     model = copy.deepcopy(student.model)
     if teacher_topk is not None:
+        assert isinstance(kd, KDConfig)  # sinkd needs the teacher's whole distributions: never cached
         check_cache(teacher_topk, teacher_identity(teacher), encoded, config.temperature)
         _, pad_id = eos_and_pad_ids(student.tokenizer)
         training = config.training
@@ -285,11 +308,12 @@ def _token_level_cell(
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         teacher_on_device = teacher_model.to(batch["input_ids"].device)
         ce = STUDENT_SAMPLED not in batch  # no CE on the student's own samples
-        if config.fused_head:  # from the last hidden states and the heads, chunk by chunk
+        if config.fused_head and isinstance(kd, KDConfig):  # from the last hidden states and the heads
             return fused_model_distillation_loss(model, teacher_on_device, batch, kd, vocab_size, ce)
         with torch.no_grad():
             teacher_logits = _logits(teacher_on_device, batch)
-        return distillation_loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size, ce)
+        loss = sinkd_loss if isinstance(kd, SinKDConfig) else distillation_loss
+        return loss(_logits(model, batch), teacher_logits, batch["labels"], kd, vocab_size, ce)
 
     source = kd_batches(encoded, model, student.tokenizer, config.data, config.training, config.max_length)
     return _Cell(model, model, loss_fn, source, vocab_size)
@@ -412,6 +436,6 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _dump(loss: KDConfig | DSKDConfig | None) -> dict[str, Any] | None:
+def _dump(loss: KDConfig | SinKDConfig | DSKDConfig | None) -> dict[str, Any] | None:
     """The cell's loss settings with every default resolved (None for the sft baseline)."""
     return None if loss is None else loss.model_dump(mode="json")

@@ -145,6 +145,8 @@ def _kd_terms(
         js    beta KL(p||m) + (1-beta) KL(q||m)    -(1-beta) lmq         (normalized: / beta (1-beta))
         tvd   1/2 sum |p - q|                      1/2 sign(q - p)
         akl   w_head fkl + w_tail rkl              -w_head p / q + w_tail (log q - log p)   (weights held fixed)
+        dpkd  DPO on (teacher's top, student's top) q g = dL/dh (e_chosen - e_rejected): not of the centred
+              form (the log-normalizers cancel in h); q_num 0
     skl and srkl at alpha 0 are fkl and rkl, normalized js at beta 0 and 1 too (reduced_objective).
     """
     rows, vocab = q.shape
@@ -163,6 +165,18 @@ def _kd_terms(
         kd_rows = 0.5 * torch.abs(diff, out=product).sum(dim=-1, keepdim=True)
         h = torch.sign(diff, out=product).mul_(q)
         return _KDTerms(kd_rows, -0.5 * h.sum(dim=-1, keepdim=True) / q_sum, h, 0.5, q_sum)
+    if objective == "dpkd":  # from x and y directly: the log-normalizers cancel in each difference
+        chosen, rejected = y.argmax(dim=-1, keepdim=True), x.argmax(dim=-1, keepdim=True)
+        margin = (x.gather(1, chosen) - x.gather(1, rejected)) - (y.gather(1, chosen) - y.gather(1, rejected))
+        beta, smoothing = options["beta"], options["label_smoothing"]
+        kd_rows = -(1.0 - smoothing) * torch.nn.functional.logsigmoid(beta * margin)
+        kd_rows -= smoothing * torch.nn.functional.logsigmoid(-beta * margin)
+        # dL/dh, on the chosen logit and against the rejected one (nothing where they are the same token)
+        slope = beta * (
+            smoothing * torch.sigmoid(beta * margin) - (1.0 - smoothing) * torch.sigmoid(-beta * margin)
+        )
+        h = product.zero_().scatter_add_(1, chosen, slope).scatter_add_(1, rejected, -slope)
+        return _KDTerms(kd_rows, 0.0, h, 1.0, torch.ones_like(q_sum))
 
     log_q, log_p = x.sub_(log_q_sum), y.sub_(log_p_sum)
     ratio, mix = scratch("ratio", rows, vocab), scratch("mix", rows, vocab)

@@ -11,6 +11,8 @@ distribution p and the student's q at every response position (docs/method.md).
           head: the top tokens up to the one crossing cumulative mass mu, that one included (crossing:
           head, DSKD's code) or not (crossing: tail, the AKL code), ties with it alike; mu = 1 - DSKD's
           adaptive_kl_alpha)
+    dpkd  -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h), h = (log q[c] - log q[r]) - (log p[c] - log p[r]),
+          c = argmax p, r = argmax q                                     (DPKD, token level)
 
 p and q are softmaxes of the logits divided by the temperature T (no T^2 factor is applied). All
 arithmetic is float32 whatever the logits' dtype, in log space: a mixture's log-ratios come from one
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional
 from torch import Tensor
 
-OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl")
+OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl", "dpkd")
 
 # Each objective's options and their defaults; the ranges are checked in validate_options.
 _DEFAULTS: dict[str, dict[str, float | bool | str]] = {
@@ -40,6 +42,7 @@ _DEFAULTS: dict[str, dict[str, float | bool | str]] = {
     "skl": {"alpha": 0.1},
     "srkl": {"alpha": 0.1},
     "akl": {"mu": 0.5, "crossing": "head"},
+    "dpkd": {"beta": 0.1, "label_smoothing": 0.0},
 }
 LOG_FLOOR = -1e30  # floor of log-probabilities: exp() of it is exactly 0, differences of it stay finite
 
@@ -58,8 +61,8 @@ def validate_options(objective: str, **options: Any) -> dict[str, Any]:
     """Check an objective's options and return them with the defaults filled in.
 
     js: beta in (0, 1) (default 0.5), or in [0, 1] with normalized=True; skl / srkl: alpha in [0, 1)
-    (default 0.1); akl: mu in (0, 1) (default 0.5) and crossing, head or tail (default head); fkl, rkl, tvd
-    take no options.
+    (default 0.1); akl: mu in (0, 1) (default 0.5) and crossing, head or tail (default head); dpkd: beta > 0
+    (default 0.1) and label_smoothing in [0, 0.5) (default 0); fkl, rkl, tvd take no options.
     """
     if objective not in _DEFAULTS:
         raise ValueError(unknown_objective(objective))
@@ -97,6 +100,15 @@ def validate_options(objective: str, **options: Any) -> dict[str, Any]:
             raise ValueError(
                 f"akl option 'crossing' must be one of {list(CROSSINGS)}, got {resolved['crossing']!r}"
             )
+    elif objective == "dpkd":
+        beta = resolved["beta"] = _real(objective, "beta", resolved["beta"])
+        if not (math.isfinite(beta) and beta > 0.0):
+            raise ValueError(f"dpkd option 'beta' must be a finite number > 0, got {beta}")
+        smoothing = resolved["label_smoothing"] = _real(
+            objective, "label_smoothing", resolved["label_smoothing"]
+        )
+        if not 0.0 <= smoothing < 0.5:
+            raise ValueError(f"dpkd option 'label_smoothing' must be in [0, 0.5), got {smoothing}")
     return resolved
 
 
@@ -276,7 +288,27 @@ def per_position(objective: str, log_q: Tensor, log_p: Tensor, options: dict[str
         return _kl_to(log_q, mix_log_ratios(log_q, log_p, 1.0 - options["alpha"])[0])
     if objective == "akl":
         return _akl(log_q, log_p, options["mu"], options["crossing"])
+    if objective == "dpkd":
+        return _dpkd(log_q, log_p, options["beta"], options["label_smoothing"])
     raise ValueError(unknown_objective(objective))
+
+
+def dpkd_margin(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """DPKD's h per position: (log q[ch] - log q[rej]) - (log p[ch] - log p[rej]), ch the teacher's most
+    likely token and rej the student's (constants: no gradient flows through the choice)."""
+    chosen = log_p.detach().argmax(dim=-1, keepdim=True)
+    rejected = log_q.detach().argmax(dim=-1, keepdim=True)
+    student = log_q.gather(-1, chosen) - log_q.gather(-1, rejected)
+    teacher = log_p.gather(-1, chosen) - log_p.gather(-1, rejected)
+    return (student - teacher).squeeze(-1)
+
+
+def _dpkd(log_q: Tensor, log_p: Tensor, beta: float, smoothing: float) -> Tensor:
+    """DPKD (arXiv 2406.19774) at one position: a DPO loss where the teacher's top token is preferred to
+    the student's, the teacher the reference: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)."""
+    h = beta * dpkd_margin(log_q, log_p)
+    logsigmoid = torch.nn.functional.logsigmoid
+    return -(1.0 - smoothing) * logsigmoid(h) - smoothing * logsigmoid(-h)
 
 
 def resolved_divergence(

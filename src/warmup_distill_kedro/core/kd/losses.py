@@ -23,6 +23,7 @@ from warmup_distill_kedro.core.kd.divergences import (
     unknown_objective,
     validate_options,
 )
+from warmup_distill_kedro.core.kd.sinkhorn import sinkhorn_loss
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX
 
 
@@ -64,23 +65,22 @@ def kd_loss(
     models (core.kd.chunked.ChunkedLoss: each objective's value and gradient in closed form, chunk by
     chunk). chunk_size caps the positions per chunk; None sizes chunks for the device
     (chunk_rows: on a CPU, small enough to stay in the caches, which is also several times faster).
+    `kd_loss("sinkhorn", ...)` is the Sinkhorn distance of core.kd.sinkhorn instead (a distance between the
+    sets of positions, not a mean over them; options epsilon, iters, block).
     """
+    if objective == "sinkhorn":
+        _check_positions(student_logits, teacher_logits, mask)
+        vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+        return sinkhorn_loss(
+            student_logits, teacher_logits, mask, check_temperature(temperature), vocab, **options
+        )
     resolved = validate_options(objective, **options)
     temperature = check_temperature(temperature)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    if student_logits.dim() < 1 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} must share their leading (position) dims"
-        )
-    if mask.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"mask {tuple(mask.shape)} must match the logits' positions {tuple(student_logits.shape[:-1])}"
-        )
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    _check_positions(student_logits, teacher_logits, mask)
     vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
 
     teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
@@ -100,6 +100,19 @@ def kd_loss(
     )
     loss, _, _ = ChunkedLoss.apply(student_flat, teacher_flat, positions, None, spec)
     return loss
+
+
+def _check_positions(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> None:
+    if student_logits.dim() < 1 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} must share their leading (position) dims"
+        )
+    if mask.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must match the logits' positions {tuple(student_logits.shape[:-1])}"
+        )
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
 
 
 # -- the distill stage's loss -------------------------------------------------------------------------------
