@@ -15,7 +15,8 @@ and `kedro compare` all take their names from here.
 The grid's shape is a parameter (`distill.variants`, `distill.objectives`, overridable with `--params`),
 but Kedro builds pipelines without parameters: `hooks.grid.GridParametersHook` hands this module the
 run's `distill` block (`use_parameters`) before the registry builds the pipelines. Without it (a bare
-`register_pipelines()`) the defaults below apply.
+`register_pipelines()`) the defaults below apply. The same hook says whether the warmup stage reads the
+teacher (`warmup.loss.reference: teacher`), so that the teacher is loaded for it only then.
 """
 
 from __future__ import annotations
@@ -42,16 +43,26 @@ DEFAULT_VARIANTS: tuple[str, ...] = ("vanilla", "warmup")
 DEFAULT_OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "skl", "srkl", "akl", "dskd", "sft")
 
 _parameters: dict[str, Any] = {}
+_warmup_reference: list[str] = ["student"]
 
 
-def use_parameters(distill: Mapping[str, Any]) -> bool:
-    """Take the run's `distill` parameter block as the grid's source; True when it changed the grid."""
+def use_parameters(distill: Mapping[str, Any], warmup: Mapping[str, Any] | None = None) -> bool:
+    """Take the run's `distill` parameter block as the grid's source, and its `warmup` block's DPO reference;
+    True when either changed the pipelines."""
     current = dict(distill)
-    if current == _parameters:
+    loss = (warmup or {}).get("loss") or {}
+    reference = loss.get("reference", "student") if isinstance(loss, Mapping) else "student"
+    if current == _parameters and reference == _warmup_reference[0]:
         return False
     _parameters.clear()
     _parameters.update(current)
+    _warmup_reference[0] = reference
     return True
+
+
+def warmup_reads_teacher() -> bool:
+    """Whether the warmup student's DPO reference is the teacher (DPKD's sequence-level form)."""
+    return _warmup_reference[0] == "teacher"
 
 
 @dataclass(frozen=True)

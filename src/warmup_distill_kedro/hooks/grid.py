@@ -10,12 +10,13 @@ from warmup_distill_kedro import grid
 
 
 class GridParametersHook:
-    """Reads the `distill` block of the run being set up (CLI `--params` included) when the context is
+    """Reads the `distill` block (and the warmup's DPO reference) of the run being set up (CLI `--params` included) when the context is
     created, which Kedro does before it asks the registry for pipelines."""
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        if not grid.use_parameters(context.config_loader["parameters"].get("distill") or {}):
+        parameters = context.config_loader["parameters"]
+        if not grid.use_parameters(parameters.get("distill") or {}, parameters.get("warmup") or {}):
             return
         # Kedro caches the registry's pipelines per process; a run with another grid (a second session in
         # a notebook or a test) must build them again.

@@ -409,3 +409,38 @@ def test_dpo_hand_computed_value_and_gradient_sign():
     # Descending the loss raises the chosen log-prob and lowers the rejected one.
     assert policy_chosen.grad.item() < 0 < policy_rejected.grad.item()
     assert policy_chosen.grad.item() == pytest.approx(-0.5 * (1 - 1 / (1 + math.exp(-1.5))), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dpo_nll"])
+def test_the_teacher_reference_is_dpkds_length_normalized_dpo(loss):
+    """reference: teacher: -log sigmoid(beta [(log q(y+) - log p(y+)) / |y+| - (log q(y-) - log p(y-)) / |y-|])
+    (DPKD's sequence-level loss), against float64 with its gradient in the policy's sums."""
+    config = PreferenceLossConfig(loss=loss, beta=0.3, nll_weight=0.7, reference="teacher")
+    pc, pr, rc, rr, nll = _random_inputs(7)
+    chosen_tokens, rejected_tokens = [3, 17, 8, 1, 40, 12], [9, 2, 30, 5, 6, 12]
+    policy_chosen = torch.tensor(pc, requires_grad=True)
+    policy_rejected = torch.tensor(pr, requires_grad=True)
+    value, metrics = preference_loss(
+        policy_chosen, policy_rejected, torch.tensor(rc), torch.tensor(rr), torch.tensor(nll), config,
+        torch.tensor(chosen_tokens), torch.tensor(rejected_tokens),
+    )  # fmt: skip
+    value.backward()
+    n, beta = len(pc), config.beta
+    z = [beta * ((pc[i] - rc[i]) / chosen_tokens[i] - (pr[i] - rr[i]) / rejected_tokens[i]) for i in range(n)]
+    expected = -sum(_log_sigmoid(zi) for zi in z) / n + (0.7 * nll if loss == "dpo_nll" else 0.0)
+    slope = [-math.exp(_log_sigmoid(-zi)) / n for zi in z]  # d(-log sigmoid(z)) / dz, over the batch
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    assert policy_chosen.grad.tolist() == pytest.approx(
+        [beta * s / c for s, c in zip(slope, chosen_tokens, strict=True)], rel=1e-4
+    )
+    assert policy_rejected.grad.tolist() == pytest.approx(
+        [-beta * s / r for s, r in zip(slope, rejected_tokens, strict=True)], rel=1e-4
+    )
+    assert metrics["reward_margin"] == pytest.approx(sum(z) / n, rel=1e-5)
+    unnormalized, _ = preference_loss(
+        *(torch.tensor(v) for v in (pc, pr, rc, rr, nll)),
+        PreferenceLossConfig(loss=loss, beta=0.3, nll_weight=0.7),
+    )
+    assert abs(unnormalized.item() - value.item()) > 1e-2
+    with pytest.raises(ValueError, match="pass chosen_tokens and rejected_tokens"):
+        preference_loss(*(torch.tensor(v) for v in (pc, pr, rc, rr, nll)), config)

@@ -90,3 +90,18 @@ def test_the_policy_trains_without_dropout_so_step_zero_margins_are_zero():
     assert abs(first["reward_margin"]) < 1e-5
     assert first["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)  # -log sigmoid(0)
     assert student.model.model.layers[0].self_attn.attention_dropout == 0.5  # the given student is untouched
+
+
+def test_the_teacher_reference_needs_the_teacher_and_its_tokens():
+    train, validation, _ = tiny_splits()
+    tokenizer = bpe_tokenizer(training_texts(pd.concat([train, validation])))
+    student = tiny_checkpoint(tokenizer, TINY, seed=3)
+    other = tiny_checkpoint(bpe_tokenizer(["a different corpus, a different vocabulary"] * 20), TINY, seed=4)
+    config = WarmupConfig(
+        loss={"loss": "dpo", "reference": "teacher"}, training=TRAINING, validation_examples=4
+    )
+    corrected = _corrected([True], [True])
+    with pytest.raises(ValueError, match="reference is teacher but the warmup node got no teacher_model"):
+        warmup_student(student, corrected, validation, config)
+    with pytest.raises(ValueError, match=r"tokenizers differ .*use reference: student"):
+        warmup_student(student, corrected, validation, config, teacher=other)

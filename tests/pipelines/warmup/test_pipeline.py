@@ -61,3 +61,31 @@ def test_the_warmup_student_and_its_control(student, corrected_set, splits):
         assert_same_weights(warmup.model, student.model)
     with pytest.raises(AssertionError):
         assert_same_weights(warmup.model, control.model)
+
+
+def test_with_the_teacher_as_reference_the_warmup_reads_the_teacher(
+    use_grid, teacher, student, corrected_set, splits
+):
+    """warmup.loss.reference: teacher (DPKD's sequence-level form): the teacher becomes the warmup node's
+    input, and the policy starts away from its reference (the margins at step 1 are not 0)."""
+    from warmup_distill_kedro import grid
+
+    assert "teacher_model" not in create_pipeline().inputs()  # not loaded for the usual reference
+    grid.use_parameters({}, {"loss": {"reference": "teacher"}})
+    pipeline = create_pipeline()
+    assert "teacher_model" in pipeline.inputs()
+    train, validation, _ = splits
+    params = PARAMS.model_copy(update={"loss": PARAMS.loss.model_copy(update={"reference": "teacher"})})
+    outputs = run_pipeline(
+        pipeline.only_nodes("warmup_student"),
+        {
+            "student_model": student,
+            "teacher_model": teacher,
+            "corrected_set": corrected_set,
+            "validation_examples": validation,
+            "params:warmup": params,
+        },
+    )
+    first_step = outputs["warmup_metrics"]["history"][1]
+    assert abs(first_step["reward_margin"]) > 1e-4 and abs(first_step["chosen_reward"]) > 1e-4
+    assert outputs["student_warmup"].metadata["params"]["loss"]["reference"] == "teacher"

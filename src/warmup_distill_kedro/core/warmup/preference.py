@@ -5,6 +5,9 @@ DPO (the default) compares the policy with a frozen reference, the student as it
     L = -log sigmoid(beta * [(log q(y+) - log q_ref(y+)) - (log q(y-) - log q_ref(y-))])
 with sequence log-probs summed over response tokens. `dpo_nll` adds the chosen token-mean NLL (RPO
 style) so the chosen likelihood cannot collapse while the margin grows; `sft` is that NLL alone.
+With `reference: teacher` it is DPKD's sequence-level loss (arXiv 2406.19774): the teacher is the reference
+and each side's log-ratio is divided by its number of response tokens,
+    L = -log sigmoid(beta * [(log q(y+) - log p(y+)) / |y+| - (log q(y-) - log p(y-)) / |y-|]).
 All loss arithmetic is float32 whatever the model dtype: sums of hundreds of log-probs and small
 beta-scaled differences of them lose too much in bfloat16.
 """
@@ -38,6 +41,11 @@ class PreferenceLossConfig(BaseModel):
 
     loss: Literal["dpo", "dpo_nll", "sft"] = "dpo"
     beta: float = Field(0.1, gt=0, description="DPO temperature: scale of the implicit reward")
+    reference: Literal["student", "teacher"] = Field(
+        "student",
+        description="the frozen reference: the student before warmup (DPO), or the teacher with length-normalized "
+        "log-ratios (DPKD's sequence-level form; needs the teacher's tokenizer)",
+    )
     nll_weight: float = Field(1.0, ge=0, description="weight of the chosen NLL in dpo_nll")
 
 
@@ -97,8 +105,9 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, Ten
     return batch
 
 
-def _score_pairs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Chosen sums, chosen token counts and rejected sums; one forward over both sides when widths match."""
+def _score_pairs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Chosen sums and token counts, rejected sums and token counts; one forward over both sides when
+    widths match."""
     chosen = [batch[f"chosen_{k}"] for k in _SEQUENCE_KEYS]
     rejected = [batch[f"rejected_{k}"] for k in _SEQUENCE_KEYS]
     if chosen[0].shape[1] == rejected[0].shape[1]:
@@ -106,10 +115,8 @@ def _score_pairs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Te
             model, *(torch.cat([c, r]) for c, r in zip(chosen, rejected, strict=True))
         )
         n = chosen[0].shape[0]
-        return sums[:n], counts[:n], sums[n:]
-    chosen_logp, chosen_tokens = sequence_logprobs(model, *chosen)
-    rejected_logp, _ = sequence_logprobs(model, *rejected)
-    return chosen_logp, chosen_tokens, rejected_logp
+        return sums[:n], counts[:n], sums[n:], counts[n:]
+    return (*sequence_logprobs(model, *chosen), *sequence_logprobs(model, *rejected))
 
 
 @torch.no_grad()
@@ -128,7 +135,7 @@ def with_reference_logprobs(
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-            chosen_logp, _, rejected_logp = _score_pairs(reference_model, batch)
+            chosen_logp, _, rejected_logp, _ = _score_pairs(reference_model, batch)
             scored.extend(
                 dataclasses.replace(pair, reference_chosen_logp=c, reference_rejected_logp=r)
                 for pair, c, r in zip(chunk, chosen_logp.tolist(), rejected_logp.tolist(), strict=True)
@@ -145,8 +152,11 @@ def preference_loss(
     reference_rejected_logp: Tensor,
     chosen_nll: Tensor,
     config: PreferenceLossConfig,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The configured loss from [B] summed log-probs and the batch's chosen token-mean NLL (a scalar)."""
+    """The configured loss from [B] summed log-probs and the batch's chosen token-mean NLL (a scalar); the
+    sides' response token counts [B] divide the log-ratios with `reference: teacher`."""
     pc, pr, rc, rr = (
         t.float()
         for t in (policy_chosen_logp, policy_rejected_logp, reference_chosen_logp, reference_rejected_logp)
@@ -154,6 +164,13 @@ def preference_loss(
     chosen_nll = chosen_nll.float()
     chosen_reward = config.beta * (pc - rc)
     rejected_reward = config.beta * (pr - rr)
+    if config.reference == "teacher":  # DPKD: per-token log-ratios, long and short responses alike
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError(
+                "reference: teacher divides by the response lengths: pass chosen_tokens and rejected_tokens"
+            )
+        chosen_reward = chosen_reward / chosen_tokens.float().clamp(min=1)
+        rejected_reward = rejected_reward / rejected_tokens.float().clamp(min=1)
     margin = chosen_reward - rejected_reward
     dpo = -torch.nn.functional.logsigmoid(margin).mean()
     if config.loss == "dpo":
@@ -186,7 +203,7 @@ def preference_loss_fn(
     """The `loss_fn` for TrainingRun over batches from `collate_pairs`."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        chosen_logp, chosen_tokens, rejected_logp = _score_pairs(model, batch)
+        chosen_logp, chosen_tokens, rejected_logp, rejected_tokens = _score_pairs(model, batch)
         # Token mean over the batch, as in causal_lm_loss, so that `sft` here is exactly the SFT loss.
         chosen_nll = -chosen_logp.sum() / chosen_tokens.sum().clamp(min=1)
         return preference_loss(
@@ -196,6 +213,8 @@ def preference_loss_fn(
             batch["reference_rejected_logp"],
             chosen_nll,
             config,
+            chosen_tokens,
+            rejected_tokens,
         )
 
     return loss_fn

@@ -3,7 +3,8 @@ control gets the same steps as plain SFT.
 
 - `warmup_student`: the vanilla student trained on the corrected set's (chosen = corrected, rejected =
   original) pairs with the configured preference loss (preference.py). DPO's reference is the vanilla
-  student itself, frozen; its sequence log-probs are computed once, before training.
+  student itself, frozen, or the teacher (`loss.reference: teacher`, DPKD's sequence-level form); its
+  sequence log-probs are computed once, before training.
 - `control_student`: the vanilla student trained with the same prompts, steps, batch, learning rate and
   seed, on the gold responses of those prompts instead. Distilling from it tells whether warmup's gain is
   the teacher's corrections or just more training.
@@ -19,6 +20,7 @@ import logging
 from typing import Any, Literal
 
 import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
@@ -30,7 +32,7 @@ from warmup_distill_kedro.core.models.encoding import (
     encode_examples,
 )
 from warmup_distill_kedro.core.models.modeling import Checkpoint, disable_dropout
-from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
 from warmup_distill_kedro.core.training.config import TrainingConfig
 from warmup_distill_kedro.core.training.loop import EvalFn
@@ -64,9 +66,15 @@ class WarmupConfig(BaseModel):
 
 
 def warmup_student(
-    student: Checkpoint, corrected_set: pd.DataFrame, validation_examples: pd.DataFrame, config: WarmupConfig
+    student: Checkpoint,
+    corrected_set: pd.DataFrame,
+    validation_examples: pd.DataFrame,
+    config: WarmupConfig,
+    teacher: Checkpoint | None = None,
 ) -> tuple[Checkpoint, dict[str, Any]]:
-    """The warmup student: the vanilla student trained on (corrected, original) pairs."""
+    """The warmup student: the vanilla student trained on (corrected, original) pairs. `teacher`: the
+    reference with `loss.reference: teacher` (unused otherwise)."""
+    reference = _reference_model(student, teacher, config)
     pairs = training_rows(corrected_set, config)
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
@@ -84,8 +92,13 @@ def warmup_student(
         rejected_finished=rejected_finished.astype(bool).tolist(),
     )
     if config.loss.loss != "sft":
-        encoded = with_reference_logprobs(student.model, encoded, pad_id, config.training.batch_size)
-    logger.info("warmup: %d training rows, loss %s", len(encoded), config.loss.loss)
+        encoded = with_reference_logprobs(reference, encoded, pad_id, config.training.batch_size)
+    logger.info(
+        "warmup: %d training rows, loss %s, reference %s",
+        len(encoded),
+        config.loss.loss,
+        config.loss.reference,
+    )
     checkpoint, metrics = train_stage(
         # The reference's log-probs were computed in eval mode: the policy trains without dropout too, so
         # that at step 0 the two agree (TRL's disable_dropout).
@@ -105,6 +118,23 @@ def warmup_student(
     )
     last = {f"last_{k}": v for k, v in last_training_window(metrics["history"]).items()}
     return checkpoint, {"pairs": len(encoded), **metrics, **last}
+
+
+def _reference_model(
+    student: Checkpoint, teacher: Checkpoint | None, config: WarmupConfig
+) -> torch.nn.Module:
+    """DPO's frozen reference: the student before warmup, or the teacher (which must read the same tokens)."""
+    if config.loss.reference == "student":
+        return student.model
+    if teacher is None:
+        raise ValueError("warmup.loss.reference is teacher but the warmup node got no teacher_model")
+    if vocabulary_fingerprint(teacher.tokenizer) != vocabulary_fingerprint(student.tokenizer):
+        raise ValueError(
+            "warmup.loss.reference: teacher scores the student's token ids with the teacher, but their "
+            f"tokenizers differ (teacher {len(teacher.tokenizer)} tokens, student {len(student.tokenizer)}); "
+            "use reference: student"
+        )
+    return teacher.model
 
 
 def control_student(

@@ -12,10 +12,15 @@ from warmup_distill_kedro.core.warmup.warmup import WarmupConfig
 
 
 def warmup_student(
-    student: Checkpoint, corrected_set: pd.DataFrame, validation_examples: pd.DataFrame, params: WarmupConfig
+    student: Checkpoint,
+    corrected_set: pd.DataFrame,
+    validation_examples: pd.DataFrame,
+    params: WarmupConfig,
+    teacher: Checkpoint | None = None,
 ) -> tuple[Checkpoint, dict[str, Any]]:
-    """The vanilla student trained on the corrected set's (corrected, original) pairs."""
-    return warmup.warmup_student(student, corrected_set, validation_examples, params)
+    """The vanilla student trained on the corrected set's (corrected, original) pairs (the teacher is an
+    input only with loss.reference: teacher)."""
+    return warmup.warmup_student(student, corrected_set, validation_examples, params, teacher)
 
 
 def control_student(
