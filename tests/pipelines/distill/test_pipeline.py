@@ -124,9 +124,10 @@ def test_a_cache_is_not_built_for_the_sampled_data_modes(use_grid):
 def test_the_methods_the_dskd_paper_compares_are_cells_of_the_grid(
     use_grid, distill_params, teacher, student, splits
 ):
-    """dpkd (token-level DPO against the teacher) and sinkd (fkl plus the batch's Sinkhorn distance) train
-    like any cell, each with its loss settings in the student's metadata and its terms in the history."""
-    objectives = ["dpkd", "sinkd"]
+    """dpkd (token-level DPO against the teacher), sinkd (fkl plus the batch's Sinkhorn distance) and minillm
+    (policy gradient on the student's rollouts) train like any cell, each with its loss settings in the
+    student's metadata and its terms in the history."""
+    objectives = ["dpkd", "sinkd", "minillm"]
     use_grid(["vanilla"], objectives)
     train, validation, _ = splits
     outputs = run_pipeline(
@@ -139,9 +140,10 @@ def test_the_methods_the_dskd_paper_compares_are_cells_of_the_grid(
             "params:distill": distill_params(["vanilla"], objectives, options={"sinkd": {"weight": 0.5}}),
         },
     )
-    dpkd, sinkd = (outputs[f"vanilla.{o}.student"].metadata["loss"] for o in objectives)
+    dpkd, sinkd, minillm = (outputs[f"vanilla.{o}.student"].metadata["loss"] for o in objectives)
     assert (dpkd["objective"], dpkd["options"]) == ("dpkd", {"beta": 0.1, "label_smoothing": 0.0})
     assert (sinkd["base"], sinkd["weight"], sinkd["iters"]) == ("fkl", 0.5, 20)
+    assert (minillm["alpha"], minillm["ppo_epochs"], minillm["lm_coef"]) == (0.2, 4, 1.0)
     for objective in objectives:
         metrics = outputs[f"vanilla.{objective}.distill_metrics"]
         training = [record for record in metrics["history"] if "loss" in record]
@@ -149,3 +151,5 @@ def test_the_methods_the_dskd_paper_compares_are_cells_of_the_grid(
         assert metrics["initial_validation_nll"] != pytest.approx(metrics["final_validation_nll"])
     sinkd_history = outputs["vanilla.sinkd.distill_metrics"]["history"]
     assert all(record["sinkhorn"] > 0 for record in sinkd_history if "loss" in record)
+    minillm_history = [r for r in outputs["vanilla.minillm.distill_metrics"]["history"] if "loss" in r]
+    assert all({"pg", "single_step", "ratio", "reward", "lm"} <= set(record) for record in minillm_history)

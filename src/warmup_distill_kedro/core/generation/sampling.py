@@ -22,9 +22,10 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.generation.config import Generation, SamplingConfig
+from warmup_distill_kedro.core.generation.mixed import TeacherMix
 from warmup_distill_kedro.core.generation.vllm_backend import require_backend, vllm_generate
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.processes import gather_in_order, is_main_process, process_share
@@ -59,8 +60,12 @@ def generate_from_ids(
     config: SamplingConfig,
     desc: str = "generate",
     across_processes: bool = False,
+    teacher_mix: TeacherMix | None = None,
 ) -> list[Generation]:
     """Continue each prompt (token ids); results come back in the order of `prompt_ids`.
+
+    `teacher_mix`: sample from alpha p + (1 - alpha) q, p the teacher's distribution (MiniLLM; mixed.py);
+    the logprobs returned are still the model's own, log q.
 
     Prompts are sorted longest first and cut into batches of `config.batch_size`; batch `b` samples
     under the seed `config.seed * 1_000_003 + b`, so the same prompts, order and batch size give the
@@ -77,6 +82,10 @@ def generate_from_ids(
     """
     _check_backend(config, desc)
     if config.backend == "vllm":
+        if teacher_mix is not None:
+            raise ValueError(
+                f"{desc}: sampling mixed with the teacher runs on backend transformers, not vllm"
+            )
         return vllm_generate(model, tokenizer, prompt_ids, config, desc)
     eos_id, pad_id = eos_and_pad_ids(tokenizer)
     device = next(model.parameters()).device
@@ -101,8 +110,20 @@ def generate_from_ids(
         # RNG is forked so that sampling does not reseed whatever the caller draws next (dropout, data).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed * 1_000_003 + batch_index)
+            mix = (
+                None
+                if teacher_mix is None
+                else teacher_mix.processor(attention_mask.to(device), len(tokenizer))
+            )
             output = _generate_batch(
-                model, input_ids.to(device), attention_mask.to(device), config, eos_id, pad_id, len(tokenizer)
+                model,
+                input_ids.to(device),
+                attention_mask.to(device),
+                config,
+                eos_id,
+                pad_id,
+                len(tokenizer),
+                mix,
             )
         new_ids = output.sequences[:, width:].cpu()
         logprobs = torch.stack(output.logits, dim=1)[..., : len(tokenizer)].float().log_softmax(-1).cpu()
@@ -123,7 +144,14 @@ def generate_from_ids(
 
 
 def _generate_batch(
-    model, input_ids, attention_mask, config: SamplingConfig, eos_id: int, pad_id: int, n_tokens: int
+    model,
+    input_ids,
+    attention_mask,
+    config: SamplingConfig,
+    eos_id: int,
+    pad_id: int,
+    n_tokens: int,
+    processor: LogitsProcessor | None = None,
 ):
     # Embedding rows beyond the tokenizer (Qwen2.5 pads 151665 ids to 151936 rows) name no token.
     rows = model.get_output_embeddings().out_features
@@ -141,6 +169,7 @@ def _generate_batch(
         suppress_tokens=padding_rows,
         return_dict_in_generate=True,
         output_logits=True,
+        logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
     )
 
 

@@ -7,6 +7,8 @@
   models' next-token distributions compared position by position, `(1 - kd_rate) CE + kd_rate KD`
   (`losses.distillation_loss`, or `fused.fused_model_distillation_loss` with `fused_head`);
 - sinkd: a token-level divergence plus the Sinkhorn distance between the batch's positions (`sinkd.py`);
+- minillm: the sequence-level reverse KL by policy gradient on rounds of the student's own rollouts, sampled
+  with the teacher mixed in (`minillm.py`);
 - dual-space objectives (dskd with one tokenizer, dskd_cma with two; `dual_space.py`): projectors carry
   each model's hidden states into the other's output space, learning at their own rate, optionally
   pre-trained alone first;
@@ -58,6 +60,7 @@ from warmup_distill_kedro.core.kd.dual_space import (
 )
 from warmup_distill_kedro.core.kd.fused import fused_model_distillation_loss
 from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss
+from warmup_distill_kedro.core.kd.minillm import LM_PREFIX, MiniLLMConfig, MiniLLMRollouts, minillm_loss
 from warmup_distill_kedro.core.kd.sinkd import SinKDConfig, sinkd_loss
 from warmup_distill_kedro.core.models.encoding import (
     EncodedExample,
@@ -65,7 +68,7 @@ from warmup_distill_kedro.core.models.encoding import (
     causal_lm_loss,
     encode_examples,
 )
-from warmup_distill_kedro.core.models.modeling import Checkpoint
+from warmup_distill_kedro.core.models.modeling import Checkpoint, disable_dropout
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
@@ -80,11 +83,14 @@ logger = logging.getLogger(__name__)
 DUAL_SPACE_OBJECTIVES: tuple[str, ...] = ("dskd", "dskd_cma")
 # A token-level divergence plus a batch-level term on the same logits: SinKD's Sinkhorn distance.
 BATCH_LEVEL_OBJECTIVES: tuple[str, ...] = ("sinkd",)
+# The sequence-level reverse KL by policy gradient on the student's own rollouts: MiniLLM.
+SEQUENCE_LEVEL_OBJECTIVES: tuple[str, ...] = ("minillm",)
 # Plain SFT on the same data, steps and seed, without the teacher: the control KD has to beat.
 BASELINE_OBJECTIVES: tuple[str, ...] = ("sft",)
 CELL_OBJECTIVES: tuple[str, ...] = (
     *OBJECTIVES,
     *BATCH_LEVEL_OBJECTIVES,
+    *SEQUENCE_LEVEL_OBJECTIVES,
     *DUAL_SPACE_OBJECTIVES,
     *BASELINE_OBJECTIVES,
 )
@@ -107,7 +113,7 @@ class DistillConfig(KDSettings):
         False,
         description="compute the KD loss from the last hidden states and the LM heads chunk by chunk, never "
         "materializing either model's full logits (core/kd/fused.py); needs chunk_size. Applies to the "
-        f"token-level objectives ({', '.join(OBJECTIVES)}); sinkd, dskd, dskd_cma and sft cells ignore it. "
+        f"token-level objectives ({', '.join(OBJECTIVES)}); the other cells ignore it. "
         "Not with FSDP (sharded heads)",
     )
     options: dict[str, dict[str, Any]] = Field(
@@ -147,7 +153,7 @@ class DistillConfig(KDSettings):
     def reads_teacher_cache(self, objective: str) -> bool:
         return reads_teacher_cache(self.teacher_cache.enabled, self.data.mode, objective)
 
-    def loss_config(self, objective: str) -> KDConfig | SinKDConfig | DSKDConfig | None:
+    def loss_config(self, objective: str) -> KDConfig | SinKDConfig | MiniLLMConfig | DSKDConfig | None:
         """The loss settings of one objective's cells (None for the sft baseline, which has none)."""
         options = self.options.get(objective, {})
         settings = KDSettings(temperature=self.temperature, kd_rate=self.kd_rate, chunk_size=self.chunk_size)
@@ -155,6 +161,8 @@ class DistillConfig(KDSettings):
             return DSKDConfig.from_options(settings, options)
         if objective in BATCH_LEVEL_OBJECTIVES:
             return SinKDConfig.from_options(settings, options)
+        if objective in SEQUENCE_LEVEL_OBJECTIVES:
+            return MiniLLMConfig.from_options(settings, options)
         if objective in BASELINE_OBJECTIVES:
             if options:
                 raise ValueError(f"plain SFT takes no options, got {sorted(options)}")
@@ -197,6 +205,8 @@ def distill_cell(
         cell = _dual_space_cell(teacher, student, examples, encoded, config, objective)
     elif objective in BASELINE_OBJECTIVES:
         cell = _sft_cell(teacher, student, encoded, config)
+    elif objective in SEQUENCE_LEVEL_OBJECTIVES:
+        cell = _minillm_cell(teacher, student, encoded, config, objective)
     else:
         cell = _token_level_cell(teacher, student, encoded, config, objective, teacher_topk)
 
@@ -319,6 +329,50 @@ def _token_level_cell(
     return _Cell(model, model, loss_fn, source, vocab_size)
 
 
+def _minillm_cell(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    encoded: list[EncodedExample],
+    config: DistillConfig,
+    objective: str,
+) -> _Cell:
+    """MiniLLM: rounds of rollouts of the KD examples' prompts, sampled by the student with the teacher mixed
+    in, trained on by PPO (core/kd/minillm.py); the language-modelling term reads the KD examples."""
+    vocab_size = shared_vocabulary_size(teacher, student, objective)
+    minillm = config.loss_config(objective)
+    assert isinstance(minillm, MiniLLMConfig)
+    # The ratio of new to old log-probabilities must be 1 where nothing changed: no dropout noise in it.
+    model = disable_dropout(copy.deepcopy(student.model))
+    training = config.training
+    lm = gold_batches(encoded, student.tokenizer, training) if minillm.lm_coef > 0 else None
+    source = MiniLLMRollouts(
+        encoded, model, teacher.model, student.tokenizer, minillm, config.data.sampling,
+        training.batch_size, training.seed, config.max_length, lm,
+    )  # fmt: skip
+    lm_loss_config = KDConfig(**minillm.shared_settings())
+    teacher_model = teacher.model
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        teacher_on_device = teacher_model.to(batch["input_ids"].device)
+        teacher_logits = None
+        if minillm.single_step:
+            with torch.no_grad():
+                teacher_logits = _logits(teacher_on_device, batch)
+        loss, metrics = minillm_loss(_logits(model, batch), teacher_logits, batch, minillm, vocab_size)
+        if lm is not None:
+            gold = {k.removeprefix(LM_PREFIX): v for k, v in batch.items() if k.startswith(LM_PREFIX)}
+            with torch.no_grad():
+                teacher_gold = _logits(teacher_on_device, gold)
+            lm_loss, lm_metrics = distillation_loss(
+                _logits(model, gold), teacher_gold, gold["labels"], lm_loss_config, vocab_size
+            )
+            loss = loss + minillm.lm_coef * lm_loss
+            metrics |= {"lm": lm_loss.item(), "ce": lm_metrics["ce"], "kd": lm_metrics["kd"]}
+        return loss, {**metrics, "loss": loss.item()}
+
+    return _Cell(model, model, loss_fn, source, vocab_size)
+
+
 def _sft_cell(
     teacher: Checkpoint, student: Checkpoint, encoded: list[EncodedExample], config: DistillConfig
 ) -> _Cell:
@@ -436,6 +490,6 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _dump(loss: KDConfig | SinKDConfig | DSKDConfig | None) -> dict[str, Any] | None:
+def _dump(loss: KDConfig | SinKDConfig | MiniLLMConfig | DSKDConfig | None) -> dict[str, Any] | None:
     """The cell's loss settings with every default resolved (None for the sft baseline)."""
     return None if loss is None else loss.model_dump(mode="json")

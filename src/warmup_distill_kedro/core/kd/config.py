@@ -26,3 +26,7 @@ class KDSettings(BaseModel):
         gt=0,
         description="positions per chunk of the KD loss at most (memory); null: sized for the device",
     )
+
+    def shared_settings(self) -> dict[str, float | int | None]:
+        """These settings alone, of a subclass that adds its own: to build another loss on them."""
+        return {name: getattr(self, name) for name in KDSettings.model_fields}

@@ -97,7 +97,7 @@ class StudentSampledBatches:
             raise ValueError(f"StudentSampledBatches serves on_policy and adaptive, not {config.mode!r}")
         self.gold = gold
         # The prompt is what the labels mask: the student answers it afresh.
-        self.prompt_lengths = [_prompt_length(example) for example in gold]
+        self.prompt_lengths = [prompt_length(example) for example in gold]
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -190,7 +190,7 @@ class StudentSampledBatches:
         self.buffer, self.counts = list(state["buffer"]), dict(state["counts"])
 
 
-def _prompt_length(example: EncodedExample) -> int:
+def prompt_length(example: EncodedExample) -> int:
     for position, label in enumerate(example.labels):
         if label != IGNORE_INDEX:
             return position

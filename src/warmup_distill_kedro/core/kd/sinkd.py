@@ -61,8 +61,7 @@ class SinKDConfig(KDSettings):
         return {"epsilon": self.epsilon, "iters": self.iters, "block": self.block}
 
     def base_config(self) -> KDConfig:
-        settings = KDSettings.model_validate(self.model_dump(include=set(KDSettings.model_fields)))
-        return KDConfig(**settings.model_dump(), objective=self.base, options=self.base_options)
+        return KDConfig(**self.shared_settings(), objective=self.base, options=self.base_options)
 
 
 def sinkd_loss(
