@@ -41,7 +41,9 @@ def main() -> None:
     student = [np.asarray(lp, dtype=np.float64) for lp in table["student_logprobs_aligned"]]
     rules = {
         f"teacher_prob (p < {args.prob_tau:g})": [np.exp(t) < args.prob_tau for t in teacher],
-        f"margin (log q - log p > {args.margin_tau:g})": [s - t > args.margin_tau for s, t in zip(student, teacher, strict=True)],
+        f"margin (log q - log p > {args.margin_tau:g})": [
+            s - t > args.margin_tau for s, t in zip(student, teacher, strict=True)
+        ],
     }
     eos = tokenizer.eos_token_id
     texts = [
@@ -49,12 +51,16 @@ def main() -> None:
     ]
     n_tokens = sum(len(t) for t in teacher)
     print(f"{len(table)} rollouts, {n_tokens} scored tokens (EOS decisions included)\n")
-    print("| rule | tokens flagged | rollouts flagged | first flag (token) | flagged tokens that are digits | EOS among flagged |")
+    print(
+        "| rule | tokens flagged | rollouts flagged | first flag (token) | flagged tokens that are digits | EOS among flagged |"
+    )
     print("|---|---|---|---|---|---|")
     for name, flags in rules.items():
         flagged = np.concatenate(flags)
         firsts = [int(np.flatnonzero(f)[0]) for f in flags if f.any()]
-        tokens = [text for f, row in zip(flags, texts, strict=True) for text, hit in zip(row, f, strict=True) if hit]
+        tokens = [
+            text for f, row in zip(flags, texts, strict=True) for text, hit in zip(row, f, strict=True) if hit
+        ]
         digits = np.mean([t.strip().isdigit() for t in tokens]) if tokens else float("nan")
         eos_share = np.mean([t == "<eos>" for t in tokens]) if tokens else float("nan")
         print(
