@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python benchmarks/distill_step.py --objectives all
 	$(BIN)/python benchmarks/demo_stages.py
 	$(BIN)/python benchmarks/rollouts.py
+	$(BIN)/python benchmarks/sinkhorn.py
 
 # The KD losses benchmarks/kd_loss.py sets beside the project's (TRL, torchtune), in .bench-peers/ with --no-deps:
 # their own requirements would replace this project's torch.

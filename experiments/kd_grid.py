@@ -7,9 +7,10 @@ It runs in a project whose bootstrap and warmup outputs exist (after `make demo`
     .venv/bin/python experiments/kd_grid.py --variants vanilla warmup control --objectives fkl \\
         --steps 25 50 100 300 --seeds 0 1 2
 
-Each (budget, seed) is one `kedro run` of the distill and evaluate pipelines restricted to the chosen cells
-(the KD set, teachers and students are the latest versions in the catalog); the numbers are read back from
-the evaluation JSONs that run wrote. A budget is a whole run of that many optimizer steps (its own
+Each (budget, seed) runs the distill pipeline restricted to each objective's cells (one timed session per
+objective: the cost column) and then the evaluate pipeline on every chosen cell (the KD set, teachers and
+students are the latest versions in the catalog); the numbers are read back from the evaluation JSONs
+that run wrote. A budget is a whole run of that many optimizer steps (its own
 warmup + cosine schedule), not a point on a longer run. The table also goes to
 data/08_reporting/experiments/kd_grid-<time>.json.
 """
@@ -41,21 +42,33 @@ def main() -> None:
     bootstrap_project(project)
     cells = [f"{v}.{o}" for v, o in product(args.variants, args.objectives)]
     results: dict[str, dict[str, dict[str, float]]] = {}  # "<steps>/<seed>" -> cell -> benchmark -> value
+    seconds: dict[str, list[float]] = {objective: [] for objective in args.objectives}  # per step, each run
     for steps, seed in product(args.steps, args.seeds):
         distill = {
             "variants": args.variants,
             "objectives": args.objectives,
             "training": {"max_steps": steps, "seed": seed, "eval_every": max(1, steps // 3)},
         }
+        # One session per objective, timed: its cells' wall time per optimizer step is the cost column.
+        for objective in args.objectives:
+            objective_cells = [f"{v}.{objective}" for v in args.variants]
+            started = time.perf_counter()
+            with KedroSession.create(project, env=args.env, runtime_params={"distill": distill}) as session:
+                session.run(pipeline_names=["distill"], namespaces=objective_cells)
+            seconds[objective].append((time.perf_counter() - started) / (steps * len(args.variants)))
         with KedroSession.create(project, env=args.env, runtime_params={"distill": distill}) as session:
-            session.run(pipeline_names=["distill", "evaluate"], namespaces=cells)
+            session.run(pipeline_names=["evaluate"], namespaces=cells)
         results[f"{steps}/{seed}"] = {cell: _latest_scores(project, cell) for cell in cells}
-    table = summarise(results, args)
+    table = summarise(results, args) + "\n\n" + cost_table(seconds)
     print(table)
     out = project / "data/08_reporting/experiments"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"kd_grid-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "results": results, "table": table}, indent=2))
+    path.write_text(
+        json.dumps(
+            {"args": vars(args), "results": results, "seconds_per_step": seconds, "table": table}, indent=2
+        )
+    )
     print(f"\nwritten: {path}")
 
 
@@ -95,6 +108,20 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
             ]
             row.append(_mean_std(differences) + f" ({', '.join(f'{d:+.1f}' for d in differences)})")
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(seconds: dict[str, list[float]]) -> str:
+    """Wall seconds per optimizer step of each objective's distill run (its cells together, the model
+    loading and validation included), median and range over the runs, and the ratio to the first
+    objective's median: the ratio is what to read on a machine shared with other work."""
+    first = statistics.median(next(iter(seconds.values())))
+    lines = ["| objective | s / step (median, min-max) | x first |", "|---|---|---|"]
+    for objective, values in seconds.items():
+        median = statistics.median(values)
+        lines.append(
+            f"| {objective} | {median:.2f} ({min(values):.2f}-{max(values):.2f}) | {median / first:.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -59,6 +59,15 @@ def test_distill_step_benchmark_reports_the_ratio_to_its_bound(tmp_path):
     assert results["tokens_per_step"] == 2 * 16
 
 
+def test_sinkhorn_benchmark_times_the_term_beside_fkl(tmp_path):
+    record = _run("sinkhorn.py", "--quick", results=tmp_path)
+    (row,) = record["results"]["rows"]
+    assert (row["vocab"], row["block"]) == (512, 16)
+    assert all(row[name]["median_s"] > 0 and row[name]["peak_mib"] > 0 for name in ("fkl", "sinkhorn"))
+    assert row["sinkhorn_over_fkl"] > 0
+    assert "| 512 | 16 |" in (tmp_path / "sinkhorn.md").read_text()
+
+
 # -- peak_memory.py ----------------------------------------------------------------------------------------
 MB = 1000 * 1000
 

@@ -30,7 +30,7 @@ class SinKDConfig(KDSettings):
         "fkl", description=f"the token-level divergence beside the Sinkhorn term: {', '.join(OBJECTIVES)}"
     )
     base_options: dict[str, float | bool | str] = Field({}, description="the base divergence's options")
-    # 0.0008 x N in the official LLM code (marginals 1): about 0.2 with this code's 1/N marginals and N = 256
+    # 0.0008 in the official LLM code (GPT-Neo/lossd.py), whose marginals are 1: 0.0008 N = 0.2 at N = 256
     weight: float = Field(0.2, ge=0, allow_inf_nan=False, description="the Sinkhorn term's weight")
     epsilon: float = Field(
         SINKHORN_DEFAULTS["epsilon"], description="entropic regularization of the transport"

@@ -12,9 +12,9 @@ Over N positions, S and P the student's and the teacher's distributions at tempe
 The gradient goes through D and through the unrolled iterations (as the official code's autograd does);
 the teacher's side gets none. With more than `block` positions, consecutive blocks of at most `block`
 positions are each a problem of their own and the loss is their mean (the cost is O(N^2 V) per block).
-Differences from the official code: its marginals are 1, not 1/N (its loss is N times this one, which it
-scales by 0.001: `weight` 0.25 with block 256 is about its setting); it iterates on K itself (this code on
-log K, the same numbers where K does not underflow).
+Differences from the official code (GPT-Neo/lossd.py, its LLM setting): its marginals are 1, not 1/N (its
+distance is N times this one, which it scales by 0.0008: the grid's `weight` 0.2 at blocks of 256 is about
+its setting); it iterates on K itself (this code on log K, the same numbers where K does not underflow).
 """
 
 from __future__ import annotations
