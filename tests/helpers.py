@@ -6,11 +6,13 @@
 - the training loop's toy model and data (tests/core/training, tests/hooks/test_processes.py);
 - a Kedro run without a session, with hooks (tests/hooks);
 - evaluation JSONs in the producers' contract and a row of the report's table (tests/reporting, the report
-  pipeline, tests/test_compare.py).
+  pipeline, tests/test_compare.py);
+- what a save puts on disk, and when (`DiskEvents`: the durable saves of tests/datasets and the loop).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
@@ -396,3 +398,38 @@ def markdown_rows(markdown: str, first_cell: str) -> list[list[str]]:
         if line.startswith("|") and cells[0] == first_cell:
             rows.append(cells)
     return rows
+
+
+# -- what a save puts on disk ---------------------------------------------------------------------------------
+class DiskEvents:
+    """Records, in order, every `os.fsync` (by the path its descriptor names) and every rename (os.rename,
+    os.replace; fsspec's local `mv` goes through them) while the test runs."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.events: list[tuple[str, ...]] = []
+        fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        for name in ("rename", "replace"):
+            monkeypatch.setattr(os, name, self._recording(getattr(os, name)))
+
+    def _recording(self, rename: Any) -> Any:
+        def recording_rename(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+            self.events.append(("rename", os.fspath(source), os.fspath(target)))
+            rename(source, target, *args, **kwargs)
+
+        return recording_rename
+
+    def the_rename(self) -> tuple[str, str, int]:
+        """(source, target, position in the events) of the one rename recorded."""
+        [(position, (_, source, target))] = [(i, e) for i, e in enumerate(self.events) if e[0] == "rename"]
+        return source, target, position
+
+    def synced(self, path: str | os.PathLike[str], before: int | None = None, after: int = -1) -> bool:
+        """Whether `path` was fsynced between two positions in the events."""
+        window = self.events[after + 1 : before]
+        return ("fsync", os.fspath(path)) in window

@@ -4,7 +4,9 @@ fails); end to end, `kill -9` a `kedro run` mid-training, run it again, get the 
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from kedro.pipeline import Pipeline, node
 from kedro.runner import SequentialRunner
 from safetensors.torch import load_file
 
+import warmup_distill_kedro
 from tests.helpers import (
     bpe_tokenizer,
     make_project_copy,
@@ -34,7 +37,14 @@ from tests.helpers import (
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
 from warmup_distill_kedro.core.training.context import current_state_folder
 from warmup_distill_kedro.core.training.loop import TrainingRun
-from warmup_distill_kedro.hooks.training_state import STATE_ROOT, TrainingStateHook, input_fingerprint
+from warmup_distill_kedro.hooks import training_state
+from warmup_distill_kedro.hooks.training_state import (
+    STATE_ROOT,
+    TrainingStateHook,
+    code_fingerprint,
+    input_fingerprint,
+    state_folder_name,
+)
 
 STUDENT_STEPS = 800
 COMMAND = [
@@ -84,7 +94,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Path) -
     os.killpg(process.pid, signal.SIGKILL)  # kill -9, mid-training
     process.wait()
     [state_file] = _state_files(crashed)
-    saved_step = torch.load(state_file, weights_only=False)["step"]
+    saved_step = torch.load(state_file, weights_only=True)["step"]
     assert 0 < saved_step < STUDENT_STEPS
     assert not (crashed / "data/06_models/student_model").exists() or not any(
         (crashed / "data/06_models/student_model").iterdir()
@@ -116,9 +126,10 @@ TABLE = pd.DataFrame({"a": [1, 2]})
 PARAMS = {"lr": 0.1}
 
 
-def _run_with_the_hook(project_path: Path, fail: bool = False) -> dict:
-    """A `training` node (a toy run saving its state every step) and an untagged one, run with the hook."""
-    seen: dict = {}
+def _run_with_the_hook(project_path: Path, fail: bool = False, seen: dict | None = None) -> dict:
+    """A `training` node (a toy run saving its state every step) and an untagged one, run with the hook;
+    what the nodes saw goes into `seen`."""
+    seen = {} if seen is None else seen
 
     def train_toy(table: pd.DataFrame, params: dict) -> tuple[pd.DataFrame, dict]:
         seen["folder"] = current_state_folder()
@@ -159,7 +170,7 @@ def _run_with_the_hook(project_path: Path, fail: bool = False) -> dict:
 
 def test_a_training_node_gets_a_state_folder_by_input_content_deleted_once_its_outputs_are_saved(tmp_path):
     seen = _run_with_the_hook(tmp_path)
-    expected = tmp_path / STATE_ROOT / "train_toy" / input_fingerprint({"table": TABLE, "params:x": PARAMS})
+    expected = tmp_path / STATE_ROOT / "train_toy" / state_folder_name({"table": TABLE, "params:x": PARAMS})
     assert seen["folder"] == expected
     assert seen["state_file"] == expected / "toy" / "state.pt"  # the loop saved its state there...
     assert not (tmp_path / STATE_ROOT).exists()  # ...and with both outputs saved, nothing is left
@@ -167,9 +178,49 @@ def test_a_training_node_gets_a_state_folder_by_input_content_deleted_once_its_o
     assert seen["after"] is None
 
 
+def test_the_state_folder_follows_the_code(tmp_path):
+    """A fix to a loss or to the loop changes the folder: a rerun starts over instead of continuing from
+    state the old code trained."""
+    package = Path(warmup_distill_kedro.__file__).parent
+    copy = tmp_path / "warmup_distill_kedro"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(copy) == code_fingerprint()  # the same sources: the same code
+    loss = copy / "core" / "kd" / "losses.py"
+    loss.write_text(loss.read_text() + "\n# a fix\n")
+    assert code_fingerprint(copy) != code_fingerprint()
+    assert state_folder_name({"params:x": PARAMS}).startswith(f"{code_fingerprint()}-")
+
+
+def test_a_state_of_other_code_is_deleted_and_one_of_other_inputs_is_kept_and_named(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(training_state, "code_fingerprint", lambda: "0ddc0de0")
+    with pytest.raises(RuntimeError, match="the node failed after training"):
+        _run_with_the_hook(tmp_path, fail=True)  # a crash under the old code
+    [old_state] = (tmp_path / STATE_ROOT).glob("train_toy/0ddc0de0-*/toy/state.pt")
+    other_inputs = tmp_path / STATE_ROOT / "train_toy" / f"{code_fingerprint()}-0123456789abcdef"
+    (other_inputs / "toy").mkdir(parents=True)
+    shutil.copy(old_state, other_inputs / "toy" / "state.pt")  # a crash of this code with other inputs
+    monkeypatch.undo()
+
+    seen: dict = {}
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError, match="the node failed"):
+        _run_with_the_hook(tmp_path, fail=True, seen=seen)  # the new code: starts over, and says why
+    assert seen["folder"].name == state_folder_name({"table": TABLE, "params:x": PARAMS})
+    assert not old_state.parent.parent.exists()  # other code: deleted
+    assert (other_inputs / "toy" / "state.pt").is_file()  # other inputs: kept
+    log = caplog.text
+    assert (
+        f"not resuming the training state in {old_state.parent.parent}: it was written by other code" in log
+    )
+    assert f"not resuming the training state(s) {other_inputs.name}" in log
+    assert "their inputs or parameters differ" in log
+    assert "resuming from step" not in log  # trained from the start
+
+
 def test_a_failed_training_node_keeps_its_state_for_the_next_run(tmp_path):
     with pytest.raises(RuntimeError, match="the node failed after training"):
         _run_with_the_hook(tmp_path, fail=True)
     [state_file] = (tmp_path / STATE_ROOT).glob("train_toy/*/toy/state.pt")
-    assert torch.load(state_file, weights_only=False)["step"] == 2
+    assert torch.load(state_file, weights_only=True)["step"] == 2
     assert current_state_folder() is None
