@@ -4,13 +4,16 @@
 - tiny model sizes, corpora, tokenizers and checkpoints;
 - the examples of the pipeline tests and a pipeline run on an in-memory catalog;
 - the training loop's toy model and data (tests/core/training, tests/hooks/test_processes.py);
+- a model that writes scripted answers (`answering_model`: evaluation on known, non-zero scores);
 - a Kedro run without a session, with hooks (tests/hooks);
 - evaluation JSONs in the producers' contract and a row of the report's table (tests/reporting, the report
-  pipeline, tests/test_compare.py).
+  pipeline, tests/test_compare.py);
+- what a save puts on disk, and when (`DiskEvents`: the durable saves of tests/datasets and the loop).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
@@ -31,9 +34,14 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from warmup_distill_kedro.core.models.modeling import Checkpoint, ModelSize, build_model
-from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
+from warmup_distill_kedro.core.models.tokenization import (
+    TokenizerConfig,
+    eos_and_pad_ids,
+    train_bpe_tokenizer,
+)
 from warmup_distill_kedro.core.tasks import InstructionTaskConfig, MathTaskConfig, SplitConfig
 from warmup_distill_kedro.core.tasks.sources import generate_examples, three_splits
 from warmup_distill_kedro.core.training.config import TrainingConfig
@@ -234,6 +242,40 @@ def uneven_collate(examples):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+class AnsweringModel(Qwen2ForCausalLM):
+    """Writes, greedily, the scripted response of each prompt it knows, then an EOS (an EOS at once after
+    any other prompt): every logit 0 but the next scripted token's. Without a KV cache, so that each
+    forward sees the whole sequence (left padding masked out) and knows how much it has written."""
+
+    def __init__(self, config: Qwen2Config, responses: Mapping[tuple[int, ...], list[int]], eos_id: int):
+        super().__init__(config)
+        self.responses, self.eos_id = dict(responses), eos_id
+        self.generation_config.use_cache = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any):
+        logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
+        for row, ids in enumerate(input_ids.tolist()):
+            if attention_mask is not None:
+                ids = [i for i, keep in zip(ids, attention_mask[row].tolist(), strict=True) if keep]
+            following = self.eos_id
+            for prompt, response in self.responses.items():
+                if tuple(ids[: len(prompt)]) == prompt and len(ids) - len(prompt) < len(response):
+                    following = response[len(ids) - len(prompt)]
+            logits[row, -1, following] = 10.0
+        return CausalLMOutputWithPast(logits=logits)
+
+
+def answering_model(tokenizer: PreTrainedTokenizerBase, responses: Mapping[str, str]) -> AnsweringModel:
+    """An `AnsweringModel` for `tokenizer`: `responses` maps a prompt text to the text written after it."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    config = build_model(TINY, tokenizer, seed=0).config
+    eos_id, _ = eos_and_pad_ids(tokenizer)
+    return AnsweringModel(config, {tuple(ids(p)): ids(r) for p, r in responses.items()}, eos_id).eval()
+
+
 def training_config(**overrides: Any) -> TrainingConfig:
     """Training settings for a test: on the CPU, no progress bar, seed 0, logged every step."""
     values = dict(
@@ -396,3 +438,38 @@ def markdown_rows(markdown: str, first_cell: str) -> list[list[str]]:
         if line.startswith("|") and cells[0] == first_cell:
             rows.append(cells)
     return rows
+
+
+# -- what a save puts on disk ---------------------------------------------------------------------------------
+class DiskEvents:
+    """Records, in order, every `os.fsync` (by the path its descriptor names) and every rename (os.rename,
+    os.replace; fsspec's local `mv` goes through them) while the test runs."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.events: list[tuple[str, ...]] = []
+        fsync = os.fsync
+
+        def recording_fsync(fd: int) -> None:
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        for name in ("rename", "replace"):
+            monkeypatch.setattr(os, name, self._recording(getattr(os, name)))
+
+    def _recording(self, rename: Any) -> Any:
+        def recording_rename(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+            self.events.append(("rename", os.fspath(source), os.fspath(target)))
+            rename(source, target, *args, **kwargs)
+
+        return recording_rename
+
+    def the_rename(self) -> tuple[str, str, int]:
+        """(source, target, position in the events) of the one rename recorded."""
+        [(position, (_, source, target))] = [(i, e) for i, e in enumerate(self.events) if e[0] == "rename"]
+        return source, target, position
+
+    def synced(self, path: str | os.PathLike[str], before: int | None = None, after: int = -1) -> bool:
+        """Whether `path` was fsynced between two positions in the events."""
+        window = self.events[after + 1 : before]
+        return ("fsync", os.fspath(path)) in window

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -165,7 +166,9 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
 
 def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     _run(project_copy, ["data", "bootstrap"])
-    _run(project_copy, ["probe", "check", "warmup"])
+    # The test teacher gives the student's tokens p = 0.002 to 0.01 (about 1/300, its vocabulary): tau 0.003
+    # flags some of them and not others, so first flags fall after the start and the prefix is kept.
+    _run(project_copy, ["probe", "check", "warmup"], check={"tau": 0.003})
 
     rollouts = pd.read_parquet(_latest(project_copy / "data/07_model_output/rollouts.parquet"))
     assert len(rollouts) == 6 * 2  # conf/test: 6 prompts x 2 samples
@@ -180,7 +183,11 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     assert summary["n_rollouts"] == len(rollouts)
     assert summary["n_pairs"] == len(corrected) > 0
     assert (corrected["chosen"] != corrected["rejected"]).all()
-    assert (corrected["flag_char"] >= 0).all()
+    _assert_corrections_keep_the_prefix(
+        pd.read_parquet(_latest(project_copy / "data/07_model_output/scored_rollouts.parquet")),
+        corrected,
+        0.003,
+    )
     assert _latest(project_copy / "data/08_reporting/teacher_prob_histogram.png").stat().st_size > 1000
     warmup = _latest(project_copy / "data/06_models/student_warmup")
     assert (warmup / COMPLETE_MARKER).is_file()
@@ -203,6 +210,24 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
 
     _run(project_copy, ["warmup"])  # alone, on the latest corrected set
     assert len(version_folders(project_copy / "data/06_models/student_warmup")) == 2
+
+
+def _assert_corrections_keep_the_prefix(scored: pd.DataFrame, corrected: pd.DataFrame, tau: float) -> None:
+    """Each pair rejects the student's response as sampled and keeps its text before the first token the
+    teacher gave p < tau; some first flags come after the start (else a lost prefix would pass)."""
+    first_flag_chars = {}
+    for row in scored.itertuples():
+        flags = np.exp(row.teacher_logprobs.astype(np.float64)) < tau
+        np.testing.assert_array_equal(row.flags, flags)
+        first = int(np.flatnonzero(flags)[0]) if flags.any() else -1
+        assert row.first_flag == first
+        flag_char = row.teacher_char_starts[first] if first >= 0 else None
+        first_flag_chars[(row.prompt_id, row.sample_index)] = (row.response, flag_char)
+    for pair in corrected.itertuples():
+        response, flag_char = first_flag_chars[(pair.prompt_id, pair.sample_index)]
+        assert (pair.rejected, pair.flag_char) == (response, flag_char)
+        assert pair.chosen.startswith(response[:flag_char])
+    assert (corrected["flag_char"] > 0).sum() >= 3
 
 
 @pytest.mark.parametrize(
@@ -371,31 +396,116 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     assert evaluations["teacher"]["distribution"]["heldout_kl"] is None  # no KL to itself
     assert evaluations["warmup.fkl"]["distribution"]["heldout_kl"] >= 0.0
 
-    table = pd.read_csv(_latest(reporting / "report.csv"))
-    assert {"objective", "benchmark", "variant", "metric", "mean", "std", "n_seeds"} <= set(table.columns)
-    math = table[(table["benchmark"] == "math") & (table["metric"] == "exact_match")]
-    for subject, evaluation in evaluations.items():
-        variant, objective = evaluation["variant"], evaluation["objective"]
-        [row] = math[(math["variant"] == variant) & (math["objective"] == objective)].itertuples()
-        assert row.mean == pytest.approx(evaluation["math"]["exact_match"]), subject
-    assert (table["status"] == "ok").all()
-    _run(project_copy, ["report"])  # alone, on the latest evaluations
-    assert len(version_folders(reporting / "report.md")) == 2
-    markdown = _latest(reporting / "report.md").read_text()
-    assert "fkl" in markdown and "js" in markdown and "warmup" in markdown
-    for plot in ("accuracy", "kd_curves", "warmup_mismatch"):
-        assert _latest(reporting / f"report_{plot}.png").stat().st_size > 1000, plot
-
+    # The test models score 0 on math and Rouge-L; their held-out NLLs tell every subject apart.
+    assert len({e["distribution"]["heldout_nll"] for e in evaluations.values()}) == len(subjects)
+    _assert_report_matches(pd.read_csv(_latest(reporting / "report.csv")), evaluations)
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
     for run_name, subject in (("sft_teacher", "teacher"), ("warmup_student", "warmup.before_kd"),
                               ("warmup.fkl.distill", "warmup.fkl")):  # fmt: skip
-        run = by_name[run_name]
-        assert run.data.tags["evaluation.subject"] == subject
-        assert run.data.metrics["evaluation.math.exact_match"] == pytest.approx(
-            evaluations[subject]["math"]["exact_match"]
-        )
+        assert by_name[run_name].data.tags["evaluation.subject"] == subject
+    logged = {
+        r.data.tags["evaluation.subject"]: {
+            k: v for k, v in r.data.metrics.items() if k.startswith("evaluation.")
+        }
+        for r in runs
+        if "evaluation.subject" in r.data.tags
+    }
+    assert logged == {
+        subject: _numbers(evaluation, "evaluation") for subject, evaluation in evaluations.items()
+    }
+
+    # The report alone, on later versions of the evaluations with math and Rouge-L scores known, non-zero
+    # and distinct per subject (and seed): every cell still equals its evaluation's numbers.
+    rescored = _with_distinct_scores(evaluations)
+    bootstrap_project(project_copy)
+    with KedroSession.create(project_path=project_copy, env="test") as session:
+        catalog = session.load_context().catalog
+        for subject, evaluation in rescored.items():
+            catalog.save(f"{subject}.evaluation_metrics", evaluation)
+    _run(project_copy, ["report"])
+    assert len(version_folders(reporting / "report.md")) == 2
+    _assert_report_matches(pd.read_csv(_latest(reporting / "report.csv")), rescored)
+    markdown = _latest(reporting / "report.md").read_text()
+    assert "fkl" in markdown and "js" in markdown and "warmup" in markdown
+    for plot in ("accuracy", "kd_curves", "warmup_mismatch"):
+        assert _latest(reporting / f"report_{plot}.png").stat().st_size > 1000, plot
+
+
+def _numbers(nested: dict, prefix: str) -> dict[str, float]:
+    """The numeric leaves of an evaluation JSON, named as logged: `<prefix>.<key>.<key>`."""
+    out = {}
+    for key, value in nested.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out.update(_numbers(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _with_distinct_scores(evaluations: dict[str, dict]) -> dict[str, dict]:
+    """The evaluations with math 1/16, 2/16, ... and Rouge-L seeds i/32 and i/32 + i/64 (a std to check)."""
+    rescored = {}
+    for i, (subject, evaluation) in enumerate(evaluations.items(), start=1):
+        per_seed = {"0": i / 32, "1": i / 32 + i / 64}
+        values = list(per_seed.values())
+        instruction = {
+            "rouge_l": float(np.mean(values)),
+            "rouge_l_std": float(np.std(values, ddof=1)),
+            "rouge_l_per_seed": per_seed,
+        }
+        math = {**evaluation["math"], "exact_match": i / 16}
+        rescored[subject] = {
+            **evaluation,
+            "math": math,
+            "instruction": {**evaluation["instruction"], **instruction},
+        }
+    return rescored
+
+
+def _expected_report(
+    evaluations: dict[str, dict],
+) -> dict[tuple[str, str, str, str], tuple[float, float, int]]:
+    """(objective, variant, benchmark, metric) -> (mean, std, n_seeds), from the evaluations by hand: math
+    is one greedy number, Rouge-L one per seed, their average combines the two means (different seeds, so
+    the std is Rouge-L's halved), each distribution statistic is one number; warmup-vanilla and
+    warmup-control differences."""
+    expected = {}
+    for evaluation in evaluations.values():
+        cell = (evaluation["objective"], evaluation["variant"])
+        math = evaluation["math"]["exact_match"]
+        rouge = list(evaluation["instruction"]["rouge_l_per_seed"].values())
+        expected[(*cell, "math", "exact_match")] = (math, 0.0, 1)
+        expected[(*cell, "instruction", "rouge_l")] = (np.mean(rouge), np.std(rouge, ddof=1), len(rouge))
+        expected[(*cell, "average", "score")] = ((math + np.mean(rouge)) / 2, np.std(rouge, ddof=1) / 2, 1)
+        for metric, value in evaluation["distribution"].items():
+            if (
+                metric in ("heldout_nll", "heldout_kl", "heldout_entropy", "rejected_share")
+                and value is not None
+            ):
+                expected[(*cell, "distribution", metric)] = (value, 0.0, 1)
+    for (objective, variant, benchmark, metric), (mean, std, n) in list(expected.items()):
+        for subtrahend in ("vanilla", "control"):  # the control student exists before KD only
+            other = expected.get((objective, subtrahend, benchmark, metric))
+            if variant == "warmup" and other is not None:
+                difference = (mean - other[0], np.hypot(std, other[1]), min(n, other[2]))
+                expected[(objective, f"warmup-{subtrahend}", benchmark, metric)] = difference
+    return expected
+
+
+def _assert_report_matches(table: pd.DataFrame, evaluations: dict[str, dict]) -> None:
+    """Every row of report.csv is one the evaluations imply, with their numbers; none is missing."""
+    expected = _expected_report(evaluations)
+    assert (table["status"] == "ok").all()
+    cells = {
+        (row.objective, row.variant, row.benchmark, row.metric): (row.mean, row.std, row.n_seeds)
+        for row in table.itertuples()
+    }
+    assert len(cells) == len(table) and set(cells) == set(expected)
+    for key, (mean, std, n_seeds) in expected.items():
+        assert cells[key] == (pytest.approx(mean, abs=1e-12), pytest.approx(std, abs=1e-12), n_seeds), key
 
 
 def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(project_copy: Path) -> None:

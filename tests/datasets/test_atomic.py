@@ -12,6 +12,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from kedro.io.core import Version  # noqa: E402
 
+from tests.helpers import DiskEvents  # noqa: E402
 from warmup_distill_kedro.datasets import (  # noqa: E402
     AtomicCSVDataset,
     AtomicJSONDataset,
@@ -127,3 +128,55 @@ def test_a_saved_version_is_never_rewritten(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="must not exist"):
         AtomicJSONDataset(filepath=str(path), version=Version(None, FIRST)).save({"a": 2})
     assert AtomicJSONDataset(filepath=str(path), version=Version(FIRST, None)).load() == {"a": 1}
+
+
+@pytest.mark.parametrize("versioned", [True, False])
+def test_the_data_is_on_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch, versioned):
+    """After a power cut a file under its final name is whole: its data was synced before the rename that
+    published it, and the folder after."""
+    path = tmp_path / "t.json"
+    dataset = AtomicJSONDataset(filepath=str(path), version=Version(None, FIRST) if versioned else None)
+    disk = DiskEvents(monkeypatch)
+    dataset.save({"score": 1})
+    partial, final, renamed_at = disk.the_rename()
+    assert Path(partial).name.endswith(".partial") and Path(partial).parent == Path(final).parent
+    assert final == str(path / FIRST / "t.json" if versioned else path)
+    assert disk.synced(partial, before=renamed_at)
+    assert disk.synced(Path(final).parent, after=renamed_at)
+    if versioned:  # the version's folder is new: its entry too
+        assert disk.synced(path, after=renamed_at)
+
+
+class _WritesMeanwhile:
+    """A file system whose first write to a file calls `meanwhile()` first: another writer saves then."""
+
+    def __init__(self, fs, meanwhile):
+        self.fs, self.meanwhile = fs, meanwhile
+
+    def open(self, path, mode="rb", **kwargs):
+        handle = self.fs.open(path, mode, **kwargs)
+        if "w" not in mode:
+            return handle
+        meanwhile, self.meanwhile = self.meanwhile, lambda: None
+        write = handle.write
+
+        def write_after_the_other(data):
+            meanwhile()
+            return write(data)
+
+        handle.write = write_after_the_other
+        return handle
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+
+def test_two_writers_to_one_unversioned_path_each_write_their_own_partial_file(tmp_path):
+    """Each writes a whole file and renames it: the path ends with the last writer's file, never a mix."""
+    path = tmp_path / "t.json"
+    first, second = {"writer": "first", "rows": list(range(200))}, {"writer": "second"}
+    slow = AtomicJSONDataset(filepath=str(path))
+    slow._fs = _WritesMeanwhile(slow._fs, lambda: AtomicJSONDataset(filepath=str(path)).save(second))
+    slow.save(first)  # the second writer saves in the middle of this save
+    assert AtomicJSONDataset(filepath=str(path)).load() == first
+    assert not list(tmp_path.glob(".*partial*"))

@@ -12,7 +12,7 @@ from kedro.io import DataCatalog
 from kedro.io.core import DatasetError, Version
 
 import warmup_distill_kedro.datasets.directory as directory_module
-from tests.helpers import assert_same_weights, bpe_tokenizer, tiny_checkpoint
+from tests.helpers import DiskEvents, assert_same_weights, bpe_tokenizer, tiny_checkpoint
 from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.datasets import (
     COMPLETE_MARKER,
@@ -68,6 +68,22 @@ def test_round_trip_keeps_weights_tokens_and_metadata(tmp_path, checkpoint):
     assert loaded.metadata["catalog_version"] == V1
     assert loaded.metadata["path"] == str(folder)
     assert temp_leftovers(tmp_path) == []
+
+
+def test_every_file_is_on_disk_before_the_rename_and_the_rename_after(tmp_path, checkpoint, monkeypatch):
+    """After a power cut a version under its final name is whole: weights, tokenizer, metadata and marker
+    were synced before the rename that published the folder, the folders after."""
+    path = tmp_path / "student"
+    disk = DiskEvents(monkeypatch)
+    versioned(path, save=V1).save(checkpoint)
+    temporary, final, renamed_at = disk.the_rename()
+    assert final == str(path / V1 / "student")
+    files = [p for p in Path(final).rglob("*") if p.is_file()]
+    assert {"model.safetensors", "config.json", COMPLETE_MARKER} <= {p.name for p in files}
+    for file in files:
+        assert disk.synced(Path(temporary) / file.relative_to(final), before=renamed_at), file.name
+    assert disk.synced(temporary, before=renamed_at)
+    assert disk.synced(path / V1, after=renamed_at) and disk.synced(path, after=renamed_at)
 
 
 def test_two_versions_latest_and_pinned(tmp_path, checkpoint, other_checkpoint):

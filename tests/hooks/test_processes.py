@@ -255,7 +255,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path: Path) -> None
     assert evals[0][-1]["eval/weight_norm"] == pytest.approx(single.final_eval["eval/weight_norm"], rel=1e-6)
 
     # One state file, written by the main process: 5 steps x 2 micro-batches x 2 processes of the source.
-    state = torch.load(tmp_path / "state" / "dp" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "state" / "dp" / "state.pt", weights_only=True)
     assert (state["step"], state["data_position"], state["num_processes"]) == (STEPS, 20, 2)
     assert [r["resumed_at"] for r in ranks] == [STEPS, STEPS] and all(r["resumed_equal"] for r in ranks)
 

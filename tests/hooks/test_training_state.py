@@ -4,23 +4,32 @@ fails); end to end, `kill -9` a `kedro run` mid-training, run it again, get the 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 from kedro.framework.hooks.manager import _create_hook_manager
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline, node
 from kedro.runner import SequentialRunner
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+import warmup_distill_kedro
 from tests.helpers import (
     bpe_tokenizer,
     make_project_copy,
@@ -30,17 +39,71 @@ from tests.helpers import (
     toy_lm_loss,
     toy_model,
     training_config,
+    version_folders,
 )
+from warmup_distill_kedro import grid
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
 from warmup_distill_kedro.core.training.context import current_state_folder
-from warmup_distill_kedro.core.training.loop import TrainingRun
-from warmup_distill_kedro.hooks.training_state import STATE_ROOT, TrainingStateHook, input_fingerprint
+from warmup_distill_kedro.core.training.loop import TrainingRun, load_state_file
+from warmup_distill_kedro.hooks import training_state
+from warmup_distill_kedro.hooks.training_state import (
+    STATE_ROOT,
+    TrainingStateHook,
+    code_fingerprint,
+    input_fingerprint,
+    state_folder_name,
+)
 
-STUDENT_STEPS = 800
-COMMAND = [
-    sys.executable, "-m", "kedro", "run", "--env", "test", "--pipelines", "data,bootstrap",
-    "--params", f"bootstrap.student.training.max_steps={STUDENT_STEPS},bootstrap.student.training.checkpoint_every=25",
-]  # fmt: skip
+
+# -- end to end: kill -9 mid-training, run again ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Killed:
+    """A training node killed mid-training: run alone, on the inputs of the `bootstrapped` project."""
+
+    node: str
+    params: dict[str, Any]  # dotted names, as `kedro run --params` takes them
+    runs: tuple[str, ...]  # the state sub-folders of its training runs: all saved when it is killed
+    model: str  # its checkpoint, under data/06_models
+    resumed: str  # what the rerun logs
+
+
+MAX_STEPS = 20  # the state is saved every 5 steps; the kill comes right after the first save
+SAVED_EVERY = {"training.max_steps": MAX_STEPS, "training.checkpoint_every": 5}
+
+
+def _cell(variant: str, objective: str, **params: Any) -> dict[str, Any]:
+    distill = {"variants": f"[{variant}]", "objectives": f"[{objective}]", **SAVED_EVERY, **params}
+    return {f"distill.{key}": value for key, value in distill.items()}
+
+
+KILLED = {
+    "sft_student": Killed(
+        "sft_student", {f"bootstrap.student.{key}": value for key, value in SAVED_EVERY.items()},
+        ("sft_student",), "student_model", "sft student: resuming from step",
+    ),
+    # DistiLLM's replay buffer: full (2 sampled batches of 4) before the first save, replayed after it.
+    "adaptive distill cell": Killed(
+        "vanilla.fkl.distill",
+        _cell("vanilla", "fkl", **{"data.mode": "adaptive", "data.initial_threshold": 1.0, "data.capacity": 8,
+                                   "data.loss_eps": 0.0, "training.eval_every": 5}),
+        ("distill_vanilla_fkl",), "distilled/vanilla.fkl.student", "distill vanilla/fkl: resuming from step",
+    ),
+    # Two runs in one node: the projectors pre-trained (finished when killed), then the cell.
+    "dskd cell with projector pre-training": Killed(
+        "vanilla.dskd.distill", _cell("vanilla", "dskd", **{"options.dskd.pretrain_steps": 5}),
+        ("dskd_projectors", "distill_vanilla_dskd"), "distilled/vanilla.dskd.student",
+        "distill vanilla/dskd: resuming from step",
+    ),
+}  # fmt: skip
+
+
+def _dotted(params: dict[str, Any]) -> list[str]:
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def _command(case: Killed) -> list[str]:
+    return [sys.executable, "-m", "kedro", "run", "--env", "test", "--nodes", case.node,
+            "--params", ",".join(_dotted(case.params))]  # fmt: skip
 
 
 def _environment(project: Path) -> dict[str, str]:
@@ -48,55 +111,107 @@ def _environment(project: Path) -> dict[str, str]:
         **os.environ,
         "KEDRO_DISABLE_TELEMETRY": "true",
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        "COLUMNS": "400",  # Kedro's rich log handler wraps at the terminal width: keep a message on one line
+        "OMP_NUM_THREADS": "1",  # one thread, as in this process (conftest): the same sums, the same weights
     }
 
 
-def _run(project: Path) -> subprocess.CompletedProcess:
+def _run(command: list[str], project: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        COMMAND, cwd=project, env=_environment(project), capture_output=True, text=True, timeout=600
+        command, cwd=project, env=_environment(project), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def _student_weights(project: Path) -> dict[str, torch.Tensor]:
-    [version] = (project / "data/06_models/student_model").iterdir()
-    return load_file(version / "student_model" / "model.safetensors")
+def _run_here(project: Path, params: dict[str, Any] | None = None, **run: Any) -> None:
+    """A run in this process (no interpreter to start): the uninterrupted runs the killed ones end as."""
+    bootstrap_project(project)
+    runtime_params = OmegaConf.to_container(OmegaConf.from_dotlist(_dotted(params or {})))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(project)
+            for name, value in _environment(project).items():
+                patch.setenv(name, value)
+            with KedroSession.create(project, env="test", runtime_params=runtime_params) as session:
+                session.run(**run)
+    finally:
+        grid.use_parameters({})  # the default grid again for the tests that follow
 
 
-def _state_files(project: Path) -> list[Path]:
-    return sorted((project / "data/09_training_state").glob("sft_student/*/*/state.pt"))
+def _weights(project: Path, model: str) -> dict[str, torch.Tensor]:
+    """The newest version of a checkpoint's weights."""
+    newest = version_folders(project / "data/06_models" / model)[-1]
+    return load_file(newest / Path(model).name / "model.safetensors")
 
 
-def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
-    straight = make_project_copy(tmp_path / "straight")
-    _run(straight)
-    assert not (straight / "data/09_training_state").exists()  # finished nodes leave no state behind
+def _versions(project: Path, model: str) -> list[Path]:
+    folder = project / "data/06_models" / model
+    return version_folders(folder) if folder.exists() else []
 
-    crashed = make_project_copy(tmp_path / "crashed")
+
+def _state_files(project: Path, case: Killed) -> list[Path]:
+    """The state file of each of the node's runs, once all of them are saved in one folder."""
+    for folder in (project / STATE_ROOT / case.node).glob("*"):
+        files = [folder / run / "state.pt" for run in case.runs]
+        if all(file.is_file() for file in files):
+            return files
+    return []
+
+
+@pytest.fixture(scope="module")
+def bootstrapped(tmp_path_factory) -> Path:
+    """A project with the inputs of every killed node (splits, tokenizers, teacher, KD examples; the student
+    for the cells): the start of every kill test, each on copies."""
+    project = make_project_copy(tmp_path_factory.mktemp("bootstrapped"))
+    _run_here(project, to_nodes=["prepare_kd_examples", "sft_student"])
+    return project
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(KILLED.values()), ids=list(KILLED))
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(bootstrapped, tmp_path, case) -> None:
+    straight = shutil.copytree(bootstrapped, tmp_path / "straight")
+    _run_here(straight, case.params, node_names=[case.node])
+    assert not (straight / STATE_ROOT).exists()  # finished nodes leave no state behind
+
+    crashed = shutil.copytree(bootstrapped, tmp_path / "crashed")
+    models_before = _versions(crashed, case.model)
     process = subprocess.Popen(
-        COMMAND, cwd=crashed, env=_environment(crashed), start_new_session=True,
+        _command(case), cwd=crashed, env=_environment(crashed), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not _state_files(crashed) and process.poll() is None and time.monotonic() < deadline:
+    while not _state_files(crashed, case) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)  # kill -9, mid-training
-    process.wait()
-    [state_file] = _state_files(crashed)
-    saved_step = torch.load(state_file, weights_only=False)["step"]
-    assert 0 < saved_step < STUDENT_STEPS
-    assert not (crashed / "data/06_models/student_model").exists() or not any(
-        (crashed / "data/06_models/student_model").iterdir()
-    )
+    assert process.wait() == -signal.SIGKILL, "the run ended before it was killed: give it more steps"
+    *finished, state_file = _state_files(crashed, case)
+    saved = load_state_file(state_file)
+    assert 0 < saved["step"] < MAX_STEPS
+    assert [load_state_file(file)["step"] for file in finished] == [5] * len(finished)  # pre-training done
+    if saved["data"] is not None:  # the adaptive source: its buffer full, saved as plain values
+        assert len(saved["data"]["buffer"]) == 8
+    assert _versions(crashed, case.model) == models_before  # no model saved
 
-    rerun = _run(crashed)
-    assert "sft student: resuming from step" in rerun.stderr + rerun.stdout
-    assert not _state_files(crashed)
-    expected, got = _student_weights(straight), _student_weights(crashed)
+    rerun = _run(_command(case), crashed)
+    assert case.resumed in rerun.stderr + rerun.stdout
+    assert not (crashed / STATE_ROOT).exists()
+    expected, got = _weights(straight, case.model), _weights(crashed, case.model)
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name  # identical on CPU, not merely close
+    if case.node.endswith(".distill"):  # the cell's data: the same batches drawn, replayed and sampled
+        metrics = [_distill_metrics(project, case) for project in (straight, crashed)]
+        assert metrics[0] == metrics[1]
+
+
+def _distill_metrics(project: Path, case: Killed) -> dict:
+    cell = case.node.removesuffix(".distill")
+    folder = project / f"data/08_reporting/distill/{cell}.distill_metrics.json"
+    metrics = json.loads((version_folders(folder)[-1] / folder.name).read_text())
+    history = [{k: v for k, v in record.items() if k != "steps_per_second"} for record in metrics["history"]]
+    return {"history": history, **{k: v for k, v in metrics.items() if k.startswith("batches_")}}
 
 
 def test_the_fingerprint_follows_content_not_identity() -> None:
@@ -116,9 +231,10 @@ TABLE = pd.DataFrame({"a": [1, 2]})
 PARAMS = {"lr": 0.1}
 
 
-def _run_with_the_hook(project_path: Path, fail: bool = False) -> dict:
-    """A `training` node (a toy run saving its state every step) and an untagged one, run with the hook."""
-    seen: dict = {}
+def _run_with_the_hook(project_path: Path, fail: bool = False, seen: dict | None = None) -> dict:
+    """A `training` node (a toy run saving its state every step) and an untagged one, run with the hook;
+    what the nodes saw goes into `seen`."""
+    seen = {} if seen is None else seen
 
     def train_toy(table: pd.DataFrame, params: dict) -> tuple[pd.DataFrame, dict]:
         seen["folder"] = current_state_folder()
@@ -159,7 +275,7 @@ def _run_with_the_hook(project_path: Path, fail: bool = False) -> dict:
 
 def test_a_training_node_gets_a_state_folder_by_input_content_deleted_once_its_outputs_are_saved(tmp_path):
     seen = _run_with_the_hook(tmp_path)
-    expected = tmp_path / STATE_ROOT / "train_toy" / input_fingerprint({"table": TABLE, "params:x": PARAMS})
+    expected = tmp_path / STATE_ROOT / "train_toy" / state_folder_name({"table": TABLE, "params:x": PARAMS})
     assert seen["folder"] == expected
     assert seen["state_file"] == expected / "toy" / "state.pt"  # the loop saved its state there...
     assert not (tmp_path / STATE_ROOT).exists()  # ...and with both outputs saved, nothing is left
@@ -167,9 +283,49 @@ def test_a_training_node_gets_a_state_folder_by_input_content_deleted_once_its_o
     assert seen["after"] is None
 
 
+def test_the_state_folder_follows_the_code(tmp_path):
+    """A fix to a loss or to the loop changes the folder: a rerun starts over instead of continuing from
+    state the old code trained."""
+    package = Path(warmup_distill_kedro.__file__).parent
+    copy = tmp_path / "warmup_distill_kedro"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(copy) == code_fingerprint()  # the same sources: the same code
+    loss = copy / "core" / "kd" / "losses.py"
+    loss.write_text(loss.read_text() + "\n# a fix\n")
+    assert code_fingerprint(copy) != code_fingerprint()
+    assert state_folder_name({"params:x": PARAMS}).startswith(f"{code_fingerprint()}-")
+
+
+def test_a_state_of_other_code_is_deleted_and_one_of_other_inputs_is_kept_and_named(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(training_state, "code_fingerprint", lambda: "0ddc0de0")
+    with pytest.raises(RuntimeError, match="the node failed after training"):
+        _run_with_the_hook(tmp_path, fail=True)  # a crash under the old code
+    [old_state] = (tmp_path / STATE_ROOT).glob("train_toy/0ddc0de0-*/toy/state.pt")
+    other_inputs = tmp_path / STATE_ROOT / "train_toy" / f"{code_fingerprint()}-0123456789abcdef"
+    (other_inputs / "toy").mkdir(parents=True)
+    shutil.copy(old_state, other_inputs / "toy" / "state.pt")  # a crash of this code with other inputs
+    monkeypatch.undo()
+
+    seen: dict = {}
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError, match="the node failed"):
+        _run_with_the_hook(tmp_path, fail=True, seen=seen)  # the new code: starts over, and says why
+    assert seen["folder"].name == state_folder_name({"table": TABLE, "params:x": PARAMS})
+    assert not old_state.parent.parent.exists()  # other code: deleted
+    assert (other_inputs / "toy" / "state.pt").is_file()  # other inputs: kept
+    log = caplog.text
+    assert (
+        f"not resuming the training state in {old_state.parent.parent}: it was written by other code" in log
+    )
+    assert f"not resuming the training state(s) {other_inputs.name}" in log
+    assert "their inputs or parameters differ" in log
+    assert "resuming from step" not in log  # trained from the start
+
+
 def test_a_failed_training_node_keeps_its_state_for_the_next_run(tmp_path):
     with pytest.raises(RuntimeError, match="the node failed after training"):
         _run_with_the_hook(tmp_path, fail=True)
     [state_file] = (tmp_path / STATE_ROOT).glob("train_toy/*/toy/state.pt")
-    assert torch.load(state_file, weights_only=False)["step"] == 2
+    assert torch.load(state_file, weights_only=True)["step"] == 2
     assert current_state_folder() is None

@@ -1,9 +1,10 @@
 """Kedro datasets for folders written by `save_pretrained`, saved atomically.
 
 A save writes into a hidden temporary sibling folder (`<parent>/.<name>.tmp-<random>`), writes a
-completion marker (`.complete`) inside it last, then renames it to its final path. A version therefore
-either exists complete or not at all: a crash leaves no visible version, and versions without the marker
-(a folder made by hand, a copy cut short) are ignored by `list_versions`, `exists()` and "latest".
+completion marker (`.complete`) inside it last, puts every file on disk (`fsync`), then renames it to
+its final path and syncs the parent folder. A version therefore either exists complete or not at all,
+even after a power cut: a crash leaves no visible version, and versions without the marker (a folder
+made by hand, a copy cut short) are ignored by `list_versions`, `exists()` and "latest".
 
 With `versioned: false` the dataset reads `filepath` as it is, marker or not: this is how the catalog
 points at a Hugging Face checkpoint folder downloaded elsewhere.
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_protocol_and_path
 from transformers import PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.durable import fsync_dir, fsync_tree
 from warmup_distill_kedro.core.models.modeling import Checkpoint, load_checkpoint, save_checkpoint
 from warmup_distill_kedro.core.models.tokenization import load_tokenizer, save_tokenizer
 
@@ -131,6 +133,7 @@ class AtomicDirectoryDataset(AbstractVersionedDataset[Any, Any]):
         try:
             self._write(data, tmp, **self._save_args)
             self._write_marker(tmp)
+            fsync_tree(tmp)  # every file on disk before the rename publishes the folder
             os.rename(tmp, target)  # atomic; fails on a non-empty target that appeared meanwhile
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -143,7 +146,8 @@ class AtomicDirectoryDataset(AbstractVersionedDataset[Any, Any]):
                 # Kedro reports these as "a file with the same name already exists"; say what happened.
                 raise DatasetError(f"{self}: save failed, nothing was written: {exc}") from exc
             raise
-        _fsync_dir(parent)
+        for folder in dict.fromkeys([parent, *(made.parent for made in created)]):
+            fsync_dir(folder)  # the rename itself, and the folders made for it
 
     def _write_marker(self, folder: Path) -> None:
         marker = {
@@ -153,8 +157,6 @@ class AtomicDirectoryDataset(AbstractVersionedDataset[Any, Any]):
         }
         with open(folder / COMPLETE_MARKER, "w") as handle:
             json.dump(marker, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
 
     def _exists(self) -> bool:
         path = Path(self._get_load_path())  # VersionNotFoundError -> exists() is False
@@ -186,20 +188,6 @@ def _make_temp_sibling(target: Path) -> Path:
             continue
         return tmp
     raise DatasetError(f"could not create a temporary folder next to {target}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; best effort (not every platform can open a directory)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class CheckpointDataset(AtomicDirectoryDataset):

@@ -1,13 +1,17 @@
 """Resume a training node after a crash: rerun the same `kedro run` and it continues where it stopped.
 
 `TrainingStateHook` gives every node tagged `training` a state folder,
-`data/09_training_state/<node>/<inputs fingerprint>/`, through `core.training.set_state_folder`; the
-training loop saves its whole state there every `training.checkpoint_every` steps and resumes from it
-when it finds one. The fingerprint covers what the node computes from (its parameters and the content
-of its inputs), so a rerun after a crash resumes, while a run with other parameters or other data starts
-over. When the node's outputs are saved, its state is deleted; after a crash it stays for the next run.
-Under several processes (docs/scaling.md) the folder is the main process's, and only the main process
-writes and deletes it; every process resumes from it.
+`data/09_training_state/<node>/<code>-<inputs>/`, through `core.training.set_state_folder`; the training
+loop saves its whole state there every `training.checkpoint_every` steps and resumes from it when it
+finds one. The folder's name is a fingerprint of what the node computes with: `<code>` the package's
+version and source files (`code_fingerprint`), `<inputs>` its parameters and the content of its inputs
+(`input_fingerprint`). So a rerun after a crash resumes, while a run with other parameters, other data
+or other code (a fix to a loss or to the loop) starts over, and says so. States written by other code
+can never be resumed by this code: they are deleted when the node starts; states of other inputs are
+listed and kept (rerunning with those inputs resumes them). When the node's outputs are saved, its state
+is deleted; after a crash it stays for the next run. Under several processes (docs/scaling.md) the
+folder is the main process's, and only the main process writes and deletes it; every process resumes
+from it.
 
 Content, not catalog versions: a rerun regenerates upstream outputs under new version timestamps, but
 with fixed seeds their content is the same.
@@ -15,9 +19,11 @@ with fixed seeds their content is the same.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +33,7 @@ import pandas as pd
 from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
+import warmup_distill_kedro
 from warmup_distill_kedro.core.models.modeling import Checkpoint, weights_digest
 from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.processes import is_main_process
@@ -38,6 +45,33 @@ logger = logging.getLogger(__name__)
 
 STATE_ROOT = Path("data") / "09_training_state"
 _SAMPLES_PER_TENSOR = 4096
+
+
+# A state folder's name: <code fingerprint>-<inputs fingerprint> (older versions: the inputs' alone).
+_STATE_NAME = re.compile(r"^(?:(?P<code>[0-9a-f]+)-)?(?P<inputs>[0-9a-f]+)$")
+
+
+def code_fingerprint(package: Path | None = None) -> str:
+    """A short hash of the code that trains: the package's version and every source file of the package
+    (`package`: its folder; default, the one imported, read once). Not the git commit: an installed copy
+    has no history, and uncommitted edits count."""
+    if package is None:
+        return _imported_code_fingerprint()
+    digest = hashlib.sha256(warmup_distill_kedro.__version__.encode())
+    for source in sorted(Path(package).rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode())
+        digest.update(hashlib.sha256(source.read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _imported_code_fingerprint() -> str:
+    return code_fingerprint(Path(warmup_distill_kedro.__file__).parent)
+
+
+def state_folder_name(inputs: Mapping[str, Any]) -> str:
+    """The name of a node's state folder: the fingerprint of the code and of the node's inputs."""
+    return f"{code_fingerprint()}-{input_fingerprint(inputs)}"
 
 
 def input_fingerprint(inputs: Mapping[str, Any]) -> str:
@@ -80,10 +114,12 @@ class TrainingStateHook:
     def before_node_run(self, node: Any, inputs: dict[str, Any]) -> None:
         if self._root is None or TRAINING_TAG not in node.tags:
             return
-        folder = self._root / node.name / input_fingerprint(inputs)
+        folder = self._root / node.name / state_folder_name(inputs)
         # Several processes: the main one's folder for all (another process's inputs may come from memory,
         # where a table's column types can differ from what the main process read back from parquet).
         folder = Path(broadcast_from_main(str(folder)))
+        if is_main_process():
+            _tidy_other_states(node.name, folder)
         if folder.exists():
             logger.info("%s: found training state from an interrupted run in %s", node.name, folder)
         set_state_folder(folder)
@@ -113,3 +149,34 @@ class TrainingStateHook:
             for empty in (folder.parent, folder.parent.parent):  # <node>/, then the state root
                 if empty.is_dir() and not any(empty.iterdir()):
                     empty.rmdir()
+
+
+def _tidy_other_states(node_name: str, folder: Path) -> None:
+    """The node's other state folders: those of other code are deleted (this code can never resume them),
+    those of other inputs are kept; when this run starts over, the log says why."""
+    if not folder.parent.is_dir():
+        return
+    code = folder.name.split("-", 1)[0]
+    other_inputs = []
+    for other in sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder):
+        name = _STATE_NAME.match(other.name)
+        if name is None:  # not a state folder of ours: leave it alone
+            continue
+        if name["code"] != code:
+            shutil.rmtree(other, ignore_errors=True)
+            logger.warning(
+                "%s: not resuming the training state in %s: it was written by other code (the package's "
+                "version or source changed since); deleted, this code can never resume it",
+                node_name,
+                other,
+            )
+        else:
+            other_inputs.append(other.name)
+    if other_inputs and not folder.exists():
+        logger.warning(
+            "%s: not resuming the training state(s) %s in %s: their inputs or parameters differ from this "
+            "run's; starting over (they are kept for a run with those inputs; delete them if none will come)",
+            node_name,
+            ", ".join(other_inputs),
+            folder.parent,
+        )

@@ -3,6 +3,8 @@ sampled tokens the teacher rejects."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +16,7 @@ from warmup_distill_kedro.core.evaluation.metrics import rouge_l
 from warmup_distill_kedro.core.generation.config import SamplingConfig
 from warmup_distill_kedro.core.generation.sampling import generate
 from warmup_distill_kedro.core.models.modeling import build_model
+from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 from warmup_distill_kedro.core.warmup.check import CheckConfig
 
@@ -101,18 +104,44 @@ def test_a_model_judging_itself_sees_its_own_sampling_probabilities(model, token
 
 
 def test_sampled_token_check_with_a_teacher_of_another_tokenizer(model, tokenizer):
+    """The teacher reads each sampled response as its own tokens (EOS after the finished ones): the share
+    is the fraction of those tokens it gives p < tau, computed here in float64, one sequence at a time,
+    with a tau between two of those probabilities so that the right share is neither 0 nor 1."""
     other = bpe_tokenizer(CORPUS, 270)
     teacher = build_model(SMALL, other, seed=1)
-    prompts = ["Instruction: Sort the numbers", "Instruction: Name"]
+    prompts = ["Instruction: Sort the numbers", "Instruction: Name", "Instruction:", "Instruction: Name the"]
+    sampling = SAMPLING.model_copy(update={"do_sample": True, "seed": 1})
+    generations = generate(model, tokenizer, prompts, sampling)
+    expected = _teacher_probabilities(teacher, other, prompts, generations)
+    # Not the student's tokens: a share over those would not have this many terms.
+    assert len(expected) > 20 and len(expected) != sum(len(g.token_ids) + g.finished for g in generations)
+    ordered = np.sort(expected)
+    third = len(ordered) // 3
+    k = third + int(np.argmax(ordered[third + 1 : 2 * third + 1] / ordered[third : 2 * third]))
+    tau = float(np.sqrt(ordered[k] * ordered[k + 1]))  # between the (k+1)-th and (k+2)-th smallest
+
     share, probabilities = sampled_token_check(
-        model,
-        tokenizer,
-        teacher,
-        other,
-        prompts,
-        SAMPLING.model_copy(update={"seed": 1}),
-        CheckConfig(tau=0.5),
+        model, tokenizer, teacher, other, prompts, sampling, CheckConfig(tau=tau)
     )
-    assert 0.0 <= share <= 1.0 and len(probabilities) > 0
-    assert np.all((probabilities > 0) & (probabilities <= 1))
-    assert share == pytest.approx(float(np.mean(probabilities < 0.5)))
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-7)
+    assert share == (k + 1) / len(expected)
+
+
+def _teacher_probabilities(teacher, teacher_tokenizer, prompts, generations) -> np.ndarray:
+    """The teacher's probability of each of its tokens of each response (prompt and response tokenized
+    apart, as the check does), from one float64 forward pass per sequence."""
+    eos_id, _ = eos_and_pad_ids(teacher_tokenizer)
+    teacher64 = copy.deepcopy(teacher).double().eval()
+    probabilities = []
+    for prompt, generation in zip(prompts, generations, strict=True):
+        prompt_ids = teacher_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = teacher_tokenizer(generation.text, add_special_tokens=False)["input_ids"]
+        response_ids += [eos_id] if generation.finished else []
+        with torch.no_grad():
+            logits = teacher64(torch.tensor([prompt_ids + response_ids])).logits[
+                0, :, : len(teacher_tokenizer)
+            ]
+        logprobs = logits.log_softmax(-1)
+        for t, token in enumerate(response_ids):
+            probabilities.append(float(logprobs[len(prompt_ids) - 1 + t, token].exp()))
+    return np.asarray(probabilities)

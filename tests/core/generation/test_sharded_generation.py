@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.state import PartialState
 
-from tests.helpers import MATH_CORPUS, SMALL_UNTIED, bpe_tokenizer
+from tests.helpers import MATH_CORPUS, SMALL_UNTIED, answering_model, bpe_tokenizer
 from warmup_distill_kedro.core.evaluation.generated import math_accuracy
 from warmup_distill_kedro.core.generation.config import SamplingConfig
 from warmup_distill_kedro.core.generation.sampling import generate
@@ -67,6 +67,17 @@ PROMPTS = [
 ]
 
 
+# What the answering model writes after five math prompts, and the right answers: three of them right.
+ANSWERS = {
+    PROMPTS[5]: " 12 + 5 = 17. #### 17",
+    PROMPTS[1]: " 9 - 4 = 5. #### 5",
+    PROMPTS[0]: " #### 12",
+    PROMPTS[8]: " #### 17",
+    PROMPTS[4]: " #### 9",
+}
+ANSWERED = ["17", "5", "13", "17", "5"]
+
+
 def run_stages(folder: Path, across_processes: bool) -> dict[str, Any]:
     """What probe, check and evaluate compute, as plain data."""
     student, teacher = load_checkpoint(folder / "student"), load_checkpoint(folder / "teacher")
@@ -101,6 +112,12 @@ def run_stages(folder: Path, across_processes: bool) -> dict[str, Any]:
     )
     rate, rows = math_accuracy(student.model, tok, examples, greedy, across_processes=across_processes)
     out["math"] = (rate, rows["prediction"].tolist())
+    # A model that answers 3 of 5 right, in batches on both processes: a score that is not 0.
+    answering = answering_model(tok, ANSWERS)
+    problems = pd.DataFrame({"example_id": list("vwxyz"), "prompt": list(ANSWERS), "answer": ANSWERED})
+    long_enough = greedy.model_copy(update={"max_new_tokens": 24})
+    rate, rows = math_accuracy(answering, tok, problems, long_enough, across_processes=across_processes)
+    out["math_answered"] = (rate, rows["example_id"].tolist(), rows["correct"].tolist())
     return out
 
 
@@ -171,3 +188,4 @@ def test_two_processes_return_the_full_ordered_results_of_one(checkpoints, tmp_p
     assert len({tuple(ids) for _, ids, *_ in single["greedy"]}) > 1
     assert single["sampled"] != single["greedy"]
     assert any(text is not None for text in single["corrected"])
+    assert single["math_answered"] == (3 / 5, list("vwxyz"), [True, True, False, True, False])

@@ -12,6 +12,7 @@ like transformers) is not verified here; docs/sampling.md says what is and is no
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class Script:
     built: list[dict[str, Any]] = field(default_factory=list)
     calls: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
     reverse_outputs: bool = False
+    # Instead of the plans: a model giving these logits (one per embedding row) at every step, decoded
+    # greedily after adding each request's logit_bias, as vllm's logit-bias processor does.
+    raw_logits: list[float] | None = None
 
 
 def make_fake_vllm(script: Script) -> types.ModuleType:
@@ -139,7 +143,8 @@ def make_fake_vllm(script: Script) -> types.ModuleType:
             for index in sorted(range(len(prompts)), key=lambda i: len(prompts[i]["prompt_token_ids"])):
                 ids = prompts[index]["prompt_token_ids"]
                 params = sampling_params[index]
-                plan = script.plans[tuple(ids)][: params.max_tokens]
+                plan = script.plans[tuple(ids)] if script.raw_logits is None else _greedy(script, params)
+                plan = plan[: params.max_tokens]
                 reason = "stop" if script.eos_id in plan else "length"
                 if reason == "stop":
                     plan = plan[: plan.index(script.eos_id) + 1]  # the EOS is the last id returned
@@ -157,6 +162,15 @@ def make_fake_vllm(script: Script) -> types.ModuleType:
     module.LLM = LLM
     module.SamplingParams = FakeSamplingParams
     return module
+
+
+def _greedy(script: Script, params: FakeSamplingParams) -> list[int]:
+    """The ids greedy decoding picks from `script.raw_logits` plus the request's logit bias."""
+    logits = torch.tensor(script.raw_logits, dtype=torch.float32)
+    for row, bias in (params.logit_bias or {}).items():
+        logits[row] += bias
+    token = int(logits.argmax())
+    return [token] * params.max_tokens
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +286,23 @@ def test_embedding_rows_past_the_tokenizer_are_never_sampled(fake_vllm):
     _, params = vllm_backend.vllm_requests(
         sys.modules["vllm"], [[1, 2]], _vllm(), eos_id=0, n_tokens=10, n_rows=13
     )
-    assert params[0].logit_bias == {10: -100.0, 11: -100.0, 12: -100.0}
+    assert params[0].logit_bias == {10: -math.inf, 11: -math.inf, 12: -math.inf}
+
+
+def test_padding_rows_are_not_sampled_even_where_the_model_prefers_them(fake_vllm, tmp_path):
+    """A checkpoint whose padding rows were never trained down may give one of them the highest logit, by
+    more than any finite bias lowers it: the bias makes them impossible."""
+    tokenizer = bpe_tokenizer(CORPUS)
+    model = build_model(SMALL_UNTIED, tokenizer, seed=0)
+    model.resize_token_embeddings(len(tokenizer) + 3)  # rows no token uses, as Qwen2.5 has
+    save_checkpoint(Checkpoint(model, tokenizer), tmp_path / "padded")
+    padded = load_checkpoint(tmp_path / "padded")
+    logits = [0.0] * (len(tokenizer) + 3)
+    logits[len(tokenizer) + 1] = 500.0  # a padding row, far above every token
+    logits[7] = 1.0  # the best real token
+    fake_vllm.raw_logits = logits
+    [generation] = generate(padded.model, padded.tokenizer, ["The cat"], _vllm(max_new_tokens=3))
+    assert generation.token_ids == [7, 7, 7]
 
 
 def test_a_model_vllm_cannot_load_is_refused(fake_vllm, checkpoint):

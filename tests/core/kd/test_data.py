@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import TINY, bpe_tokenizer
+from tests.helpers import TINY, bpe_tokenizer, toy_lm_loss, training_config
 from warmup_distill_kedro.core.generation.config import SamplingConfig
 from warmup_distill_kedro.core.kd.data import (
     STUDENT_SAMPLED,
@@ -16,8 +16,14 @@ from warmup_distill_kedro.core.kd.data import (
     prepare_kd_examples,
     select_sft_examples,
 )
-from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, encode_examples, encode_pairs
+from warmup_distill_kedro.core.models.encoding import (
+    IGNORE_INDEX,
+    EncodedExample,
+    encode_examples,
+    encode_pairs,
+)
 from warmup_distill_kedro.core.models.modeling import Checkpoint, build_model
+from warmup_distill_kedro.core.training.loop import TrainingRun
 
 torch.set_num_threads(1)
 
@@ -176,6 +182,26 @@ def test_the_adaptive_state_comes_back_equal(gold, model, tokenizer):
     restored.load_state_dict(source.state_dict())
     assert restored.threshold == 1.0 and restored.reference_loss == 2.0
     assert restored.buffer == source.buffer and restored.counts == source.counts
+
+
+def test_the_adaptive_state_comes_back_equal_through_the_training_state_file(gold, tokenizer, tmp_path):
+    """The replay buffer, threshold and counts, saved with the run's state by `save_state` and read back by
+    `resume` (weights_only: the buffer's examples are stored as plain values)."""
+
+    def run(seed: int) -> tuple[TrainingRun, StudentSampledBatches]:
+        student = build_model(TINY, tokenizer, seed=seed)
+        source = _source(gold, student, tokenizer, mode="adaptive", initial_threshold=1.0, capacity=8)
+        config = training_config(max_steps=3, checkpoint_every=3)
+        return TrainingRun(student, toy_lm_loss, source, config, state_folder=tmp_path, name="kd"), source
+
+    trained, source = run(seed=0)
+    source.observe_validation(2.0)
+    trained.run()
+    assert len(source.buffer) == 8 and source.counts["replayed"] == 1  # 2 batches fill it, 1 replayed
+    resumed, restored = run(seed=1)
+    assert restored.buffer == [] and resumed.resume()
+    assert restored.buffer == source.buffer and all(isinstance(e, EncodedExample) for e in restored.buffer)
+    assert (restored.threshold, restored.reference_loss, restored.counts) == (1.0, 2.0, source.counts)
 
 
 def test_off_policy_modes_are_refused(gold, model, tokenizer):

@@ -133,8 +133,7 @@ def dual_batches(tokenizers):
 
 
 def _wrapper(student: PreTrainedModel, cross: bool, d_teacher: int = D_TEACHER) -> StudentWithProjectors:
-    torch.manual_seed(3)
-    return StudentWithProjectors(copy.deepcopy(student), d_teacher, cross_attention=cross)
+    return StudentWithProjectors(copy.deepcopy(student), d_teacher, cross_attention=cross, seed=3)
 
 
 def _pretrain(wrapper, teacher, batches, steps: int = 30, lr: float = 3e-2) -> StudentWithProjectors:
@@ -231,6 +230,28 @@ def test_parameter_groups_cover_everything_once(student, cross):
 
 
 # -- values, masks ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cross", [False, True])
+def test_the_projectors_start_from_the_seed_whatever_ran_before(student, cross):
+    """The global RNG's state depends on what ran before (a resumed run has run other code than an
+    uninterrupted one): the projectors are drawn from the seed alone, and leave the global RNG as it was."""
+    torch.manual_seed(1)
+    first = StudentWithProjectors(copy.deepcopy(student), D_TEACHER, cross_attention=cross, seed=7)
+    after = torch.get_rng_state()
+    torch.manual_seed(2)
+    torch.rand(5)
+    second = StudentWithProjectors(copy.deepcopy(student), D_TEACHER, cross_attention=cross, seed=7)
+    other_seed = StudentWithProjectors(copy.deepcopy(student), D_TEACHER, cross_attention=cross, seed=8)
+    for a, b, c in zip(
+        first.projector_parameters(),
+        second.projector_parameters(),
+        other_seed.projector_parameters(),
+        strict=True,
+    ):
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(1)
+    assert torch.equal(torch.get_rng_state(), after)  # the global RNG is left where it was
+
+
 def test_metrics_are_finite_and_complete(setup):
     wrapper, teacher, batch, terms_fn, loss_fn = setup
     loss, metrics = loss_fn(wrapper, teacher, batch, DSKDConfig(kd_rate=0.3))

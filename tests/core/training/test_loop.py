@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.helpers import (
     IGNORE_INDEX,
+    DiskEvents,
     assert_weights_close,
     toy_collate,
     toy_examples,
@@ -156,9 +161,9 @@ class _Interrupt(Exception):
 
 
 def _noisy_loss(model, batch):
-    """Uses the global torch RNG, so an exact resume also needs the RNG state restored."""
+    """Draws from the global torch, numpy and python RNGs, so an exact resume needs all three restored."""
     loss, metrics = toy_lm_loss(model, batch)
-    return loss * (1 + 0.5 * torch.rand(())), metrics
+    return loss * (1 + 0.5 * torch.rand(()) + 0.1 * np.random.rand() + 0.1 * random.random()), metrics
 
 
 def test_resume_from_state_dict_matches_uninterrupted_run():
@@ -234,7 +239,7 @@ def test_a_crashed_run_resumes_from_its_state_folder_and_ends_as_an_uninterrupte
     with pytest.raises(_Interrupt):
         run(tmp_path / "crashed", crash_at_5).run()
     state_file = tmp_path / "crashed" / "sft_student" / "state.pt"
-    assert torch.load(state_file, weights_only=False)["step"] == 4  # the last multiple of checkpoint_every
+    assert torch.load(state_file, weights_only=True)["step"] == 4  # the last multiple of checkpoint_every
 
     resumed = run(tmp_path / "crashed", seed=99).run()  # another init: the state must overwrite it
     assert resumed.steps == straight.steps == 7
@@ -269,6 +274,46 @@ def test_the_state_folder_comes_from_the_context_and_can_be_switched_off(tmp_pat
     )
     never.run()
     assert not (tmp_path / "x").exists()
+
+
+def test_the_state_is_on_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    disk = DiskEvents(monkeypatch)
+    data = ShuffledBatches(toy_examples(8), 4, toy_collate, seed=0)
+    config = training_config(max_steps=1, checkpoint_every=1)
+    TrainingRun(toy_model(), toy_lm_loss, data, config, state_folder=tmp_path, name="warmup").run()
+    partial, final, renamed_at = disk.the_rename()
+    assert final == str(tmp_path / "warmup" / "state.pt")
+    assert Path(partial).parent == tmp_path / "warmup" and Path(partial).name.endswith(".partial")
+    assert disk.synced(partial, before=renamed_at)
+    assert disk.synced(tmp_path / "warmup", after=renamed_at)
+
+
+class _RunsCode:
+    """Unpickling it runs code the file chose (here: it writes a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_state_file_holding_an_arbitrary_object_is_refused_without_running_it(tmp_path):
+    """Resuming is automatic and the state folder may be writable by others: the file is read with
+    weights_only, and anything but tensors and plain values stops the run with the file named."""
+    config = training_config(max_steps=2, checkpoint_every=1)
+    data = ShuffledBatches(toy_examples(8), 4, toy_collate, seed=0)
+    TrainingRun(toy_model(), toy_lm_loss, data, config, state_folder=tmp_path, name="sft student").run()
+    state_file = tmp_path / "sft_student" / "state.pt"
+    state = torch.load(state_file, weights_only=True)  # what save_state writes loads safely
+    marker = tmp_path / "code_ran"
+    torch.save({**state, "history": [_RunsCode(marker)]}, state_file)
+
+    run = TrainingRun(toy_model(), toy_lm_loss, data, config, state_folder=tmp_path, name="sft student")
+    message = rf"sft student: refusing to resume from the training state {re.escape(str(state_file))}"
+    with pytest.raises(RuntimeError, match=rf"{message}: .*\(it names exec\).*delete the file"):
+        run.run()
+    assert not marker.exists()
 
 
 def test_a_state_beyond_the_budget_is_refused(tmp_path):

@@ -166,10 +166,11 @@ def vllm_requests(
     * only our EOS ends a response (`ignore_eos` drops the model's generation-config EOS ids, as
       `eos_token_id=` does for transformers); the EOS comes back as the last token id.
     * `logprobs=0`: the log-probability of the sampled token only.
-    * embedding rows past the tokenizer name no token and are never sampled (logit bias -100).
+    * embedding rows past the tokenizer name no token and are never sampled: a logit bias of -inf, which
+      vllm adds to their logits (a finite bias only lowers them; a row never trained down can still win).
     """
     sample = config.do_sample
-    padding_bias = {row: -100.0 for row in range(n_tokens, n_rows)} or None
+    padding_bias = {row: float("-inf") for row in range(n_tokens, n_rows)} or None
     prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompt_ids]
     params = [
         vllm.SamplingParams(

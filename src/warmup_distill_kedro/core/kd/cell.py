@@ -398,7 +398,10 @@ def _dual_space_cell(
     assert isinstance(dskd, DSKDConfig)
     cross = objective == "dskd_cma"
     wrapper = StudentWithProjectors(
-        copy.deepcopy(student.model), teacher.model.config.hidden_size, cross_attention=cross
+        copy.deepcopy(student.model),
+        teacher.model.config.hidden_size,
+        cross_attention=cross,
+        seed=config.training.seed,
     )
     teacher_model = teacher.model
     training = config.training

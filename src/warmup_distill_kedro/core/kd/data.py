@@ -25,6 +25,7 @@ seeded by (seed, position), so a run that resumes at a position makes the same c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
@@ -178,16 +179,19 @@ class StudentSampledBatches:
             self.reference_loss = loss
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain values only (the buffer's examples as dicts), so that the training state loads with
+        `torch.load(..., weights_only=True)`."""
         return {
             "threshold": self.threshold,
             "reference_loss": self.reference_loss,
-            "buffer": list(self.buffer),
+            "buffer": [dataclasses.asdict(example) for example in self.buffer],
             "counts": dict(self.counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.threshold, self.reference_loss = state["threshold"], state["reference_loss"]
-        self.buffer, self.counts = list(state["buffer"]), dict(state["counts"])
+        self.buffer = [EncodedExample(**example) for example in state["buffer"]]
+        self.counts = dict(state["counts"])
 
 
 def prompt_length(example: EncodedExample) -> int:

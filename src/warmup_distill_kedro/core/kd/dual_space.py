@@ -134,18 +134,26 @@ class StudentWithProjectors(nn.Module):
     t2s: Linear(d_t, d_s), s2t: Linear(d_s, d_t) (with bias, default init); with cross_attention=True
     also `query`: Linear(2 d_s, 2 d_t) for DSKD-CMA. The projectors are float32 on the student's device.
     forward and generate are the student's.
+
+    The projectors' initial weights are drawn from `seed`, not from the global RNG as it happens to be
+    (its state depends on what ran before in the process): the same cell starts from the same projectors
+    in every run, so that a resumed run ends as an uninterrupted one.
     """
 
-    def __init__(self, student: PreTrainedModel, teacher_hidden_size: int, cross_attention: bool = False):
+    def __init__(
+        self, student: PreTrainedModel, teacher_hidden_size: int, cross_attention: bool = False, seed: int = 0
+    ):
         super().__init__()
         if teacher_hidden_size <= 0:
             raise ValueError(f"teacher_hidden_size must be positive, got {teacher_hidden_size}")
         self.student = student
         d_s, d_t = student.get_input_embeddings().embedding_dim, teacher_hidden_size
         device = student.get_input_embeddings().weight.device
-        self.t2s = nn.Linear(d_t, d_s, device=device)
-        self.s2t = nn.Linear(d_s, d_t, device=device)
-        self.query = nn.Linear(2 * d_s, 2 * d_t, device=device) if cross_attention else None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.t2s = nn.Linear(d_t, d_s, device=device)
+            self.s2t = nn.Linear(d_s, d_t, device=device)
+            self.query = nn.Linear(2 * d_s, 2 * d_t, device=device) if cross_attention else None
         self.cross_attention = cross_attention
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

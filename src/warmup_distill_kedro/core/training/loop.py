@@ -24,6 +24,8 @@ import copy
 import logging
 import math
 import os
+import pickle
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from warmup_distill_kedro.core.durable import fsync_dir, fsync_file, partial_path
 from warmup_distill_kedro.core.training.batches import Batch, BatchSource, batch_weight
 from warmup_distill_kedro.core.training.config import TrainingConfig
 from warmup_distill_kedro.core.training.context import (
@@ -214,7 +217,8 @@ class TrainingRun:
             self.data.load_state_dict(data_state)
 
     def save_state(self) -> None:
-        """Write `state_dict()` to the state file atomically: a crash mid-write keeps the previous one.
+        """Write `state_dict()` to the state file atomically and durably: a crash or a power cut mid-write
+        keeps the previous one (the data is synced before the rename, the folder after).
 
         Called on every process (the data sources' states are gathered); only the main one writes.
         """
@@ -225,9 +229,15 @@ class TrainingRun:
         if not self.accelerator.is_main_process:
             return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.state_file.with_suffix(".partial")
-        torch.save(state, partial)
-        os.replace(partial, self.state_file)
+        partial = partial_path(self.state_file)
+        try:
+            torch.save(state, partial)
+            fsync_file(partial)
+            os.replace(partial, self.state_file)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.state_file.parent)
 
     def resume(self) -> bool:
         """Load the saved state when there is one; True when the run continues from it.
@@ -247,7 +257,7 @@ class TrainingRun:
                 f"{self.state_file} that the main process found: the processes of one run must share the "
                 "project's data/ folder (one machine, or a shared filesystem)"
             )
-        state = torch.load(self.state_file, map_location="cpu", weights_only=False)  # our own file
+        state = load_state_file(self.state_file, self.name)
         if state["step"] > self.config.max_steps:
             raise ValueError(
                 f"{self.name}: the saved state {self.state_file} is at step {state['step']}, beyond "
@@ -425,6 +435,29 @@ class TrainingRun:
         self.history.append(record)
         if self.metrics_sink is not None and self.accelerator.is_main_process:
             self.metrics_sink(metrics, self.step)
+
+
+class UnsafeStateError(RuntimeError):
+    """A training state file holds something other than tensors and plain values."""
+
+
+def load_state_file(path: Path, name: str = "train") -> dict[str, Any]:
+    """A saved training state, read with `weights_only=True`: tensors, numbers, strings and containers.
+
+    Resuming is automatic, and a state folder may be writable by others (a shared filesystem): a file
+    that holds any other object (which unpickling would construct, running code it names) is refused.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message advises loading it anyway or allow-listing what it found; keep only the name.
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise UnsafeStateError(
+            f"{name}: refusing to resume from the training state {path}: it holds objects other than tensors "
+            f"and plain values{f' (it names {found[1]})' if found else ''}, so it was not written by this code's "
+            f"save_state (another version, or someone else). It was not loaded; delete the file to start "
+            "this training over"
+        ) from None
 
 
 class _LossModule(torch.nn.Module):

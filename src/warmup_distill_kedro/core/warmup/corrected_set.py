@@ -206,6 +206,7 @@ def _summary(rows: pd.DataFrame, pairs: pd.DataFrame, config: CheckConfig) -> di
         "share_rollouts_corrected": len(pairs) / len(rows),
         "n_pairs": len(pairs),
         "n_flagged_unchanged": int((rows["kind"] == "unchanged").sum()),
+        "n_unflagged": int((rows["kind"] == "unflagged").sum()),  # with the two above: every rollout
         "mean_first_flag_token": _mean(flagged["first_flag"]),
         "mean_first_flag_fraction": _mean(flagged["first_flag"] / flagged["flags"].map(len)),
         "teacher_mean_logp_rejected": _mean(pairs["teacher_mean_logp_rejected"]),
