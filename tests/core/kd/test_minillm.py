@@ -296,7 +296,7 @@ def test_the_mixed_sampler_draws_from_the_mixture(models):
     assert chi2(q) > dof + 4.5 * math.sqrt(2 * dof)  # ...a test that tells the student's own sampler apart
 
 
-def test_rollouts_carry_the_rewards_and_weights_of_their_tokens_and_resume(models):
+def test_rollouts_carry_the_rewards_and_weights_of_their_tokens_and_resume(models, tmp_path):
     tokenizer, teacher, student, train = models
     encoded, _ = encode_examples(tokenizer, train.head(6), 128)
     config = _config(num_rollouts=6, ppo_epochs=2, alpha=0.3, reward_scaling=0.5, cliprange_reward=0.4)
@@ -335,7 +335,9 @@ def test_rollouts_carry_the_rewards_and_weights_of_their_tokens_and_resume(model
     resumed = MiniLLMRollouts(
         encoded, student, teacher, tokenizer, config, sampling, batch_size=3, seed=0, max_length=128
     )
-    resumed.load_state_dict(source.state_dict())
+    state_file = tmp_path / "state.pt"  # through the training state's file, which loads with weights_only
+    torch.save(source.state_dict(), state_file)
+    resumed.load_state_dict(torch.load(state_file, weights_only=True))
     assert all(
         torch.equal(a, b) for a, b in zip(resumed.batch(3).values(), source.batch(3).values(), strict=True)
     )
