@@ -6,6 +6,12 @@ It runs in a project whose bootstrap and warmup outputs exist (after `make demo`
 
     .venv/bin/python experiments/kd_grid.py --variants vanilla warmup control --objectives fkl \\
         --steps 25 50 100 300 --seeds 0 1 2
+    .venv/bin/python experiments/kd_grid.py --variants vanilla --objectives fkl \\
+        --set teacher_cache.enabled=true teacher_cache.top_k=32      # any other distill parameter
+
+Only the cells' nodes run: a setting that changes a shared node's output needs that node run first (the
+teacher's top-k cache: `kedro run --pipeline=distill --nodes=cache_teacher_logits --params=...` with the
+same teacher_cache settings; a cache of other settings is refused, naming them).
 
 Each (budget, seed) runs the distill pipeline restricted to each objective's cells (one timed session per
 objective: the cost column) and then the evaluate pipeline on every chosen cell (the KD set, teachers and
@@ -24,6 +30,7 @@ import time
 from itertools import product
 from pathlib import Path
 
+import yaml
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
@@ -37,6 +44,14 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[300])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--env", default=None)
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more distill parameters, dotted, the value read as YAML: teacher_cache.enabled=true "
+        "teacher_cache.top_k=32",
+    )
     args = parser.parse_args()
     project = Path.cwd()
     bootstrap_project(project)
@@ -49,6 +64,8 @@ def main() -> None:
             "objectives": args.objectives,
             "training": {"max_steps": steps, "seed": seed, "eval_every": max(1, steps // 3)},
         }
+        for setting in args.set:
+            _set_dotted(distill, setting)
         # One session per objective, timed: its cells' wall time per optimizer step is the cost column.
         for objective in args.objectives:
             objective_cells = [f"{v}.{objective}" for v in args.variants]
@@ -70,6 +87,16 @@ def main() -> None:
         )
     )
     print(f"\nwritten: {path}")
+
+
+def _set_dotted(params: dict, setting: str) -> None:
+    key, separator, value = setting.partition("=")
+    if not separator:
+        raise SystemExit(f"--set {setting!r}: expected KEY=VALUE, e.g. teacher_cache.top_k=32")
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        params = params.setdefault(parent, {})
+    params[leaf] = yaml.safe_load(value)
 
 
 def _latest_scores(project: Path, cell: str) -> dict[str, float]:
