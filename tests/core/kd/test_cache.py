@@ -159,6 +159,9 @@ def test_a_stale_cache_is_refused_saying_what_differs(models, encoded, tokenizer
         check_cache(cache, teacher_identity(teacher), encoded[:-1], T)
     with pytest.raises(ValueError, match=r"at temperature 1.7, distill.temperature is 2.0"):
         check_cache(cache, teacher_identity(teacher), encoded, 2.0)
+    check_cache(cache, teacher_identity(teacher), encoded, T, top_k=6)
+    with pytest.raises(ValueError, match=r"keeps the top 6 ids, distill.teacher_cache.top_k is 8"):
+        check_cache(cache, teacher_identity(teacher), encoded, T, top_k=8)
     cache.metadata["format"] = 0
     with pytest.raises(ValueError, match=f"format 0, this code reads format {CACHE_FORMAT}"):
         check_cache(cache, teacher_identity(teacher), encoded, T)

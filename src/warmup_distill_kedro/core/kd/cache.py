@@ -187,12 +187,19 @@ def cache_teacher(
 
 
 def check_cache(
-    cache: TeacherTopK, teacher: dict[str, Any], encoded: Sequence[EncodedExample], temperature: float
+    cache: TeacherTopK,
+    teacher: dict[str, Any],
+    encoded: Sequence[EncodedExample],
+    temperature: float,
+    top_k: int | None = None,
 ) -> None:
-    """Refuse a cache made by another teacher, for other examples, at another temperature or by an older
-    version of this code, naming what differs and how to rebuild."""
+    """Refuse a cache made by another teacher, for other examples, at another temperature, with another
+    `top_k` than the run's (when given) or by an older version of this code, naming what differs and how
+    to rebuild."""
     meta = cache.metadata
     problems = []
+    if top_k is not None and meta.get("top_k") != top_k:
+        problems.append(f"it keeps the top {meta.get('top_k')} ids, distill.teacher_cache.top_k is {top_k}")
     if meta.get("format") != CACHE_FORMAT:
         problems.append(f"it has format {meta.get('format')!r}, this code reads format {CACHE_FORMAT}")
     for key in ("teacher_version", "teacher_digest"):

@@ -299,7 +299,9 @@ def _token_level_cell(
     model = copy.deepcopy(student.model)
     if teacher_topk is not None:
         assert isinstance(kd, KDConfig)  # sinkd needs the teacher's whole distributions: never cached
-        check_cache(teacher_topk, teacher_identity(teacher), encoded, config.temperature)
+        check_cache(
+            teacher_topk, teacher_identity(teacher), encoded, config.temperature, config.teacher_cache.top_k
+        )
         _, pad_id = eos_and_pad_ids(student.tokenizer)
         training = config.training
         source = ShuffledBatches(  # the same order as gold_batches: the same seed, the same examples
