@@ -14,6 +14,7 @@ from warmup_distill_kedro.datasets.directory import (
     CheckpointDataset,
     TokenizerDataset,
 )
+from warmup_distill_kedro.datasets.report import ReportMarkdownDataset
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -24,5 +25,6 @@ __all__ = [
     "AtomicParquetDataset",
     "AtomicTextDataset",
     "CheckpointDataset",
+    "ReportMarkdownDataset",
     "TokenizerDataset",
 ]

@@ -11,7 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import MATH_CORPUS, SMALL, TINY, bpe_tokenizer, tiny_checkpoint, token_ids
+from tests.helpers import (
+    EXPLAIN_CLASSES,
+    EXPLAIN_TASKS,
+    MATH_CORPUS,
+    SMALL,
+    TINY,
+    bpe_tokenizer,
+    explain_records,
+    tiny_checkpoint,
+    token_ids,
+)
 from warmup_distill_kedro.core.evaluation.evaluate import EvaluateConfig
 from warmup_distill_kedro.core.evaluation.explain import (
     ALL,
@@ -263,27 +273,12 @@ def test_a_model_with_another_tokenizer_gets_its_nll_and_no_kl(tokenizer, caplog
 
 
 # ------------------------------------------------------------------------------------------ aggregates
-def _records(subject: str, kl: list[float], nll: list[float], classes: list[str], tasks: list[str]):
-    n = len(kl)
-    variant, objective = subject.split(".")
-    return pd.DataFrame(
-        {
-            "subject": subject, "variant": variant, "objective": objective,
-            "example_id": "e", "task": tasks, "position": list(range(n)), "token_id": 0, "token": "",
-            "token_class": classes, "nll": nll, "student_top_is_gold": pd.array([True] * n, "boolean"),
-            "teacher_entropy": 1.0, "teacher_top_is_gold": pd.array([False] * n, "boolean"),
-            "teacher_top_prob": 0.5, "kl": kl, "kl_top": [v / 4 for v in kl], "kl_rest": [3 * v / 4 for v in kl],
-        }
-    )[RECORD_COLUMNS]  # fmt: skip
-
-
-CLASSES = ["digit", "digit", "operator", "word", "eos"]
-TASKS = ["math", "math", "math", "instruction", "instruction"]
+CLASSES, TASKS = EXPLAIN_CLASSES, EXPLAIN_TASKS
 BEFORE_KL, BEFORE_NLL = [1.0, 3.0, 2.0, 4.0, 8.0], [2.0, 2.0, 1.0, 1.0, 5.0]
 
 
 def test_group_means_by_class_position_and_task():
-    before = _records("vanilla.before_kd", BEFORE_KL, BEFORE_NLL, CLASSES, TASKS)
+    before = explain_records("vanilla.before_kd", BEFORE_KL, BEFORE_NLL, CLASSES, TASKS)
     table = group_means([before])
 
     def mean(task, by, group, measure="kl"):
@@ -307,8 +302,10 @@ def test_group_means_by_class_position_and_task():
 
 
 def test_changes_are_after_minus_before_group_by_group():
-    before = _records("vanilla.before_kd", BEFORE_KL, BEFORE_NLL, CLASSES, TASKS)
-    after = _records("vanilla.fkl", [0.5, 1.5, 2.0, 1.0, 2.0], [1.0, 2.0, 1.0, 0.5, 1.0], CLASSES, TASKS)
+    before = explain_records("vanilla.before_kd", BEFORE_KL, BEFORE_NLL, CLASSES, TASKS)
+    after = explain_records(
+        "vanilla.fkl", [0.5, 1.5, 2.0, 1.0, 2.0], [1.0, 2.0, 1.0, 0.5, 1.0], CLASSES, TASKS
+    )
     changed = changes(group_means([before, after]), [("vanilla.before_kd", "vanilla.fkl")])
     digit = changed[(changed["task"] == ALL) & (changed["group"] == "digit")].iloc[0]
     assert (digit["comparison"], digit["baseline"], digit["variant"], digit["objective"]) == (
