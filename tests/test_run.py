@@ -4,6 +4,7 @@ checkpoints and a user's file."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -383,8 +384,19 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     assert len(version_folders(reporting / "report.md")) == 2
     markdown = _latest(reporting / "report.md").read_text()
     assert "fkl" in markdown and "js" in markdown and "warmup" in markdown
-    for plot in ("accuracy", "kd_curves", "warmup_mismatch"):
+    for plot in ("accuracy", "kd_curves", "warmup_mismatch", "explain_fkl", "explain_js", "explain_warmup"):
         assert _latest(reporting / f"report_{plot}.png").stat().st_size > 1000, plot
+    # The explain section embeds this run's explain plots: each link resolves from the report's file.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown[markdown.index("## What distillation moved") :])
+    assert len(links) == 3 and all(
+        (_latest(reporting / "report.md").parent / link).is_file() for link in links
+    )
+    records = pd.read_parquet(
+        _latest(project_copy / "data/07_model_output/explain/warmup.fkl.explain_tokens.parquet")
+    )
+    assert len(records) > 0 and (records["kl"] >= -1e-6).all()
+    changes = pd.read_csv(_latest(reporting / "explain/explain_changes.csv"))
+    assert set(changes["comparison"]) == {*subjects[4:], "warmup.before_kd", "control.before_kd"}
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
@@ -396,6 +408,14 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
         assert run.data.metrics["evaluation.math.exact_match"] == pytest.approx(
             evaluations[subject]["math"]["exact_match"]
         )
+    # The explain pipeline's tables and plots are artifacts of the run that made them.
+    [explained] = [r for r in runs if r.info.run_name == "__default__"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(explained.info.run_id)}
+    assert {
+        "explain_changes.csv",
+        "report_explain_fkl_plot.png",
+        "report_explain_warmup_plot.png",
+    } <= artifacts
 
 
 def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(project_copy: Path) -> None:

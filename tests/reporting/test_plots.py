@@ -165,6 +165,8 @@ def test_explain_objective_plots_the_changes_of_each_variant():
     assert _heights(kl_axis) == [-0.3] * 4 + [-0.25] * 4  # vanilla's bars, then warmup's
     assert _heights(nll_axis) == [-0.6] * 4 + [-0.5] * 4
     assert _heights(top1_axis) == [0.0] * 8
+    assert [text.get_text() for text in top1_axis.texts] == ["no change in any class"]
+    assert not kl_axis.texts
     assert [line.get_label() for line in kl_position.get_lines()[:2]] == ["vanilla", "warmup"]
     assert list(kl_position.get_lines()[0].get_ydata()) == pytest.approx([-0.3] * 4)
     assert list(kl_position.get_lines()[0].get_xdata()) == ["0", "1", "2-3", "4-7"]

@@ -238,8 +238,10 @@ def explain_warmup(changes: pd.DataFrame, rejected: pd.DataFrame) -> Figure:
     axis = figure.axes[5]
     shares = rejected.set_index("token_class").reindex(list(TOKEN_CLASSES))
     x = np.arange(len(TOKEN_CLASSES))
-    axis.bar(x - 0.2, shares["rejected_share"] * 100.0, 0.4, label="share of rejected tokens")
-    axis.bar(x + 0.2, shares["token_share"] * 100.0, 0.4, label="share of all tokens", color="0.7")
+    axis.bar(x - 0.2, shares["rejected_share"] * 100.0, 0.4, label="first rejected token of a pair")
+    axis.bar(
+        x + 0.2, shares["token_share"] * 100.0, 0.4, label="tokens of the rejected responses", color="0.7"
+    )
     axis.set_xticks(x, list(TOKEN_CLASSES))
     axis.set_ylabel("%")
     axis.set_title(f"classes the check rejected ({int(shares['rejected'].sum())} corrected pairs)")
@@ -290,6 +292,8 @@ def _explain_figure(rows: pd.DataFrame, label: str) -> Figure:
             axes[0][0].text(0.02, 0.95 - 0.08 * i, f"{name}: no KL (another tokenizer)", fontsize=8,
                             transform=axes[0][0].transAxes, va="top")  # fmt: skip
     for axis, (_, what, unit, _) in zip(axes[0], EXPLAIN_MEASURES, strict=True):
+        if all(patch.get_height() == 0.0 for patch in axis.patches):  # zero-height bars draw nothing
+            axis.text(0.5, 0.6, "no change in any class", ha="center", transform=axis.transAxes)
         axis.set_xticks(x, present)
         axis.set_title(f"{what}: change by token class")
         axis.set_ylabel(f"change ({unit})")
