@@ -223,6 +223,12 @@ def test_bad_stage_parameters_fail_before_any_node(project_copy: Path, params, m
     assert not (project_copy / "data/07_model_output").exists()
 
 
+def test_a_bad_explain_parameter_fails_before_any_node(project_copy: Path) -> None:
+    with pytest.raises(Exception, match=r"(?s)explain.*examples.*greater than 0"):
+        _run(project_copy, ["explain"], explain={"examples": 0})
+    assert not (project_copy / "data/07_model_output").exists()
+
+
 def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
     """Same seeds, same inputs: identical rollouts, teacher scores and corrected sets, run after run."""
     _run(project_copy, ["data", "bootstrap"])

@@ -22,6 +22,7 @@ from tests.helpers import (
     tiny_checkpoint,
     token_ids,
 )
+from warmup_distill_kedro.core.evaluation import explain
 from warmup_distill_kedro.core.evaluation.evaluate import EvaluateConfig
 from warmup_distill_kedro.core.evaluation.explain import (
     ALL,
@@ -248,6 +249,15 @@ def test_the_mean_of_the_records_is_evaluates_heldout_kl(tokenizer):
     assert token_records(student, teacher, EXAMPLES, ExplainConfig(), capped, "s", "v", "o")[
         "example_id"
     ].unique().tolist() == ["m1"]
+
+
+def test_records_do_not_depend_on_how_many_rows_are_split_at_once(tokenizer, monkeypatch):
+    teacher = tiny_checkpoint(tokenizer, SMALL, seed=1)
+    student = tiny_checkpoint(tokenizer, TINY, seed=2)
+    whole = token_records(student, teacher, EXAMPLES, ExplainConfig(), EVALUATE, "s", "v", "o")
+    monkeypatch.setattr(explain, "ROWS_PER_CHUNK", 3)  # not a divisor of any batch's response tokens
+    chunked = token_records(student, teacher, EXAMPLES, ExplainConfig(), EVALUATE, "s", "v", "o")
+    pd.testing.assert_frame_equal(chunked, whole)
 
 
 def test_the_teacher_against_itself_has_no_divergence(tokenizer):

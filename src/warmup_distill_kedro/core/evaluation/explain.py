@@ -50,6 +50,8 @@ OPERATOR_CHARACTERS = frozenset("+-*/=×÷<>%^")
 ALL = "all"  # the task or group of a mean over every task or every token
 # Response positions are grouped by powers of two: 0, 1, 2-3, 4-7, ..., 64+.
 POSITION_EDGES: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)
+# Response positions whose KL split is computed at once (each holds a few [rows, vocab] float32 copies).
+ROWS_PER_CHUNK = 1024
 
 RECORD_COLUMNS = [
     "subject", "variant", "objective", "example_id", "task", "position", "token_id", "token",
@@ -227,10 +229,19 @@ def _batch_columns(scores: Any) -> dict[str, np.ndarray]:
             "kl_top": missing,
             "kl_rest": missing,
         }
+    # The split holds several [rows, vocab] temporaries: a bounded number of rows at a time keeps that
+    # within a few times one row block, whatever the batch (a 152k vocabulary is 0.6 MB per row).
+    chunks = [
+        _teacher_columns(teacher[rows], student[rows], targets[rows])
+        for rows in torch.arange(n, device=targets.device).split(ROWS_PER_CHUNK)
+    ]
+    return {**columns, **{key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}}
+
+
+def _teacher_columns(teacher: Tensor, student: Tensor, targets: Tensor) -> dict[str, np.ndarray]:
     kl, kl_top, kl_rest = kl_top_split(teacher, student)
     floored = teacher.clamp(min=LOG_FLOOR)
     return {
-        **columns,
         "teacher_entropy": -(floored.exp() * floored).sum(-1).cpu().numpy(),
         "teacher_top_is_gold": (teacher.argmax(-1) == targets).cpu().numpy().astype(object),
         "teacher_top_prob": teacher.max(-1).values.exp().cpu().numpy(),
