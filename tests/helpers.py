@@ -36,6 +36,7 @@ from kedro.runner import SequentialRunner
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from warmup_distill_kedro.core.evaluation.explain import RECORD_COLUMNS, changes, group_means
 from warmup_distill_kedro.core.models.modeling import Checkpoint, ModelSize, build_model
 from warmup_distill_kedro.core.models.tokenization import (
     TokenizerConfig,
@@ -372,6 +373,41 @@ def train(raw: pd.DataFrame, training: dict) -> tuple[pd.DataFrame, dict]:
         log_step_metrics({"loss": np.float32(1.0 / (step + 1)), "lr": training["lr"]}, step=step)
     metrics = {"final_loss": 0.25, "steps": 3, "note": "not a number", "eval": {"acc": 0.5}}
     return raw.assign(w=raw["x"] * training["lr"]), metrics
+
+
+# -- the explain pipeline's records and tables ------------------------------------------------------------------
+def explain_records(
+    subject: str, kl: Sequence[float], nll: Sequence[float], classes: Sequence[str], tasks: Sequence[str]
+) -> pd.DataFrame:
+    """Token records of `subject` (`<variant>.<objective>`) in core.evaluation.explain's columns, one per
+    value, at positions 0, 1, ...: a quarter of each KL on the teacher's top token, the rest on the rest."""
+    n = len(kl)
+    variant, objective = subject.split(".")
+    return pd.DataFrame(
+        {
+            "subject": subject, "variant": variant, "objective": objective,
+            "example_id": "e", "task": list(tasks), "position": list(range(n)), "token_id": 0, "token": "",
+            "token_class": list(classes), "nll": list(nll), "student_top_is_gold": pd.array([True] * n, "boolean"),
+            "teacher_entropy": 1.0, "teacher_top_is_gold": pd.array([False] * n, "boolean"),
+            "teacher_top_prob": 0.5, "kl": list(kl), "kl_top": [v / 4 for v in kl],
+            "kl_rest": [3 * v / 4 for v in kl],
+        }
+    )[RECORD_COLUMNS]  # fmt: skip
+
+
+EXPLAIN_CLASSES = ["digit", "digit", "operator", "word", "eos"]
+EXPLAIN_TASKS = ["math", "math", "math", "instruction", "instruction"]
+
+
+def explain_changes_table(kl: Mapping[str, float], pairs: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """The explain pipeline's `explain_changes` for subjects whose every token has the KL `kl[subject]`
+    (NLL twice that; NaN: no KL, another tokenizer), compared as (before, after) `pairs`."""
+    records = [
+        explain_records(subject, [value] * 5, [2 * value if value == value else 1.0] * 5,
+                        EXPLAIN_CLASSES, EXPLAIN_TASKS)
+        for subject, value in kl.items()
+    ]  # fmt: skip
+    return changes(group_means(records), pairs)
 
 
 # -- evaluation JSONs and the report's table -----------------------------------------------------------------

@@ -4,6 +4,7 @@ checkpoints and a user's file."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -31,6 +32,37 @@ def _run(project: Path, pipelines: list[str], **runtime_params) -> None:
 def _latest(versioned: Path) -> Path:
     """The file or folder of the newest version of a versioned dataset."""
     return version_folders(versioned)[-1] / versioned.name
+
+
+def _assert_explained(project: Path, subjects: list[str]) -> None:
+    """After a whole flow (`__default__`, grid vanilla and warmup x fkl and js): every subject's token
+    records, the changes after KD and after warmup, the explain plots embedded in the report by links that
+    resolve from its file, and the tables and plots as artifacts of the MLflow run."""
+    reporting = project / "data/08_reporting"
+    for subject in subjects:
+        records = pd.read_parquet(
+            _latest(project / f"data/07_model_output/explain/{subject}.explain_tokens.parquet")
+        )
+        assert len(records) > 0 and (records["subject"] == subject).all() and (records["kl"] >= -1e-6).all()
+    changes = pd.read_csv(_latest(reporting / "explain/explain_changes.csv"))
+    distilled = [s for s in subjects if not s.endswith("before_kd") and s != "teacher"]
+    assert set(changes["comparison"]) == {*distilled, "warmup.before_kd", "control.before_kd"}
+    for plot in ("explain_fkl", "explain_js", "explain_warmup"):
+        assert _latest(reporting / f"report_{plot}.png").stat().st_size > 1000, plot
+    markdown = _latest(reporting / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown[markdown.index("## What distillation moved") :])
+    assert len(links) == 3 and all(
+        (_latest(reporting / "report.md").parent / link).is_file() for link in links
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+    [explained] = [r for r in runs if r.info.run_name == "__default__"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(explained.info.run_id)}
+    assert {
+        "explain_changes.csv",
+        "report_explain_fkl_plot.png",
+        "report_explain_warmup_plot.png",
+    } <= artifacts
 
 
 def test_bootstrap_end_to_end(project_copy: Path) -> None:
@@ -247,6 +279,12 @@ def test_bad_stage_parameters_fail_before_any_node(project_copy: Path, params, m
     assert not (project_copy / "data/07_model_output").exists()
 
 
+def test_a_bad_explain_parameter_fails_before_any_node(project_copy: Path) -> None:
+    with pytest.raises(Exception, match=r"(?s)explain.*examples.*greater than 0"):
+        _run(project_copy, ["explain"], explain={"examples": 0})
+    assert not (project_copy / "data/07_model_output").exists()
+
+
 def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
     """Same seeds, same inputs: identical rollouts, teacher scores and corrected sets, run after run."""
     _run(project_copy, ["data", "bootstrap"])
@@ -379,6 +417,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     subjects = ["teacher", "vanilla.before_kd", "warmup.before_kd", "control.before_kd"] + [
         f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")
     ]
+    _assert_explained(project_copy, subjects)
     evaluations = {
         s: json.loads(_latest(reporting / f"evaluation/{s}.evaluation_metrics.json").read_text())
         for s in subjects

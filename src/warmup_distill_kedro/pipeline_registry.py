@@ -14,7 +14,17 @@ from collections.abc import Callable
 
 from kedro.pipeline import Pipeline
 
-from warmup_distill_kedro.pipelines import bootstrap, check, data, distill, evaluate, probe, report, warmup
+from warmup_distill_kedro.pipelines import (
+    bootstrap,
+    check,
+    data,
+    distill,
+    evaluate,
+    explain,
+    probe,
+    report,
+    warmup,
+)
 
 # Every stage, in the order of the demo flow.
 STAGES: dict[str, Callable[[], Pipeline]] = {
@@ -25,6 +35,7 @@ STAGES: dict[str, Callable[[], Pipeline]] = {
     "warmup": warmup.create_pipeline,
     "distill": distill.create_pipeline,
     "evaluate": evaluate.create_pipeline,
+    "explain": explain.create_pipeline,
     "report": report.create_pipeline,
 }
 DEMO_ONLY = ("bootstrap",)  # builds tiny models from configs; real checkpoints replace it

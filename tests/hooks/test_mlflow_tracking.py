@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 from kedro.framework.hooks.manager import _create_hook_manager
 from kedro.pipeline import Pipeline, node
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
 from tests.helpers import RAW_VERSIONS, SEEN, TRAIN_TAGS, kedro_run, make_context, train, write_raw
@@ -172,6 +174,41 @@ def test_failing_training_node_marks_child_and_parent_failed(project, tmp_path):
     ok = Pipeline([node(evaluate, "raw", "eval_metrics", name="evaluate")])
     kedro_run(hook_manager, context, ok, names=("eval",), session_id="session-ok")
     assert runs_by_name("failing")["eval"].info.status == "FINISHED"
+
+
+def report(raw: pd.DataFrame) -> tuple[pd.DataFrame, Figure, str, dict]:
+    """A node whose outputs are a table, a figure, text and a mapping."""
+    figure = Figure()
+    FigureCanvasAgg(figure)
+    figure.subplots().plot(raw["x"])
+    return raw.assign(y=raw["x"] * 2), figure, "# report", {"rows": len(raw)}
+
+
+def test_outputs_of_nodes_tagged_mlflow_artifacts_are_artifacts_of_the_parent_run(project, tmp_path):
+    hook, hook_manager, context = tracked_context(project, tmp_path, "artifacts")
+    pipeline = Pipeline(
+        [
+            node(
+                report,
+                "raw",
+                ["table", "figure", "text", "summary"],
+                name="report",
+                tags=["mlflow_artifacts"],
+            ),
+            node(lambda table: table, "table", "untagged_table", name="copy"),
+        ]
+    )
+    kedro_run(hook_manager, context, pipeline, names=("demo",), session_id="session-artifacts")
+
+    [parent] = runs_by_name("artifacts").values()
+    client = MlflowClient()
+    artifacts = sorted(artifact.path for artifact in client.list_artifacts(parent.info.run_id))
+    assert artifacts == ["figure.png", "summary.json", "table.csv", "text.md"]  # not untagged_table
+    download = Path(client.download_artifacts(parent.info.run_id, "", str(tmp_path / "artifacts")))
+    assert pd.read_csv(download / "table.csv")["y"].tolist() == [2.0, 4.0, 6.0]
+    assert (download / "text.md").read_text() == "# report"
+    assert json.loads((download / "summary.json").read_text()) == {"rows": 3}
+    assert (download / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_disabled_tracking_touches_no_store(tmp_path):

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from tests.helpers import evaluation
+from tests.helpers import evaluation, explain_changes_table
 from warmup_distill_kedro.reporting.plots import (
     accuracy_by_objective,
+    explain_objective,
+    explain_warmup,
     kd_loss_curves,
     teacher_probability_histograms,
 )
@@ -140,3 +143,65 @@ def test_a_variant_without_history_is_named():
     metrics = {"vanilla": history("kd", [0.5], [0.2]), "warmup": {"final": {"heldout_kl": 0.1}}}
     with pytest.raises(ValueError, match=r"variant 'warmup' \(fkl\): field 'history' is missing"):
         kd_loss_curves(metrics, "fkl")
+
+
+# ------------------------------------------------------------------------------------------- explain
+KD_PAIRS = [("vanilla.before_kd", "vanilla.fkl"), ("warmup.before_kd", "warmup.fkl")]
+WARMUP_PAIRS = [("vanilla.before_kd", "warmup.before_kd"), ("vanilla.before_kd", "control.before_kd")]
+KL = {"vanilla.before_kd": 0.4, "vanilla.fkl": 0.1, "warmup.before_kd": 0.3, "warmup.fkl": 0.05,
+      "control.before_kd": 0.35}  # fmt: skip
+
+
+def _heights(axis) -> list[float]:
+    return [round(patch.get_height(), 9) for patch in axis.patches]
+
+
+def test_explain_objective_plots_the_changes_of_each_variant():
+    figure = explain_objective(explain_changes_table(KL, KD_PAIRS + WARMUP_PAIRS), "fkl")
+    kl_axis, nll_axis, top1_axis, kl_position, nll_position, split = figure.get_axes()
+    # Every token of a subject has the same KL (NLL twice it): each class moved by the subject's change.
+    classes = [tick.get_text() for tick in kl_axis.get_xticklabels()]
+    assert classes == ["digit", "operator", "eos", "word"]  # present classes, in TOKEN_CLASSES order
+    assert _heights(kl_axis) == [-0.3] * 4 + [-0.25] * 4  # vanilla's bars, then warmup's
+    assert _heights(nll_axis) == [-0.6] * 4 + [-0.5] * 4
+    assert _heights(top1_axis) == [0.0] * 8
+    assert [text.get_text() for text in top1_axis.texts] == ["no change in any class"]
+    assert not kl_axis.texts
+    assert [line.get_label() for line in kl_position.get_lines()[:2]] == ["vanilla", "warmup"]
+    assert list(kl_position.get_lines()[0].get_ydata()) == pytest.approx([-0.3] * 4)
+    assert list(kl_position.get_lines()[0].get_xdata()) == ["0", "1", "2-3", "4-7"]
+    assert list(nll_position.get_lines()[1].get_ydata()) == pytest.approx([-0.5] * 4)
+    # A quarter of each KL on the teacher's top token, three quarters on the rest; their sum as points.
+    assert _heights(split) == [-0.075, -0.0625, -0.225, -0.1875]
+    assert split.collections[0].get_offsets()[:, 1].tolist() == pytest.approx([-0.3, -0.25])
+    assert "fkl" in figure._suptitle.get_text()
+
+
+def test_explain_objective_says_when_a_variant_has_no_kl():
+    changes = explain_changes_table({"vanilla.before_kd": float("nan"), "vanilla.fkl": float("nan")},
+                                    KD_PAIRS[:1])  # fmt: skip
+    kl_axis, nll_axis = explain_objective(changes, "fkl").get_axes()[:2]
+    assert "vanilla: no KL (another tokenizer)" in [text.get_text() for text in kl_axis.texts]
+    assert _heights(nll_axis) == [0.0] * 4  # NLL was measured (1.0 before and after)
+
+
+def test_explain_warmup_plots_what_warmup_moved_beside_the_rejected_classes():
+    rejected = pd.DataFrame({"token_class": ["digit", "operator", "eos", "formatting", "word"],
+                             "rejected": [3, 1, 0, 0, 0], "rejected_share": [0.75, 0.25, 0.0, 0.0, 0.0],
+                             "token_share": [0.5, 0.1, 0.1, 0.2, 0.1]})  # fmt: skip
+    figure = explain_warmup(explain_changes_table(KL, KD_PAIRS + WARMUP_PAIRS), rejected)
+    kl_axis, *_, shares = figure.get_axes()
+    assert [t.get_text() for t in kl_axis.get_legend().get_texts()] == ["warmup", "control"]
+    assert _heights(kl_axis) == [-0.1] * 4 + [-0.05] * 4
+    assert _heights(shares) == [75.0, 25.0, 0.0, 0.0, 0.0, 50.0, 10.0, 10.0, 20.0, 10.0]
+    assert "4 corrected pairs" in shares.get_title()
+
+
+def test_explain_plots_name_what_is_missing():
+    changes = explain_changes_table(KL, KD_PAIRS)
+    with pytest.raises(ValueError, match="no rows for objective 'rkl'"):
+        explain_objective(changes, "rkl")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['delta_kl'\]"):
+        explain_objective(changes.drop(columns="delta_kl"), "fkl")
+    with pytest.raises(ValueError, match="no rows for the students before KD"):
+        explain_warmup(changes, pd.DataFrame())

@@ -14,6 +14,7 @@ from warmup_distill_kedro.datasets.directory import (
     CheckpointDataset,
     TokenizerDataset,
 )
+from warmup_distill_kedro.datasets.report import ReportMarkdownDataset
 from warmup_distill_kedro.datasets.teacher_cache import TeacherTopKDataset
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "AtomicParquetDataset",
     "AtomicTextDataset",
     "CheckpointDataset",
+    "ReportMarkdownDataset",
     "TeacherTopKDataset",
     "TokenizerDataset",
 ]

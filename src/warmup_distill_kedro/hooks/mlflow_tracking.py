@@ -16,6 +16,8 @@ Configured by the ``mlflow:`` block of ``conf/<env>/mlflow*.yml`` (see ``trackin
   tags ``evaluation.subject`` / ``variant`` / ``objective`` / ``parent_run_id``, to the run that trained
   the model they measure (the node's first input): the run tagged ``version.save.<model>`` with the
   version that was loaded. So a distilled student's run holds its training curve and its test scores.
+* nodes tagged ``mlflow_artifacts``: each output saved is logged as an artifact of the parent run, named
+  after its dataset (a figure as ``.png``, a table as ``.csv``, text as ``.md``, a mapping as ``.json``).
 * versioned datasets: tags ``version.load.<ds>`` / ``version.save.<ds>`` on the parent run and on the
   child run of the training node that loaded/saved them.
 * status: FINISHED after the pipeline, FAILED for a failing node's child run and, on a pipeline error, for
@@ -40,9 +42,11 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.io import AbstractVersionedDataset, CachedDataset
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -77,6 +81,8 @@ TRAINING_TAG = "training"
 EVALUATION_TAG = "evaluation"
 EVALUATION_PREFIX = "evaluation"
 METRICS_SUFFIX = "_metrics"
+# Outputs of nodes tagged so are logged as artifacts of the parent run (figures, tables, text, mappings).
+ARTIFACTS_TAG = "mlflow_artifacts"
 ERROR_MESSAGE_LENGTH = 4000
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _FAILED = RunStatus.to_string(RunStatus.FAILED)
@@ -454,6 +460,8 @@ class MLflowTrackingHook:
     def after_dataset_saved(self, dataset_name: str, data: Any, node: Node) -> None:
         if not self.tracking:
             return
+        if ARTIFACTS_TAG in node.tags:
+            self._best_effort(f"log {dataset_name!r} as an artifact", self._log_artifact, dataset_name, data)
         version = self._dataset_version(dataset_name, "save")
         if version is None:
             return
@@ -464,6 +472,21 @@ class MLflowTrackingHook:
             self._best_effort("tag a save version", self._client.set_tag, run_id, key, version)
 
     # ----------------------------------------------------------------------------------------- helpers
+    def _log_artifact(self, dataset_name: str, data: Any) -> None:
+        """An output of a node tagged ARTIFACTS_TAG, as an artifact of the parent run named after its
+        dataset: a figure as PNG, a table as CSV, text as Markdown, a mapping as JSON."""
+        run_id = self.parent_run_id
+        if isinstance(data, Figure):
+            self._client.log_figure(run_id, data, f"{dataset_name}.png")
+        elif isinstance(data, pd.DataFrame):
+            self._client.log_text(run_id, data.to_csv(index=False), f"{dataset_name}.csv")
+        elif isinstance(data, str):
+            self._client.log_text(run_id, data, f"{dataset_name}.md")
+        elif isinstance(data, Mapping):
+            self._client.log_dict(run_id, dict(data), f"{dataset_name}.json")
+        else:
+            logger.info("MLflow: %s (%s) is not logged as an artifact", dataset_name, type(data).__name__)
+
     def _env(self, run_params: Mapping[str, Any]) -> str:
         loader = getattr(self._context, "config_loader", None)
         return str(

@@ -1,12 +1,14 @@
 """The comparison table (reporting.table) as a reader sees it: Markdown for the report and the terminal,
-and one summary line per difference for logs."""
+and one summary line per difference for logs; the report's explain section (what KD and warmup moved)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from warmup_distill_kedro.core.evaluation.explain import ALL, TOKEN_CLASSES
 from warmup_distill_kedro.reporting.records import (
     DETERMINISTIC_SEED,
     DISTRIBUTION,
@@ -257,3 +259,155 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
 
 def _signed_points(row: pd.Series) -> str:
     return f"{row['mean'] * 100:+.1f}" if row["status"] == OK else str(row["status"])
+
+
+# --------------------------------------------------------------------------------------------- explain
+# A plot saved beside the report in the same run, linked from it: the report's dataset
+# (datasets.ReportMarkdownDataset) rewrites `report-plot:<file>` into the path from the report's file.
+PLOT_SCHEME = "report-plot:"
+EXPLAIN_TITLE = "## What distillation moved (explain)"
+
+
+def plot_link(filename: str) -> str:
+    return PLOT_SCHEME + filename
+
+
+def resolve_plot_links(markdown: str, version: str | None) -> str:
+    """Each `report-plot:<file>` link as the path from the report's file to that plot, saved in the same
+    run beside it: versioned (Kedro's `<folder>/report.md/<version>/report.md` and
+    `<folder>/<file>/<version>/<file>`), `../../<file>/<version>/<file>`; unversioned, `<file>`."""
+    if version is None:
+        return re.sub(rf"{re.escape(PLOT_SCHEME)}([^)\s]+)", r"\1", markdown)
+    return re.sub(rf"{re.escape(PLOT_SCHEME)}([^)\s]+)", rf"../../\1/{version}/\1", markdown)
+
+
+def explain_section(
+    changes: pd.DataFrame, rejected: pd.DataFrame | None, plots: Mapping[str, str]
+) -> list[str]:
+    """The report's explain section from the explain pipeline's tables: per objective and variant, the
+    change after KD of KL(teacher || student) (with its split at the teacher's top token) and of NLL, by
+    token class and by task; warmup's change before KD beside the classes the check rejected (`rejected`,
+    None when warmup is not in the grid); each plot of `plots` ({objective or "warmup": file}) embedded."""
+    overall = changes[(changes["task"] == ALL) & (changes["by"] == "class")]
+    kd = overall[overall["objective"] != BEFORE_KD]
+    tokens = int(overall["tokens"].max()) if not overall.empty else 0
+    parts = [
+        EXPLAIN_TITLE,
+        "",
+        f"Every model scored on the same held-out gold responses ({tokens} tokens); change = after - before, "
+        "in nats per token. KL(teacher || student) splits exactly at the teacher's most likely token k: "
+        "KL(p || q) = KL(b_p || b_q) + (1 - p_k) KL(p~ || q~), the first term about the top token against "
+        "the rest, the second about the shape of the rest (docs/method.md).",
+        "",
+    ]
+    if not kd.empty:
+        parts += _explain_kd_tables(kd, changes)
+    for objective in dict.fromkeys(kd["objective"]):
+        if objective in plots:
+            parts += [f"![{objective}: where KD moved the student]({plot_link(plots[objective])})", ""]
+    warmup = overall[(overall["baseline"] == f"vanilla.{BEFORE_KD}") & (overall["objective"] == BEFORE_KD)]
+    if rejected is not None and not warmup.empty:
+        parts += _explain_warmup_table(warmup, rejected)
+        if "warmup" in plots:
+            parts += [f"![warmup: what it moved before KD]({plot_link(plots['warmup'])})", ""]
+    no_kl = sorted(set(overall.loc[overall["delta_kl"].isna() & (overall["group"] == ALL), "comparison"]))
+    if no_kl:
+        parts += [f"- No KL for {', '.join(no_kl)}: a tokenizer differs from the teacher's (NLL only).", ""]
+    return parts
+
+
+def _explain_kd_tables(kd: pd.DataFrame, changes: pd.DataFrame) -> list[str]:
+    totals = kd[kd["group"] == ALL]
+    by_class = kd[kd["group"] != ALL]
+    rows = []
+    for _, total in totals.iterrows():
+        mine = by_class[by_class["comparison"] == total["comparison"]]
+        fell_most = mine.loc[mine["delta_kl"].idxmin(), "group"] if mine["delta_kl"].notna().any() else ""
+        rows.append(
+            [total["objective"], total["variant"],
+             *(_delta(total[f"delta_{m}"]) for m in ("kl", "kl_top", "kl_rest", "nll")), fell_most]
+        )  # fmt: skip
+    header = ["objective", "variant", "KL", "KL top token", "KL rest", "NLL", "KL fell most on"]
+    parts = [
+        "Table 3. Change after KD over every token: KL(teacher || student), its two parts, NLL, and the "
+        "token class whose KL fell most.",
+        "",
+        *_markdown_table(header, rows),
+        "",
+    ]
+    classes = [c for c in TOKEN_CLASSES if c in set(by_class["group"])]
+    parts += [
+        "Table 4. Change after KD of KL / NLL by token class (every task).",
+        "",
+        *_markdown_table(
+            ["objective", "variant", *classes], _explain_rows(totals, by_class, "group", classes)
+        ),
+        "",
+    ]
+    tasks = changes[(changes["by"] == "class") & (changes["group"] == ALL) & (changes["task"] != ALL)]
+    task_names = sorted(set(tasks["task"]))
+    if len(task_names) > 1:
+        parts += [
+            "Table 5. Change after KD of KL / NLL by task (every token).",
+            "",
+            *_markdown_table(
+                ["objective", "variant", *task_names], _explain_rows(totals, tasks, "task", task_names)
+            ),
+            "",
+        ]
+    return parts
+
+
+def _explain_rows(
+    totals: pd.DataFrame, cells: pd.DataFrame, column: str, names: Sequence[str]
+) -> list[list[str]]:
+    """One row per comparison of `totals`: `KL / NLL` change in each of `names` (values of `column`)."""
+    rows = []
+    for _, total in totals.iterrows():
+        mine = cells[cells["comparison"] == total["comparison"]].set_index(column)
+        row = [total["objective"], total["variant"]]
+        for name in names:
+            row.append(
+                f"{_delta(mine.loc[name, 'delta_kl'])} / {_delta(mine.loc[name, 'delta_nll'])}"
+                if name in mine.index
+                else ""
+            )
+        rows.append(row)
+    return rows
+
+
+def _explain_warmup_table(warmup: pd.DataFrame, rejected: pd.DataFrame) -> list[str]:
+    variants = list(dict.fromkeys(warmup["variant"]))
+    shares = rejected.set_index("token_class")
+    header = ["token class", *(f"{v}: KL / NLL" for v in variants), "rejected (% of pairs)", "tokens (%)"]
+    rows = []
+    for token_class in [*TOKEN_CLASSES, ALL]:
+        row = [token_class]
+        for variant in variants:
+            cell = warmup[(warmup["variant"] == variant) & (warmup["group"] == token_class)]
+            row.append(
+                f"{_delta(cell['delta_kl'].iloc[0])} / {_delta(cell['delta_nll'].iloc[0])}"
+                if not cell.empty
+                else ""
+            )
+        if token_class in shares.index:
+            row += [f"{100 * shares.loc[token_class, 'rejected_share']:.1f}",
+                    f"{100 * shares.loc[token_class, 'token_share']:.1f}"]  # fmt: skip
+        else:
+            row += [f"{int(shares['rejected'].sum())} pairs", "100.0"]
+        rows.append(row)
+    return [
+        "### Warmup, before KD",
+        "",
+        "Table 6. What warmup moved before any KD: change of KL / NLL by token class, each student before KD "
+        "- the vanilla one (control: warmup's steps as plain SFT), beside the classes of the tokens the "
+        "check rejected in the corrected set (first rejected token of each pair; row all: the number of "
+        "pairs) and their share of the rejected responses' tokens.",
+        "",
+        *_markdown_table(header, rows),
+        "",
+    ]
+
+
+def _delta(value: float) -> str:
+    return "missing" if pd.isna(value) else f"{value:+.3g}"

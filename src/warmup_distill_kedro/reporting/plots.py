@@ -1,5 +1,6 @@
 """Figures of the report: accuracy per objective, the teacher-probability histograms before and after
-warmup, and the KD loss curves of one objective per student variant.
+warmup, the KD loss curves of one objective per student variant, and what KD (per objective) and warmup
+moved on held-out gold tokens (the explain pipeline's changes).
 
 Figures are built as ``matplotlib.figure.Figure`` objects on the Agg canvas, never through pyplot, so
 building one neither opens a window nor touches the caller's current figure; the caller saves or
@@ -16,7 +17,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from warmup_distill_kedro.core.evaluation.explain import ALL as EXPLAIN_ALL
+from warmup_distill_kedro.core.evaluation.explain import POSITION_BUCKETS, TOKEN_CLASSES
 from warmup_distill_kedro.reporting.table import (
+    BEFORE_KD,
     DELTA_VARIANTS,
     OBJECTIVE_LABELS,
     OK,
@@ -209,3 +213,110 @@ def sampled_token_probabilities(
         axis.legend()
     axis.set_title(f"{len(probabilities)} tokens of {len(teacher_logprobs)} student rollouts")
     return figure
+
+
+# ------------------------------------------------------------------------------------------- explain
+def explain_objective(changes: pd.DataFrame, objective: str) -> Figure:
+    """Where KD with ``objective`` moved each variant's student on held-out gold tokens (the
+    ``explain_changes`` table, after - before KD): KL(teacher || student), NLL and top-1 accuracy by token
+    class, KL and NLL by response position, and the KL change split into the teacher's top token and the
+    rest."""
+    rows = _explain_rows(changes, changes["objective"] == objective, f"objective {objective!r}")
+    figure = _explain_figure(rows, "variant")
+    _top_and_rest(figure.axes[5], rows)
+    figure.suptitle(f"{objective}: where KD moved the student (after - before KD, held-out gold tokens)")
+    return figure
+
+
+def explain_warmup(changes: pd.DataFrame, rejected: pd.DataFrame) -> Figure:
+    """Which tokens warmup moved before any KD (``warmup.before_kd`` - ``vanilla.before_kd``, and the
+    fairness control beside it), against the classes of the tokens the check stage rejected in the
+    corrected set (``explain_rejected``: share of the rejections vs share of all tokens)."""
+    before_kd = (changes["baseline"] == f"vanilla.{BEFORE_KD}") & (changes["objective"] == BEFORE_KD)
+    rows = _explain_rows(changes, before_kd, "the students before KD against the vanilla one")
+    figure = _explain_figure(rows, "variant")
+    axis = figure.axes[5]
+    shares = rejected.set_index("token_class").reindex(list(TOKEN_CLASSES))
+    x = np.arange(len(TOKEN_CLASSES))
+    axis.bar(x - 0.2, shares["rejected_share"] * 100.0, 0.4, label="first rejected token of a pair")
+    axis.bar(
+        x + 0.2, shares["token_share"] * 100.0, 0.4, label="tokens of the rejected responses", color="0.7"
+    )
+    axis.set_xticks(x, list(TOKEN_CLASSES))
+    axis.set_ylabel("%")
+    axis.set_title(f"classes the check rejected ({int(shares['rejected'].sum())} corrected pairs)")
+    axis.legend(fontsize=8)
+    figure.suptitle("warmup: what it moved before KD (student - vanilla student, held-out gold tokens)")
+    return figure
+
+
+def _explain_rows(changes: pd.DataFrame, selected: pd.Series, what: str) -> pd.DataFrame:
+    absent = [c for c in ("variant", "task", "by", "group", "delta_kl", "delta_nll") if c not in changes]
+    if absent:
+        raise ValueError(f"explain_changes: missing column(s) {absent}; expected explain.changes' output")
+    rows = changes[selected & (changes["task"] == EXPLAIN_ALL)]
+    if rows.empty:
+        raise ValueError(f"explain_changes: no rows for {what}")
+    return rows
+
+
+# The explain figures' panels of one row: (delta column, what it is, unit, scale).
+EXPLAIN_MEASURES = (
+    ("delta_kl", "KL(teacher || student)", "nats per token", 1.0),
+    ("delta_nll", "NLL of the gold token", "nats per token", 1.0),
+    ("delta_student_top_is_gold", "top-1 accuracy", "points", 100.0),  # top token = gold
+)
+
+
+def _explain_figure(rows: pd.DataFrame, label: str) -> Figure:
+    """Six panels (2 x 3), the last left to the caller: the change of KL, NLL and top-1 accuracy by
+    token class (one bar per ``label``), then KL and NLL by response position (one line per ``label``)."""
+    figure = Figure(figsize=(15.0, 8.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 3)
+    labels = list(dict.fromkeys(rows[label]))
+    classes = rows[rows["by"] == "class"]
+    present = [c for c in TOKEN_CLASSES if c in set(classes["group"])]
+    positions = rows[(rows["by"] == "position") & (rows["group"] != EXPLAIN_ALL)]
+    buckets = [b for b in POSITION_BUCKETS if b in set(positions["group"])]
+    width = 0.8 / len(labels)
+    x = np.arange(len(present))
+    for i, name in enumerate(labels):
+        by_class = classes[classes[label] == name].set_index("group").reindex(present)
+        by_position = positions[positions[label] == name].set_index("group").reindex(buckets)
+        for axis, (column, _, _, scale) in zip(axes[0], EXPLAIN_MEASURES, strict=True):
+            axis.bar(x - 0.4 + width * (i + 0.5), by_class[column] * scale, width, label=name, color=f"C{i}")
+        for axis, (column, _, _, scale) in zip(axes[1][:2], EXPLAIN_MEASURES[:2], strict=True):
+            axis.plot(buckets, by_position[column] * scale, marker="o", label=name, color=f"C{i}")
+        if by_class["delta_kl"].isna().all():
+            axes[0][0].text(0.02, 0.95 - 0.08 * i, f"{name}: no KL (another tokenizer)", fontsize=8,
+                            transform=axes[0][0].transAxes, va="top")  # fmt: skip
+    for axis, (_, what, unit, _) in zip(axes[0], EXPLAIN_MEASURES, strict=True):
+        if all(patch.get_height() == 0.0 for patch in axis.patches):  # zero-height bars draw nothing
+            axis.text(0.5, 0.6, "no change in any class", ha="center", transform=axis.transAxes)
+        axis.set_xticks(x, present)
+        axis.set_title(f"{what}: change by token class")
+        axis.set_ylabel(f"change ({unit})")
+    for axis, (_, what, unit, _) in zip(axes[1][:2], EXPLAIN_MEASURES[:2], strict=True):
+        axis.set_title(f"{what}: change by response position")
+        axis.set_xlabel("position in the response (tokens)")
+        axis.set_ylabel(f"change ({unit})")
+    for axis in [*axes[0], *axes[1][:2]]:
+        axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.legend(fontsize=8)
+    return figure
+
+
+def _top_and_rest(axis: Any, rows: pd.DataFrame) -> None:
+    """Per variant: the KL change on the teacher's top token, on the rest, and their sum."""
+    overall = rows[(rows["by"] == "class") & (rows["group"] == EXPLAIN_ALL)].set_index("variant")
+    x = np.arange(len(overall))
+    axis.bar(x - 0.2, overall["delta_kl_top"], 0.4, label="top token: KL(b_p || b_q)")
+    axis.bar(x + 0.2, overall["delta_kl_rest"], 0.4, label="rest: (1 - p_k) KL(p~ || q~)")
+    axis.scatter(x, overall["delta_kl"], color="black", zorder=3, label="KL (their sum)")
+    axis.set_xticks(x, list(overall.index))
+    axis.set_title("KL change: the teacher's top token vs the rest")
+    axis.set_ylabel("change (nats per token)")
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.margins(y=0.3)  # room for the legend
+    axis.legend(fontsize=8, loc="best")

@@ -1,12 +1,14 @@
 """The `report` pipeline on an in-memory catalog, built for the grid {vanilla, warmup} x {fkl}: the table of
-every subject's evaluation, its Markdown, and the plots (the warmup mismatch because warmup is in the grid)."""
+every subject's evaluation, its Markdown ending with the explain section, and the plots (the warmup
+mismatch and what warmup moved because warmup is in the grid)."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from tests.helpers import evaluation, row, run_pipeline
+from tests.helpers import evaluation, explain_changes_table, markdown_rows, row, run_pipeline
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
 from warmup_distill_kedro.pipelines.report.pipeline import create_pipeline
@@ -26,6 +28,9 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
         "plot_accuracy",
         "plot_kd_curves",
         "plot_warmup_mismatch",
+        "plot_explain_fkl",
+        "plot_explain_warmup",
+        "add_explain_section",
     }
     exact_match = {
         "teacher": 0.9,
@@ -54,6 +59,29 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
                 variants=["vanilla", "warmup"], objectives=["fkl"], training=TRAINING
             ),
             "params:check": CheckParams(tau=0.1),
+            "explain_changes": explain_changes_table(
+                {
+                    "vanilla.before_kd": 0.4,
+                    "vanilla.fkl": 0.1,
+                    "warmup.before_kd": 0.3,
+                    "control.before_kd": 0.35,
+                    "warmup.fkl": 0.05,
+                },
+                [
+                    ("vanilla.before_kd", "vanilla.fkl"),
+                    ("warmup.before_kd", "warmup.fkl"),
+                    ("vanilla.before_kd", "warmup.before_kd"),
+                    ("vanilla.before_kd", "control.before_kd"),
+                ],
+            ),  # fmt: skip
+            "explain_rejected": pd.DataFrame(
+                {
+                    "token_class": ["digit", "operator", "eos", "formatting", "word"],
+                    "rejected": [3, 1, 0, 0, 0],
+                    "rejected_share": [0.75, 0.25, 0, 0, 0],
+                    "token_share": [0.5, 0.1, 0.1, 0.2, 0.1],
+                }
+            ),  # fmt: skip
         },
     )
     table = outputs["report_table"]
@@ -63,8 +91,15 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
     assert (table["status"] == "ok").all()
     markdown = outputs["report_markdown"]
     assert markdown.startswith("# Warmup-Distill") and "+6.0" in markdown
-    for name in ("report_accuracy_plot", "report_kd_curves_plot", "report_warmup_mismatch_plot"):
-        assert isinstance(outputs[name], Figure), name
+    for name in ("accuracy", "kd_curves", "warmup_mismatch", "explain_fkl", "explain_warmup"):
+        assert isinstance(outputs[f"report_{name}_plot"], Figure), name
+    # The explain section ends the report and embeds the plots of this run (datasets.ReportMarkdownDataset
+    # turns the links into paths).
+    assert markdown.startswith(outputs["report_tables_markdown"].rstrip("\n"))
+    explain = markdown[markdown.index("## What distillation moved") :]
+    assert "(report-plot:report_explain_fkl.png)" in explain
+    assert "(report-plot:report_explain_warmup.png)" in explain
+    assert markdown_rows(explain, "fkl")[0][:3] == ["fkl", "vanilla", "-0.3"]
     curves = outputs["report_kd_curves_plot"].get_axes()[0].get_lines()
     assert [(line.get_label(), list(line.get_ydata())) for line in curves] == [
         ("vanilla", [0.9, 0.6]),
@@ -81,8 +116,10 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
 def test_without_warmup_in_the_grid_there_is_no_mismatch_plot(use_grid):
     use_grid(["vanilla"], ["fkl", "js"])
     pipeline = create_pipeline()
-    assert "plot_warmup_mismatch" not in {n.name for n in pipeline.nodes}
+    assert not {"plot_warmup_mismatch", "plot_explain_warmup"} & {n.name for n in pipeline.nodes}
+    assert {"plot_explain_fkl", "plot_explain_js"} <= {n.name for n in pipeline.nodes}
     assert pipeline.inputs() == {
+        "explain_changes",  # no explain_rejected: warmup is not in the grid
         "params:distill",
         "teacher.evaluation_metrics",
         "vanilla.before_kd.evaluation_metrics",

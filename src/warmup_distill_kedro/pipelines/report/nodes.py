@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -11,9 +11,11 @@ from matplotlib.figure import Figure
 
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
-from warmup_distill_kedro.reporting.markdown import render_markdown, summary_lines
+from warmup_distill_kedro.reporting.markdown import explain_section, render_markdown, summary_lines
 from warmup_distill_kedro.reporting.plots import (
     accuracy_by_objective,
+    explain_objective,
+    explain_warmup,
     kd_loss_curves,
     teacher_probability_histograms,
 )
@@ -60,3 +62,31 @@ def curves_function(variants: Sequence[str], objective: str) -> Callable[..., Fi
         return kd_loss_curves(dict(zip(variants, metrics, strict=True)), objective)
 
     return plot_kd_curves
+
+
+def explain_section_function(plots: Mapping[str, str]) -> Callable[..., str]:
+    """The node that ends the report with the explain section, embedding `plots` ({objective or
+    "warmup": file}); inputs: the report's Markdown, explain_changes, then explain_rejected when warmup is
+    compared."""
+
+    def add_explain_section(
+        markdown: str, changes: pd.DataFrame, rejected: pd.DataFrame | None = None
+    ) -> str:
+        return "\n".join([markdown.rstrip("\n"), "", *explain_section(changes, rejected, plots)])
+
+    return add_explain_section
+
+
+def explain_plot_function(objective: str) -> Callable[[pd.DataFrame], Figure]:
+    """The node that plots where KD with `objective` moved each variant's student."""
+
+    def plot_explain(changes: pd.DataFrame) -> Figure:
+        return explain_objective(changes, objective)
+
+    plot_explain.__name__ = plot_explain.__qualname__ = f"plot_explain_{objective}"
+    return plot_explain
+
+
+def plot_explain_warmup(changes: pd.DataFrame, rejected: pd.DataFrame) -> Figure:
+    """What warmup moved before KD, against the classes of the tokens the check rejected."""
+    return explain_warmup(changes, rejected)

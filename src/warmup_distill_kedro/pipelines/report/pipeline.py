@@ -9,12 +9,19 @@ import warnings
 from kedro.pipeline import Pipeline, node
 
 from warmup_distill_kedro import grid
+from warmup_distill_kedro.pipelines.explain.pipeline import compares_warmup
 from warmup_distill_kedro.pipelines.report.nodes import (
     curves_function,
+    explain_plot_function,
+    explain_section_function,
     plot_accuracy,
+    plot_explain_warmup,
     plot_warmup_mismatch,
     report_function,
 )
+
+# The report's Markdown before its explain section (in memory: `add_explain_section` writes report_markdown).
+REPORT_TABLES = "report_tables_markdown"
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -25,7 +32,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         # The report reads the grid's outputs by the full names their namespaces give them
         # (`warmup.fkl.evaluation_metrics`); Kedro warns about any dotted name outside a namespace.
         warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
-        return Pipeline(_nodes(subjects, variants, cells[0].objective), tags=["report"])
+        nodes = [*_nodes(subjects, variants, cells[0].objective), *_explain_nodes(cells)]
+        return Pipeline(nodes, tags=["report"])
 
 
 def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> list:
@@ -33,7 +41,7 @@ def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> li
         node(
             report_function(subjects),
             ["params:distill", *(f"{s}.evaluation_metrics" for s in subjects)],
-            ["report_table", "report_markdown"],
+            ["report_table", REPORT_TABLES],
             name="build_report",
         ),
         node(plot_accuracy, "report_table", "report_accuracy_plot", name="plot_accuracy"),
@@ -56,4 +64,44 @@ def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> li
                 name="plot_warmup_mismatch",
             )
         )
+    return nodes
+
+
+def _explain_nodes(cells: list[grid.Cell]) -> list:
+    """One plot per objective of where KD moved the students, warmup's plot when it is compared, and the
+    report's explain section embedding them (explain pipeline's tables in)."""
+    objectives = list(dict.fromkeys(cell.objective for cell in cells))
+    plots = {objective: f"explain_{objective}" for objective in objectives}
+    rejected = []
+    if compares_warmup(cells):
+        plots["warmup"] = "explain_warmup"
+        rejected = ["explain_rejected"]
+    nodes = [
+        node(
+            explain_plot_function(objective),
+            "explain_changes",
+            f"report_{plots[objective]}_plot",
+            name=f"plot_explain_{objective}",
+            tags=["mlflow_artifacts"],
+        )
+        for objective in objectives
+    ]
+    if rejected:
+        nodes.append(
+            node(
+                plot_explain_warmup,
+                ["explain_changes", *rejected],
+                "report_explain_warmup_plot",
+                name="plot_explain_warmup",
+                tags=["mlflow_artifacts"],
+            )
+        )
+    nodes.append(
+        node(
+            explain_section_function({key: f"report_{name}.png" for key, name in plots.items()}),
+            [REPORT_TABLES, "explain_changes", *rejected],
+            "report_markdown",
+            name="add_explain_section",
+        )
+    )
     return nodes
