@@ -13,7 +13,7 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from tests.helpers import version_folders
+from tests.helpers import TEST_DATA, version_folders
 from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
 from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.datasets import COMPLETE_MARKER
@@ -36,18 +36,19 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
     _run(project_copy, ["data", "bootstrap"])
 
     for split in ("train", "validation", "test"):
-        assert (project_copy / f"data/03_primary/{split}_examples.parquet").is_file()
+        assert (project_copy / f"{TEST_DATA}/03_primary/{split}_examples.parquet").is_file()
     for name in ("teacher_model", "student_model", "student_tokenizer"):
-        versions = version_folders(project_copy / "data/06_models" / name)
+        versions = version_folders(project_copy / f"{TEST_DATA}/06_models" / name)
         assert len(versions) == 1, name
         checkpoint = versions[0] / name
         assert (checkpoint / COMPLETE_MARKER).is_file()
     assert (
-        version_folders(project_copy / "data/06_models/teacher_model")[0] / "teacher_model/config.json"
+        version_folders(project_copy / f"{TEST_DATA}/06_models/teacher_model")[0]
+        / "teacher_model/config.json"
     ).is_file()
 
     summary_file = next(
-        (project_copy / "data/08_reporting/bootstrap_summary.json").glob("*/bootstrap_summary.json")
+        (project_copy / f"{TEST_DATA}/08_reporting/bootstrap_summary.json").glob("*/bootstrap_summary.json")
     )
     summary = json.loads(summary_file.read_text())
     assert summary["math_test_examples"] == 8
@@ -66,21 +67,21 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
     assert "loss" in teacher_run.data.metrics and "eval/validation_nll" in teacher_run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(teacher_run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # log_every 2 over 6 steps
-    saved_version = version_folders(project_copy / "data/06_models/teacher_model")[0].name
+    saved_version = version_folders(project_copy / f"{TEST_DATA}/06_models/teacher_model")[0].name
     assert parents[0].data.tags["version.save.teacher_model"] == saved_version
 
 
 def test_bootstrap_alone_reuses_the_latest_splits(project_copy: Path) -> None:
     _run(project_copy, ["data"])
     _run(project_copy, ["bootstrap"])
-    assert len(version_folders(project_copy / "data/06_models/student_model")) == 1
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/student_model")) == 1
 
 
 def test_a_bad_parameter_fails_before_any_node_runs(project_copy: Path) -> None:
     with pytest.raises(Exception, match=r"(?s)bootstrap\.teacher.*max_steps") as error:
         _run(project_copy, ["data", "bootstrap"], bootstrap={"teacher": {"training": {"max_steps": 0}}})
     assert "greater than 0" in str(error.value)
-    assert not (project_copy / "data/02_intermediate/examples.parquet").exists()
+    assert not (project_copy / f"{TEST_DATA}/02_intermediate/examples.parquet").exists()
 
 
 def _save_hugging_face_folder(folder: Path, hidden_size: int, tokenizer, padding_rows: int = 0) -> None:
@@ -156,9 +157,11 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     for checkpoint in (teacher, student):
         assert checkpoint.tokenizer(text, add_special_tokens=False)["input_ids"] == expected
     # Bootstrap did not run; the stages after it did, from the given checkpoints.
-    assert not (project_copy / "data/06_models/teacher_model").exists()
-    assert not (project_copy / "data/06_models/student_tokenizer").exists()
-    warmup = _latest(project_copy / "data/06_models/student_warmup")
+    assert not (project_copy / "data/gpu/06_models/teacher_model").exists()
+    assert not (project_copy / "data/gpu/06_models/student_tokenizer").exists()
+    # The gpu environment writes under its own data root (conf/gpu/globals.yml), never into the demo's.
+    assert not (project_copy / "data/03_primary").exists() and not (project_copy / "data/06_models").exists()
+    warmup = _latest(project_copy / "data/gpu/06_models/student_warmup")
     started_from = json.loads((warmup / "checkpoint_meta.json").read_text())["started_from"]
     assert started_from["path"] == started_from["source"] == str(project_copy / "student")
 
@@ -167,7 +170,7 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     _run(project_copy, ["data", "bootstrap"])
     _run(project_copy, ["probe", "check", "warmup"])
 
-    rollouts = pd.read_parquet(_latest(project_copy / "data/07_model_output/rollouts.parquet"))
+    rollouts = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/rollouts.parquet"))
     assert len(rollouts) == 6 * 2  # conf/test: 6 prompts x 2 samples
     for column in ("prompt_id", "prompt", "response", "sample_index", "token_ids", "logprobs", "finished"):
         assert column in rollouts, column
@@ -175,22 +178,28 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
         len(ids) == len(lp) for ids, lp in zip(rollouts["token_ids"], rollouts["logprobs"], strict=True)
     )
 
-    corrected = pd.read_parquet(_latest(project_copy / "data/07_model_output/corrected_set.parquet"))
-    summary = json.loads(_latest(project_copy / "data/08_reporting/check_summary.json").read_text())
+    corrected = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/corrected_set.parquet"))
+    summary = json.loads(_latest(project_copy / f"{TEST_DATA}/08_reporting/check_summary.json").read_text())
     assert summary["n_rollouts"] == len(rollouts)
     assert summary["n_pairs"] == len(corrected) > 0
     assert (corrected["chosen"] != corrected["rejected"]).all()
     assert (corrected["flag_char"] >= 0).all()
-    assert _latest(project_copy / "data/08_reporting/teacher_prob_histogram.png").stat().st_size > 1000
-    warmup = _latest(project_copy / "data/06_models/student_warmup")
+    assert (
+        _latest(project_copy / f"{TEST_DATA}/08_reporting/teacher_prob_histogram.png").stat().st_size > 1000
+    )
+    warmup = _latest(project_copy / f"{TEST_DATA}/06_models/student_warmup")
     assert (warmup / COMPLETE_MARKER).is_file()
     assert json.loads((warmup / "checkpoint_meta.json").read_text())["stage"] == "warmup"
     control = json.loads(
-        (_latest(project_copy / "data/06_models/student_control") / "checkpoint_meta.json").read_text()
+        (
+            _latest(project_copy / f"{TEST_DATA}/06_models/student_control") / "checkpoint_meta.json"
+        ).read_text()
     )
     warmup_meta = json.loads((warmup / "checkpoint_meta.json").read_text())
     assert control["stage"] == "warmup_control" and control["steps"] == warmup_meta["steps"]
-    control_metrics = json.loads(_latest(project_copy / "data/08_reporting/control_metrics.json").read_text())
+    control_metrics = json.loads(
+        _latest(project_copy / f"{TEST_DATA}/08_reporting/control_metrics.json").read_text()
+    )
     assert control_metrics["rows"] == summary["n_pairs"]  # one gold row per warmup pair: the same prompts
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
@@ -202,7 +211,7 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     assert "nll" in control_run.data.metrics and control_run.data.tags["stage"] == "control"
 
     _run(project_copy, ["warmup"])  # alone, on the latest corrected set
-    assert len(version_folders(project_copy / "data/06_models/student_warmup")) == 2
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/student_warmup")) == 2
 
 
 @pytest.mark.parametrize(
@@ -219,7 +228,7 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
 def test_bad_stage_parameters_fail_before_any_node(project_copy: Path, params, message) -> None:
     with pytest.raises(Exception, match=message):
         _run(project_copy, ["probe", "check", "warmup", "distill"], **params)
-    assert not (project_copy / "data/07_model_output").exists()
+    assert not (project_copy / f"{TEST_DATA}/07_model_output").exists()
 
 
 def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
@@ -228,13 +237,13 @@ def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
     _run(project_copy, ["probe", "check"])
     _run(project_copy, ["probe", "check"])
     for name in ("rollouts", "scored_rollouts", "corrected_set"):
-        first, second = version_folders(project_copy / f"data/07_model_output/{name}.parquet")
+        first, second = version_folders(project_copy / f"{TEST_DATA}/07_model_output/{name}.parquet")
         pd.testing.assert_frame_equal(
             pd.read_parquet(first / f"{name}.parquet"), pd.read_parquet(second / f"{name}.parquet")
         )
     summaries = [
         json.loads((v / "check_summary.json").read_text())
-        for v in version_folders(project_copy / "data/08_reporting/check_summary.json")
+        for v in version_folders(project_copy / f"{TEST_DATA}/08_reporting/check_summary.json")
     ]
     assert summaries[0] == summaries[1]
 
@@ -244,10 +253,12 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     _run(project_copy, ["distill"])  # conf/test: variants vanilla, warmup x objectives fkl, js
     cells = [f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")]
     for cell in cells:
-        checkpoint = _latest(project_copy / f"data/06_models/distilled/{cell}.student")
+        checkpoint = _latest(project_copy / f"{TEST_DATA}/06_models/distilled/{cell}.student")
         meta = json.loads((checkpoint / "checkpoint_meta.json").read_text())
         assert (meta["variant"], meta["objective"]) == tuple(cell.split("."))
-        assert _latest(project_copy / f"data/08_reporting/distill/{cell}.distill_metrics.json").is_file()
+        assert _latest(
+            project_copy / f"{TEST_DATA}/08_reporting/distill/{cell}.distill_metrics.json"
+        ).is_file()
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     distill_runs = [r for r in runs if r.data.tags.get("stage") == "distill"]
@@ -259,15 +270,17 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     _run(project_copy, ["distill"], distill={"variants": ["warmup"], "objectives": ["fkl"]})
     # The equal-step SFT baseline from the fairness-control student: no teacher in the loss.
     _run(project_copy, ["distill"], distill={"variants": ["control"], "objectives": ["sft"]})
-    checkpoint = _latest(project_copy / "data/06_models/distilled/control.sft.student")
+    checkpoint = _latest(project_copy / f"{TEST_DATA}/06_models/distilled/control.sft.student")
     assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["loss"] is None
     metrics = json.loads(
-        _latest(project_copy / "data/08_reporting/distill/control.sft.distill_metrics.json").read_text()
+        _latest(
+            project_copy / f"{TEST_DATA}/08_reporting/distill/control.sft.distill_metrics.json"
+        ).read_text()
     )
     assert metrics["steps"] == 2 and "final_validation_kl" in metrics
     assert [record["step"] for record in metrics["history"] if "loss" in record] == [1.0, 2.0]
-    assert len(version_folders(project_copy / "data/06_models/distilled/warmup.fkl.student")) == 2
-    assert len(version_folders(project_copy / "data/06_models/distilled/vanilla.fkl.student")) == 1
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/distilled/warmup.fkl.student")) == 2
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/distilled/vanilla.fkl.student")) == 1
 
 
 def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
@@ -275,13 +288,13 @@ def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
     _run(project_copy, ["data", "bootstrap", "probe", "check", "warmup"], **own_tokenizer)
 
     teacher_vocab = json.loads(
-        (_latest(project_copy / "data/06_models/teacher_tokenizer") / "tokenizer.json").read_text()
+        (_latest(project_copy / f"{TEST_DATA}/06_models/teacher_tokenizer") / "tokenizer.json").read_text()
     )
     student_vocab = json.loads(
-        (_latest(project_copy / "data/06_models/student_tokenizer") / "tokenizer.json").read_text()
+        (_latest(project_copy / f"{TEST_DATA}/06_models/student_tokenizer") / "tokenizer.json").read_text()
     )
     assert len(teacher_vocab["model"]["vocab"]) != len(student_vocab["model"]["vocab"])
-    scored = pd.read_parquet(_latest(project_copy / "data/07_model_output/scored_rollouts.parquet"))
+    scored = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/scored_rollouts.parquet"))
     # The teacher read the responses in its own tokens, mapped back to the text by character offsets.
     assert any(
         list(t)[: len(s)] != list(s)
@@ -290,7 +303,9 @@ def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
     for row in scored.itertuples():
         assert len(row.teacher_logprobs) == len(row.teacher_token_ids) == len(row.flags)
         assert all(0 <= start <= len(row.response) for start in row.teacher_char_starts)
-    assert len(pd.read_parquet(_latest(project_copy / "data/07_model_output/corrected_set.parquet"))) > 0
+    assert (
+        len(pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/corrected_set.parquet"))) > 0
+    )
 
     with pytest.raises(Exception, match=r"tokenizers differ.*dskd_cma"):
         _run(project_copy, ["distill"])
@@ -303,10 +318,12 @@ def test_distill_data_modes(project_copy: Path, mode: str) -> None:
     _run(project_copy, ["distill"], distill={"variants": ["vanilla"], "objectives": ["fkl"], "data": data})
 
     metrics = json.loads(
-        _latest(project_copy / "data/08_reporting/distill/vanilla.fkl.distill_metrics.json").read_text()
+        _latest(
+            project_copy / f"{TEST_DATA}/08_reporting/distill/vanilla.fkl.distill_metrics.json"
+        ).read_text()
     )
     assert metrics["data_mode"] == mode
-    kd_examples = pd.read_parquet(_latest(project_copy / "data/05_model_input/kd_examples.parquet"))
+    kd_examples = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/05_model_input/kd_examples.parquet"))
     if mode == "sequence_kd":  # the teacher's own responses replace the gold ones
         assert (kd_examples["response"] != kd_examples["gold_response"]).any()
         assert not kd_examples["finished"].all()  # 4 new tokens: cut responses, marked (and given no EOS)
@@ -323,12 +340,12 @@ def test_dual_space_cells(project_copy: Path, objective: str, own_teacher_tokeni
     cell = {"variants": ["vanilla"], "objectives": [objective], "options": {objective: {"pretrain_steps": 2}}}
     _run(project_copy, ["distill"], distill=cell)
 
-    checkpoint = _latest(project_copy / f"data/06_models/distilled/vanilla.{objective}.student")
+    checkpoint = _latest(project_copy / f"{TEST_DATA}/06_models/distilled/vanilla.{objective}.student")
     assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["loss"]["projector_lr"] == 1e-3
     assert (checkpoint / "config.json").is_file()  # the plain student, without its projectors
     metrics = json.loads(
         _latest(
-            project_copy / f"data/08_reporting/distill/vanilla.{objective}.distill_metrics.json"
+            project_copy / f"{TEST_DATA}/08_reporting/distill/vanilla.{objective}.distill_metrics.json"
         ).read_text()
     )
     assert "final_validation_nll" in metrics
@@ -350,7 +367,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     plots written, and each evaluation logged to the MLflow run that trained the model."""
     _run(project_copy, ["__default__"])
 
-    reporting = project_copy / "data/08_reporting"
+    reporting = project_copy / f"{TEST_DATA}/08_reporting"
     subjects = ["teacher", "vanilla.before_kd", "warmup.before_kd", "control.before_kd"] + [
         f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")
     ]
@@ -365,7 +382,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
         assert evaluation["distribution"]["heldout_nll"] > 0.0
         assert 0.0 <= evaluation["distribution"]["rejected_share"] <= 1.0
         predictions = pd.read_parquet(
-            _latest(project_copy / f"data/07_model_output/evaluation/{subject}.predictions.parquet")
+            _latest(project_copy / f"{TEST_DATA}/07_model_output/evaluation/{subject}.predictions.parquet")
         )
         assert set(predictions["task"]) == {"math", "instruction"}
     assert evaluations["teacher"]["distribution"]["heldout_kl"] is None  # no KL to itself
@@ -405,11 +422,11 @@ def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(projec
         Exception, match=r"sft student: non-finite loss .* at optimizer step \d+, micro-batch \d+"
     ):
         _run(project_copy, ["bootstrap"], bootstrap=exploding)
-    student_versions = project_copy / "data/06_models/student_model"
+    student_versions = project_copy / f"{TEST_DATA}/06_models/student_model"
     assert not student_versions.exists() or not any(
         student_versions.glob(f"*/student_model/{COMPLETE_MARKER}")
     )
-    assert not list((project_copy / "data/09_training_state").glob("sft_student/*/*/state.pt"))
+    assert not list((project_copy / f"{TEST_DATA}/09_training_state").glob("sft_student/*/*/state.pt"))
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
@@ -423,13 +440,15 @@ def test_prompts_longer_than_max_length_stop_or_are_cut_and_counted(project_copy
     short = {"student": {"max_length": 16}}
     with pytest.raises(Exception, match=r"prompt of \d+ tokens does not fit max_length 16.*keep_end"):
         _run(project_copy, ["bootstrap"], bootstrap=short)
-    assert not (project_copy / "data/06_models/student_model").exists() or not any(
-        (project_copy / "data/06_models/student_model").glob(f"*/student_model/{COMPLETE_MARKER}")
+    assert not (project_copy / f"{TEST_DATA}/06_models/student_model").exists() or not any(
+        (project_copy / f"{TEST_DATA}/06_models/student_model").glob(f"*/student_model/{COMPLETE_MARKER}")
     )
 
     _run(
         project_copy, ["bootstrap"], bootstrap={"student": {"max_length": 16, "prompt_overflow": "keep_end"}}
     )
-    metrics = json.loads(_latest(project_copy / "data/08_reporting/student_sft_metrics.json").read_text())
+    metrics = json.loads(
+        _latest(project_copy / f"{TEST_DATA}/08_reporting/student_sft_metrics.json").read_text()
+    )
     assert metrics["truncated_prompts"] > 0  # cut by the declared policy, and counted
     assert metrics["truncated_prompts"] <= metrics["train_sequences"]

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from warmup_distill_kedro.core.errors import UserInputError
 from warmup_distill_kedro.core.kd.cell import BASELINE_OBJECTIVES, CELL_OBJECTIVES
 
 TEACHER = "teacher"
@@ -93,8 +94,8 @@ class Subject:
 def cells(parameters: Mapping[str, Any] | None = None) -> list[Cell]:
     """Every cell of the grid, variants outermost, in the order the parameters list them."""
     parameters = _parameters if parameters is None else parameters
-    variants = _names(parameters.get("variants", DEFAULT_VARIANTS), "distill.variants", VARIANTS)
-    objectives = _names(
+    variants = name_list(parameters.get("variants", DEFAULT_VARIANTS), "distill.variants", VARIANTS)
+    objectives = name_list(
         parameters.get("objectives", DEFAULT_OBJECTIVES), "distill.objectives", CELL_OBJECTIVES
     )
     return [Cell(variant, objective) for variant in variants for objective in objectives]
@@ -123,12 +124,22 @@ def subjects(grid: Sequence[Cell]) -> list[Subject]:
     ]
 
 
-def _names(value: Any, parameter: str, allowed: Sequence[str]) -> list[str]:
-    names = [value] if isinstance(value, str) else list(value)
+def spaced_names(value: Any) -> Any:
+    """A string of names separated by spaces as their list; any other value as it is."""
+    return value.split() if isinstance(value, str) else value
+
+
+def name_list(value: Any, parameter: str, allowed: Sequence[str]) -> list[str]:
+    """The names of a grid parameter: a list, or one string of names separated by spaces, the form a list
+    takes on the command line (`--params 'distill.objectives=fkl rkl'`: Kedro splits --params on commas)."""
+    names = list(spaced_names(value))
     if not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{parameter} must be a non-empty list of names, got {value!r}")
+        raise UserInputError(
+            f"{parameter} must be a non-empty list of names (on the command line: names separated by "
+            f"spaces, e.g. --params '{parameter}=fkl rkl'), got {value!r}"
+        )
     if len(set(names)) != len(names):
-        raise ValueError(f"{parameter} lists a name twice: {names}")
+        raise UserInputError(f"{parameter} lists a name twice: {names}")
     if unknown := sorted(set(names) - set(allowed)):
-        raise ValueError(f"{parameter}: unknown {unknown}; choose from {list(allowed)}")
+        raise UserInputError(f"{parameter}: unknown {unknown}; choose from {list(allowed)}")
     return names

@@ -36,6 +36,7 @@ from kedro.pipeline import Pipeline, node
 from tests.helpers import (
     IGNORE_INDEX,
     PROJECT_ROOT,
+    TEST_DATA,
     TRAIN_TAGS,
     kedro_run,
     make_context,
@@ -302,11 +303,13 @@ def test_kedro_run_on_two_processes_writes_once_and_tracks_once(tmp_path: Path) 
     assert "process 1 of 2" in output  # and process 1 kept its outputs in memory
 
     for name in ("teacher_model", "student_model", "student_tokenizer", "teacher_tokenizer"):
-        versions = version_folders(project / "data/06_models" / name)
+        versions = version_folders(project / f"{TEST_DATA}/06_models" / name)
         assert len(versions) == 1, (name, versions)
     for name in ("teacher_sft_metrics.json", "student_sft_metrics.json", "bootstrap_summary.json"):
-        assert len(version_folders(project / "data/08_reporting" / name)) == 1, name
-    assert not (project / "data/09_training_state").exists()  # the main process cleaned up after saving
+        assert len(version_folders(project / f"{TEST_DATA}/08_reporting" / name)) == 1, name
+    assert not (
+        project / f"{TEST_DATA}/09_training_state"
+    ).exists()  # the main process cleaned up after saving
     assert not list(project.rglob("*.partial")) and not list(project.rglob(".*.tmp-*"))
 
     # A client of its own: mlflow.set_tracking_uri would leak the store into later tests (and their env).
@@ -321,7 +324,7 @@ def test_kedro_run_on_two_processes_writes_once_and_tracks_once(tmp_path: Path) 
     history = client.get_metric_history(teacher.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # logged once, not once per process
     assert all(math.isfinite(m.value) for m in history)
-    saved = version_folders(project / "data/06_models/teacher_model")[0].name
+    saved = version_folders(project / f"{TEST_DATA}/06_models/teacher_model")[0].name
     assert parents[0].data.tags["version.save.teacher_model"] == saved
 
 

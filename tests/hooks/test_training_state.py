@@ -22,6 +22,7 @@ from kedro.runner import SequentialRunner
 from safetensors.torch import load_file
 
 from tests.helpers import (
+    TEST_DATA,
     bpe_tokenizer,
     make_project_copy,
     tiny_checkpoint,
@@ -34,8 +35,10 @@ from tests.helpers import (
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
 from warmup_distill_kedro.core.training.context import current_state_folder
 from warmup_distill_kedro.core.training.loop import TrainingRun
-from warmup_distill_kedro.hooks.training_state import STATE_ROOT, TrainingStateHook, input_fingerprint
+from warmup_distill_kedro.hooks.training_state import STATE_FOLDER, TrainingStateHook, input_fingerprint
 
+# The hook's state root for an environment whose data_root is data/env (see _run_with_the_hook).
+STATE_ROOT_OF_THE_ENV = Path("data/env") / STATE_FOLDER
 STUDENT_STEPS = 800
 COMMAND = [
     sys.executable, "-m", "kedro", "run", "--env", "test", "--pipelines", "data,bootstrap",
@@ -60,18 +63,18 @@ def _run(project: Path) -> subprocess.CompletedProcess:
 
 
 def _student_weights(project: Path) -> dict[str, torch.Tensor]:
-    [version] = (project / "data/06_models/student_model").iterdir()
+    [version] = (project / f"{TEST_DATA}/06_models/student_model").iterdir()
     return load_file(version / "student_model" / "model.safetensors")
 
 
 def _state_files(project: Path) -> list[Path]:
-    return sorted((project / "data/09_training_state").glob("sft_student/*/*/state.pt"))
+    return sorted((project / f"{TEST_DATA}/09_training_state").glob("sft_student/*/*/state.pt"))
 
 
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
     straight = make_project_copy(tmp_path / "straight")
     _run(straight)
-    assert not (straight / "data/09_training_state").exists()  # finished nodes leave no state behind
+    assert not (straight / f"{TEST_DATA}/09_training_state").exists()  # finished nodes leave no state behind
 
     crashed = make_project_copy(tmp_path / "crashed")
     process = subprocess.Popen(
@@ -86,8 +89,8 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Path) -
     [state_file] = _state_files(crashed)
     saved_step = torch.load(state_file, weights_only=False)["step"]
     assert 0 < saved_step < STUDENT_STEPS
-    assert not (crashed / "data/06_models/student_model").exists() or not any(
-        (crashed / "data/06_models/student_model").iterdir()
+    assert not (crashed / f"{TEST_DATA}/06_models/student_model").exists() or not any(
+        (crashed / f"{TEST_DATA}/06_models/student_model").iterdir()
     )
 
     rerun = _run(crashed)
@@ -140,7 +143,8 @@ def _run_with_the_hook(project_path: Path, fail: bool = False) -> dict:
         return len(table)
 
     hook = TrainingStateHook()
-    hook.after_context_created(SimpleNamespace(project_path=project_path))
+    config_loader = {"globals": {"data_root": "data/env"}}
+    hook.after_context_created(SimpleNamespace(project_path=project_path, config_loader=config_loader))
     hook_manager = _create_hook_manager()
     hook_manager.register(hook)
     pipeline = Pipeline(
@@ -159,10 +163,15 @@ def _run_with_the_hook(project_path: Path, fail: bool = False) -> dict:
 
 def test_a_training_node_gets_a_state_folder_by_input_content_deleted_once_its_outputs_are_saved(tmp_path):
     seen = _run_with_the_hook(tmp_path)
-    expected = tmp_path / STATE_ROOT / "train_toy" / input_fingerprint({"table": TABLE, "params:x": PARAMS})
+    expected = (
+        tmp_path
+        / STATE_ROOT_OF_THE_ENV
+        / "train_toy"
+        / input_fingerprint({"table": TABLE, "params:x": PARAMS})
+    )
     assert seen["folder"] == expected
     assert seen["state_file"] == expected / "toy" / "state.pt"  # the loop saved its state there...
-    assert not (tmp_path / STATE_ROOT).exists()  # ...and with both outputs saved, nothing is left
+    assert not (tmp_path / STATE_ROOT_OF_THE_ENV).exists()  # ...and with both outputs saved, nothing is left
     assert seen["untagged_folder"] is None  # a node not tagged `training` gets no folder
     assert seen["after"] is None
 
@@ -170,6 +179,6 @@ def test_a_training_node_gets_a_state_folder_by_input_content_deleted_once_its_o
 def test_a_failed_training_node_keeps_its_state_for_the_next_run(tmp_path):
     with pytest.raises(RuntimeError, match="the node failed after training"):
         _run_with_the_hook(tmp_path, fail=True)
-    [state_file] = (tmp_path / STATE_ROOT).glob("train_toy/*/toy/state.pt")
+    [state_file] = (tmp_path / STATE_ROOT_OF_THE_ENV).glob("train_toy/*/toy/state.pt")
     assert torch.load(state_file, weights_only=False)["step"] == 2
     assert current_state_folder() is None

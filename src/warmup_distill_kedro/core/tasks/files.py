@@ -84,7 +84,8 @@ def _records(path: Path, problems: _Problems) -> Iterator[tuple[int, str, object
             yield number, f"row {number}", record
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark, which json.loads refuses.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise TaskDataError(f"{path}: not UTF-8 text ({error})") from error
     if suffix == ".json" and text.lstrip().startswith("["):
