@@ -6,11 +6,16 @@ and `kedro compare` all take their names from here.
   `vanilla` (`student_model`: the student as bootstrapped or given), `warmup` (`student_warmup`: after
   the warmup stage) and `control` (`student_control`: the fairness control, the vanilla student given
   warmup's extra steps as plain SFT on the same prompts' gold responses).
-- A *cell* is a (variant, objective) pair. Its nodes live in the namespace `<variant>.<objective>`
-  (`vanilla.fkl.distill`, `vanilla.fkl.evaluate`) and its outputs are named after it
+- A *cell* is a (variant, objective) pair. Its nodes live in the namespace `<variant>.<objective>`, nested
+  in the variant's (kedro-viz draws the grid as one box per variant, one per cell inside it), and are
+  named after their stage and the cell, the label kedro-viz shows (`vanilla.fkl.distill_vanilla_fkl`,
+  `vanilla.fkl.evaluate_vanilla_fkl`; `node_name`); its outputs are named after it
   (`vanilla.fkl.student`, `vanilla.fkl.distill_metrics`, `vanilla.fkl.evaluation_metrics`).
 - A *subject* is a model the evaluate pipeline measures: the teacher, every variant's student before
   distillation (objective `before_kd`, e.g. `vanilla.before_kd`) and every cell's distilled student.
+- Each variant's *results* (`vanilla.results`, written by the node `vanilla.collect_vanilla`) gather what
+  its subjects and cells wrote, so that the report reads one input per variant and every cell's outputs
+  stay inside the variant's box.
 
 The grid's shape is a parameter (`distill.variants`, `distill.objectives`, overridable with `--params`),
 but Kedro builds pipelines without parameters: `hooks.grid.GridParametersHook` hands this module the
@@ -89,6 +94,18 @@ class Subject:
     @property
     def name(self) -> str:
         return TEACHER if self.variant == TEACHER else f"{self.variant}.{self.objective}"
+
+
+def node_name(stage: str, owner: str) -> str:
+    """A grid node's own name: its stage and the cell, subject or variant it belongs to
+    (`distill_vanilla_fkl`, `evaluate_teacher`, `collect_vanilla`). Kedro prefixes the namespace
+    (`vanilla.fkl.distill_vanilla_fkl`); kedro-viz shows this part alone, so it must say whose node it is."""
+    return f"{stage}_{owner.replace('.', '_')}"
+
+
+def results(variant: str) -> str:
+    """The dataset that gathers a variant's evaluations, training metrics and predictions."""
+    return f"{variant}.results"
 
 
 def cells(parameters: Mapping[str, Any] | None = None) -> list[Cell]:
