@@ -17,13 +17,12 @@ from tests.helpers import TEST_DATA, version_folders
 from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
 from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.datasets import COMPLETE_MARKER
+from warmup_distill_kedro.hooks.inputs import MissingInputsError
 
 
-def _run(project: Path, pipelines: list[str], **runtime_params) -> None:
+def _run(project: Path, pipelines: list[str], env: str = "test", **runtime_params) -> None:
     bootstrap_project(project)
-    with KedroSession.create(
-        project_path=project, env="test", runtime_params=runtime_params or None
-    ) as session:
+    with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params or None) as session:
         session.run(pipeline_names=pipelines)
 
 
@@ -62,8 +61,11 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.params["bootstrap.teacher.training.max_steps"] == "6"
-    assert sorted(r.info.run_name for r in children) == ["sft_student", "sft_teacher"]
-    teacher_run = next(r for r in children if r.info.run_name == "sft_teacher")
+    # Run names tell runs apart in MLflow's list: pipelines, environment, grid, seed; node and environment.
+    assert parents[0].info.run_name == "data+bootstrap · test · vanilla+warmup × fkl+js · seed 0"
+    assert sorted(r.info.run_name for r in children) == ["sft_student · test", "sft_teacher · test"]
+    assert {r.data.tags["config"] for r in runs} == {parents[0].data.tags["config"]}
+    teacher_run = next(r for r in children if r.data.tags["kedro.node"] == "sft_teacher")
     assert "loss" in teacher_run.data.metrics and "eval/validation_nll" in teacher_run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(teacher_run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # log_every 2 over 6 steps
@@ -204,10 +206,10 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
-    warmup_run = next(r for r in runs if r.info.run_name == "warmup_student")
+    warmup_run = next(r for r in runs if r.data.tags.get("kedro.node") == "warmup_student")
     for metric in ("loss", "reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp"):
         assert metric in warmup_run.data.metrics, metric
-    control_run = next(r for r in runs if r.info.run_name == "control_student")
+    control_run = next(r for r in runs if r.data.tags.get("kedro.node") == "control_student")
     assert "nll" in control_run.data.metrics and control_run.data.tags["stage"] == "control"
 
     _run(project_copy, ["warmup"])  # alone, on the latest corrected set
@@ -400,19 +402,28 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     assert len(version_folders(reporting / "report.md")) == 2
     markdown = _latest(reporting / "report.md").read_text()
     assert "fkl" in markdown and "js" in markdown and "warmup" in markdown
+    compact = _latest(reporting / "report_compact.md").read_text()  # what `make demo` prints last
+    assert "| math EM (%)" in compact and max(len(line) for line in compact.splitlines()) <= 100
     for plot in ("accuracy", "kd_curves", "warmup_mismatch"):
         assert _latest(reporting / f"report_{plot}.png").stat().st_size > 1000, plot
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    for run_name, subject in (("sft_teacher", "teacher"), ("warmup_student", "warmup.before_kd"),
-                              ("warmup.fkl.distill", "warmup.fkl")):  # fmt: skip
+    for run_name, subject in (("sft_teacher · test", "teacher"), ("warmup_student · test", "warmup.before_kd"),
+                              ("warmup.fkl.distill · test · seed 0", "warmup.fkl")):  # fmt: skip
         run = by_name[run_name]
         assert run.data.tags["evaluation.subject"] == subject
         assert run.data.metrics["evaluation.math.exact_match"] == pytest.approx(
             evaluations[subject]["math"]["exact_match"]
         )
+    # The parent keeps a summary (each model's headline scores); the details are on the models' own runs.
+    [parent] = [r for r in runs if r.data.tags.get("kedro.pipelines") == "__default__"]
+    assert parent.data.metrics["math.exact_match/warmup.fkl"] == pytest.approx(
+        evaluations["warmup.fkl"]["math"]["exact_match"]
+    )
+    assert not [key for key in parent.data.metrics if "evaluation_metrics" in key]
+    assert len(parent.data.metrics) == 2 * len(subjects)
 
 
 def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(project_copy: Path) -> None:
@@ -430,7 +441,7 @@ def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(projec
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
-    student_run = next(r for r in runs if r.info.run_name == "sft_student")
+    student_run = next(r for r in runs if r.data.tags.get("kedro.node") == "sft_student")
     assert student_run.info.status == "FAILED"
     assert student_run.data.tags["error.type"] == "NonFiniteLossError"
 
@@ -452,3 +463,52 @@ def test_prompts_longer_than_max_length_stop_or_are_cut_and_counted(project_copy
     )
     assert metrics["truncated_prompts"] > 0  # cut by the declared policy, and counted
     assert metrics["truncated_prompts"] <= metrics["train_sequences"]
+
+
+def test_each_environment_writes_under_its_own_data_root(project_copy: Path) -> None:
+    """A run of one environment never becomes another's latest version, nor replaces its examples."""
+    small = {"data": {"math": {"n_examples": 60}, "instruction": {"n_examples": 20}}}
+    _run(project_copy, ["data"], env="local", **small)  # the default environment: data/
+    demo_examples = project_copy / "data/02_intermediate/examples.parquet"
+    demo = pd.read_parquet(demo_examples)
+    _run(project_copy, ["data"])  # --env test: data/test/
+    assert len(pd.read_parquet(project_copy / TEST_DATA / "02_intermediate/examples.parquet")) == 160
+    pd.testing.assert_frame_equal(pd.read_parquet(demo_examples), demo)  # untouched
+    assert len(demo) == 80
+    assert sorted(p.name for p in (project_copy / "data").iterdir()) == [
+        "02_intermediate",
+        "03_primary",
+        "test",
+    ]
+
+
+def test_missing_inputs_stop_the_run_before_any_node_naming_what_to_set(project_copy: Path) -> None:
+    raw = project_copy / "data/01_raw"
+    raw.mkdir(parents=True)
+    (raw / "math.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    checkpoints = {
+        "teacher_checkpoint": str(project_copy / "absent-teacher"),
+        "student_checkpoint": str(project_copy / "absent-student"),
+        "train_file": str(raw / "math.jsonl"),
+    }
+    bootstrap_project(project_copy)
+    with (
+        pytest.raises(MissingInputsError) as error,
+        KedroSession.create(project_path=project_copy, env="gpu", runtime_params=checkpoints) as session,
+    ):
+        session.run(pipeline_names=["from_checkpoints"])
+    message = str(error.value)
+    assert "teacher_model: no such folder or file: " + checkpoints["teacher_checkpoint"] in message
+    assert "set the parameter 'teacher_checkpoint', e.g. --params teacher_checkpoint=" in message
+    assert "set the parameter 'student_checkpoint'" in message
+    assert not (project_copy / "data/gpu").exists()  # build_examples and split_examples did not run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("warmup-distill")
+    assert not client.search_runs([experiment.experiment_id])  # and no MLflow run was opened
+
+    # An earlier stage's output that was never written: the stage to run first.
+    with pytest.raises(
+        MissingInputsError, match=r"student_model: no saved version under .*--pipelines=bootstrap"
+    ):
+        _run(project_copy, ["probe"])
+    assert not (project_copy / TEST_DATA).exists()

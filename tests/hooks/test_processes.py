@@ -319,8 +319,8 @@ def test_kedro_run_on_two_processes_writes_once_and_tracks_once(tmp_path: Path) 
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(r.info.run_name for r in children) == ["sft_student", "sft_teacher"]
-    teacher = next(r for r in children if r.info.run_name == "sft_teacher")
+    assert sorted(r.data.tags["kedro.node"] for r in children) == ["sft_student", "sft_teacher"]
+    teacher = next(r for r in children if r.data.tags["kedro.node"] == "sft_teacher")
     history = client.get_metric_history(teacher.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # logged once, not once per process
     assert all(math.isfinite(m.value) for m in history)

@@ -59,10 +59,10 @@ def _describe(name: str, dataset: Any, writers: list[str]) -> str:
             f"{name}: no such folder or file: {path}; set the parameter '{parameter}', "
             f"e.g. --params {parameter}=/path/to/it (its default is in conf/<env>/globals.yml)"
         )
-    if isinstance(dataset, AbstractVersionedDataset):
-        hint = f"run {' or '.join(f'--pipelines={w}' for w in writers)} first" if writers else "run it first"
-        return f"{name}: no saved version under {path}; {hint}, or pin one with --load-versions"
-    return f"{name}: no such folder or file: {path}"
+    versioned = isinstance(dataset, AbstractVersionedDataset)
+    missing = f"no saved version under {path}" if versioned else f"no such folder or file: {path}"
+    hint = f"; run {' or '.join(f'--pipelines={w}' for w in writers)} first" if writers else ""
+    return f"{name}: {missing}{hint}" + (", or pin a version with --load-versions" if versioned else "")
 
 
 def _writers() -> dict[str, list[str]]:
