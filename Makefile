@@ -11,12 +11,13 @@ export KEDRO_DISABLE_TELEMETRY := true
 # This machine's pip configuration names index folders that do not exist: pip warns once per package.
 QUIET_PIP := grep -v "^WARNING: Location 'file:" || true
 
-.PHONY: help install install-dev demo test lint viz mlflow-ui bench clean-outputs
+.PHONY: help install install-dev demo test lint viz viz-build mlflow-ui bench clean-outputs
 
 help:
 	@echo "make demo         build, train and evaluate the whole default flow on the CPU"
 	@echo "make test         run the test suite"
 	@echo "make viz          serve the pipeline lineage (kedro viz) on http://127.0.0.1:4141"
+	@echo "make viz-build    a static kedro-viz site in build/ (git-ignored)"
 	@echo "make mlflow-ui    serve the MLflow tracking UI on http://127.0.0.1:5000"
 	@echo "make bench        benchmarks (KD loss, distill step, rollouts, the demo stage by stage; ~23 min, docs/benchmarks.md)"
 	@echo "make lint         ruff"
@@ -63,7 +64,13 @@ lint: install-dev
 viz: install-dev
 	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141
 
+# kedro-viz writes its static site to build/ at the project root (it has no option for another folder).
+viz-build: install-dev
+	$(BIN)/kedro viz build
+
+# MLflow 3 opens an experiment on its GenAI overview: the address printed first opens its training runs.
 mlflow-ui: install
+	@echo "Training runs: $$(PYTHONPATH=src $(BIN)/python -c 'from warmup_distill_kedro.tracking import runs_page_url; print(runs_page_url("."))')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1 --host 127.0.0.1 --port 5000
 
 clean-outputs:

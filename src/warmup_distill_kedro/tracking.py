@@ -6,6 +6,7 @@
 * ``flatten_params``: nested parameters -> ``{"a.b": "value"}`` that MLflow accepts.
 * ``config_fingerprint``: which runs share a configuration (every parameter but the seeds), the
   ``config`` tag of each run and what ``kedro compare`` groups by.
+* ``runs_page_url``: where the MLflow UI shows the experiment's training runs.
 * ``log_step_metrics``: per-step metrics from inside a node (a training loop); they go to the MLflow
   run that is active in the calling thread (the node's child run, see ``hooks/mlflow_tracking.py``), or nowhere.
 """
@@ -130,6 +131,22 @@ def sqlite_path(uri: str) -> Path | None:
     if not path_part or path_part == ":memory:":
         return None
     return Path(path_part)
+
+
+def runs_page_url(
+    project_path: str | Path, experiment: str = DEFAULT_EXPERIMENT_NAME, base: str = "http://127.0.0.1:5000"
+) -> str:
+    """The MLflow UI page of ``experiment``'s training runs in the project's store. MLflow 3 opens an
+    experiment on its GenAI overview unless the model-training view is asked for (``workflowType``)."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(None, project_path)
+    database = sqlite_path(uri)
+    found = None
+    if database is None or database.exists():  # opening a missing sqlite store would create it
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    page = f"experiments/{found.experiment_id}/runs" if found is not None else "experiments"
+    return f"{base}/#/{page}?workflowType=machine_learning"
 
 
 # ------------------------------------------------------------------------------------------ keys, values

@@ -6,8 +6,8 @@
   `response` or `output`. The `answer` is the response itself.
 
 Other fields (Dolly's `category`, ...) are ignored. Text fields are stripped of surrounding whitespace.
-Files: `.jsonl` / `.json` (one JSON object per line, blank lines skipped; a `.json` file holding one JSON
-array of objects is read too) or `.parquet` / `.pq`. Example ids are `file-<line>` (the 1-based line of
+Files: `.jsonl` / `.json` (UTF-8, with or without a byte-order mark; one JSON object per line, blank lines
+skipped; a `.json` file holding one JSON array of objects is read too) or `.parquet` / `.pq`. Example ids are `file-<line>` (the 1-based line of
 a JSONL file, the record of a JSON array or the row of a Parquet file).
 
 The whole file is checked before anything is returned, so that a bad record stops the run before any
