@@ -512,3 +512,22 @@ def test_missing_inputs_stop_the_run_before_any_node_naming_what_to_set(project_
     ):
         _run(project_copy, ["probe"])
     assert not (project_copy / TEST_DATA).exists()
+
+
+def test_runs_of_one_configuration_share_their_config_tag(project_copy: Path) -> None:
+    """Whatever pipelines run (Kedro validates, and fills in defaults for, only theirs) and whatever seed:
+    `kedro compare` pools runs by this tag."""
+    _run(project_copy, ["data"])
+    _run(project_copy, ["data", "bootstrap"], distill={"training": {"seed": 1}})
+    _run(project_copy, ["data"], data={"split": {"validation_fraction": 0.2}})
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("warmup-distill")
+    parents = [
+        r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+    ]
+    by_name = {r.info.run_name: r.data.tags for r in parents}
+    first = by_name["data · test · vanilla+warmup × fkl+js · seed 0"]
+    seed_one = by_name["data+bootstrap · test · distill.training.seed=1"]
+    other = by_name["data · test · data.split.validation_fraction=0.2 · seed 0"]
+    assert first["config"] == seed_one["config"] != other["config"]
+    assert (first["seed"], seed_one["seed"]) == ("0", "1")

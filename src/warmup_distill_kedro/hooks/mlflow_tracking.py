@@ -378,7 +378,7 @@ class MLflowTrackingHook:
         params = self._params()
         flat_params = flatten_params(params)
         env = self._env(run_params)
-        self._run_tags = {ENV_TAG: env, CONFIG_TAG: config_fingerprint(flat_params)}
+        self._run_tags = {ENV_TAG: env, CONFIG_TAG: config_fingerprint(flatten_params(self._configured()))}
         if SEED_PARAM in flat_params:
             self._run_tags[SEED_TAG] = flat_params[SEED_PARAM]
         run_name = parent_run_name(names, env, run_params.get("runtime_params"), params)
@@ -559,6 +559,16 @@ class MLflowTrackingHook:
             return self._context.params or {}
         except Exception as exc:  # the session itself fails on invalid parameters; never hide that here
             logger.warning("MLflow: could not read the parameters to log them: %s", exc)
+            return {}
+
+    def _configured(self) -> Mapping[str, Any]:
+        """The parameters as configured (conf/ and --params), before validation fills in defaults: the
+        validated ones depend on which pipelines run (Kedro validates only theirs), so two runs of one
+        configuration would not compare equal."""
+        try:
+            return self._context.config_loader["parameters"] if self._context is not None else {}
+        except Exception as exc:
+            logger.warning("MLflow: could not read the configured parameters: %s", exc)
             return {}
 
     def _start_child(self, node: Node, inputs: Mapping[str, Any]) -> None:
