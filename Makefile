@@ -11,12 +11,13 @@ export KEDRO_DISABLE_TELEMETRY := true
 # This machine's pip configuration names index folders that do not exist: pip warns once per package.
 QUIET_PIP := grep -v "^WARNING: Location 'file:" || true
 
-.PHONY: help install install-dev demo test lint viz mlflow-ui bench bench-peers clean-outputs
+.PHONY: help install install-dev demo test lint viz viz-build mlflow-ui bench bench-peers clean-outputs
 
 help:
 	@echo "make demo         build, train and evaluate the whole default flow on the CPU"
 	@echo "make test         run the test suite"
 	@echo "make viz          serve the pipeline lineage (kedro viz) on http://127.0.0.1:4141"
+	@echo "make viz-build    a static kedro-viz site in build/ (git-ignored)"
 	@echo "make mlflow-ui    serve the MLflow tracking UI on http://127.0.0.1:5000"
 	@echo "make bench        benchmarks (KD loss, distill step, rollouts, the demo stage by stage; ~23 min, docs/benchmarks.md)"
 	@echo "make lint         ruff"
@@ -39,10 +40,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# The report is the last thing the demo shows: the newest version of data/08_reporting/report.md.
+# The report is the last thing the demo shows: the newest version of data/08_reporting/report_compact.md,
+# one narrow table per benchmark (the wide report.md, with every column and the notes, is beside it).
 demo: install
 	$(BIN)/kedro run
-	@echo; cat "$$(ls -d data/08_reporting/report.md/*/ | tail -n 1)report.md"
+	@echo; cat "$$(ls -d data/08_reporting/report_compact.md/*/ | tail -n 1)report_compact.md"
+	@echo "Full report: $$(ls -d data/08_reporting/report.md/*/ | tail -n 1)report.md"
 
 test: install-dev
 	$(BIN)/python -m pytest
@@ -69,7 +72,13 @@ lint: install-dev
 viz: install-dev
 	$(BIN)/kedro viz run --no-browser --host 127.0.0.1 --port 4141
 
+# kedro-viz writes its static site to build/ at the project root (it has no option for another folder).
+viz-build: install-dev
+	$(BIN)/kedro viz build
+
+# MLflow 3 opens an experiment on its GenAI overview: the address printed first opens its training runs.
 mlflow-ui: install
+	@echo "Training runs: $$(PYTHONPATH=src $(BIN)/python -c 'from warmup_distill_kedro.tracking import runs_page_url; print(runs_page_url("."))')"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1 --host 127.0.0.1 --port 5000
 
 clean-outputs:

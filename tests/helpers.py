@@ -57,6 +57,10 @@ def version_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+# Where `--env test` runs write (conf/test/globals.yml: data_root), apart from the demo's data/.
+TEST_DATA = "data/test"
+
+
 def make_project_copy(folder: Path) -> Path:
     """The project's conf/ (without conf/local) and pyproject.toml in `folder`: a project to run."""
     shutil.copytree(PROJECT_ROOT / "conf", folder / "conf", ignore=shutil.ignore_patterns("local"))

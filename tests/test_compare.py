@@ -7,7 +7,10 @@ The store holds three "kedro runs" of experiment warmup-distill (times in ms, al
 * P2, seed 1: distill + evaluate only. Child runs for vanilla.fkl / warmup.fkl; the teacher it evaluated
   is P1's teacher run (same model), whose metrics it updated: one run, so one record.
 * P3, seed 0 again, later: re-evaluated vanilla.fkl in the parent run itself (no child). Without a
-  restriction it replaces P1's vanilla.fkl for seed 0, with a warning.
+  restriction it replaces P1's vanilla.fkl for seed 0 (logged).
+
+These runs carry no environment or config tag and the same parameters but the seed: one group. Experiment
+"groups" holds several (see `groups`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from tests.helpers import row
-from warmup_distill_kedro.compare import commands, compare_table, runs_records
+from warmup_distill_kedro.compare import MixedRunsError, commands, compare_table, runs_records, select_runs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "compare_runs.ipynb"
@@ -60,12 +63,17 @@ class Store:
         seed: int | None = None,
         evaluated: str | None = None,
         metrics: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
     ) -> str:
         """A parent run (``parent`` None) or a child of ``parent``; ``evaluated``: "subject/variant/objective"
         of the model whose evaluation this run carries (evaluated by its parent, or by itself)."""
         run_id = self.client.create_run(experiment_id, start_time=start, run_name=name).info.run_id
         self.ids[name] = run_id
-        tags = {"mlflow.parentRunId": self.ids[parent]} if parent else {"kedro.session_id": name}
+        tags = {
+            **({"mlflow.parentRunId": self.ids[parent]} if parent else {"kedro.session_id": name}),
+            **(tags or {}),
+        }
         if evaluated:
             subject, variant, objective = evaluated.split("/")
             tags |= {
@@ -77,7 +85,10 @@ class Store:
         self.client.log_batch(
             run_id,
             metrics=[Metric(key, value, start, 0) for key, value in (metrics or {}).items()],
-            params=[Param("distill.training.seed", str(seed))] if seed is not None else [],
+            params=[
+                *([Param("distill.training.seed", str(seed))] if seed is not None else []),
+                *(Param(key, value) for key, value in (params or {}).items()),
+            ],
             tags=[RunTag(key, value) for key, value in tags.items()],
         )
         self.client.set_terminated(run_id, end_time=start + 500)
@@ -146,8 +157,8 @@ def test_runs_records_use_training_seeds_and_count_the_teacher_once(store, caplo
     assert not any("evaluated in runs" in message for message in caplog.messages)
 
 
-def test_a_repeated_seed_keeps_the_latest_run_with_a_warning(store, caplog):
-    with caplog.at_level(logging.WARNING, logger="warmup_distill_kedro.compare"):
+def test_a_repeated_seed_keeps_the_latest_run_and_says_so(store, caplog):
+    with caplog.at_level(logging.INFO, logger="warmup_distill_kedro.compare"):
         records = runs_records(store.uri)
     cell = records[(records["subject"] == "vanilla.fkl") & (records["metric"] == "exact_match")]
     assert dict(zip(cell["seed"], cell["value"], strict=True)) == {"0": 0.10, "1": 0.42}  # P3 replaced P1
@@ -276,6 +287,7 @@ def test_module_runs_as_a_script():
 
 
 def test_notebook_code_cells_build_the_comparison(store, tmp_path, monkeypatch):
+    """The notebook's cells in this process, so that their values can be checked."""
     notebook = json.loads(NOTEBOOK.read_text())
     assert notebook["nbformat"] == 4
     cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
@@ -299,6 +311,119 @@ def test_notebook_code_cells_build_the_comparison(store, tmp_path, monkeypatch):
     assert len(namespace["figure"].get_axes()) == 3
     side_by_side = namespace["fkl_side_by_side"]
     assert list(side_by_side.columns) == ["vanilla", "warmup"]
-    # vanilla.fkl was evaluated in P1, P2 and P3 (three runs), warmup.fkl in P1 and P2
-    assert side_by_side.loc[(f"metrics.{MATH}", "count"), "vanilla"] == 3
-    assert side_by_side.loc[(f"metrics.{MATH}", "mean"), "warmup"] == pytest.approx(0.46)
+    # one value per training seed of the selected group: P3 replaced P1's vanilla.fkl for seed 0
+    assert side_by_side.loc[("exact_match", "count"), "vanilla"] == 2
+    assert side_by_side.loc[("exact_match", "mean"), "vanilla"] == pytest.approx(0.26)
+    assert side_by_side.loc[("exact_match", "mean"), "warmup"] == pytest.approx(0.46)
+
+
+# ------------------------------------------------------------------------------------ groups of runs
+@pytest.fixture(scope="module")
+def groups(store) -> Store:
+    """Experiment "groups": the demo (env local, config A) with seeds 0 and 1, a smoke run of the test
+    environment (config T) that ended last, and a local run with another temperature (config C)."""
+    exp = store.experiment("groups")
+    kinds = {
+        "D0": ("local", "aaaa1111", "2", 0, 1_000, 0.40),
+        "X2": ("local", "cccc3333", "1", 2, 2_000, 0.90),
+        "D1": ("local", "aaaa1111", "2", 1, 3_000, 0.44),
+        "T0": ("test", "bbbb2222", "2", 0, 9_000, 0.00),
+    }
+    for name, (env, config, temperature, seed, start, value) in kinds.items():
+        tags = {"kedro.env": env, "config": config}
+        store.run(exp, name, start, seed=seed, tags=tags, params={"distill.temperature": temperature})
+        for subject in ("teacher/teacher/teacher", "vanilla.fkl/vanilla/fkl", "warmup.fkl/warmup/fkl"):
+            metrics = {MATH: value + (0.02 if subject.startswith("warmup") else 0.0), INSTRUCTION: 0.5}
+            store.run(exp, f"{name}.{subject.split('/')[0]}", start + 100, parent=name, evaluated=subject,
+                      metrics=metrics, tags=tags)  # fmt: skip
+    return store
+
+
+def test_runs_that_differ_in_anything_but_the_seed_are_never_pooled(groups):
+    """The newest group by default (here the test run); --env picks the newest group of an environment."""
+    newest = select_runs(groups.uri, "groups")
+    assert (newest.group.env, newest.group.config) == ("test", "bbbb2222")
+    assert set(newest.records["value"][newest.records["metric"] == "exact_match"]) == {0.0, 0.02}
+    local = select_runs(groups.uri, "groups", env="local")
+    assert (local.group.config, set(local.group.parents)) == (
+        "aaaa1111",
+        {groups.ids["D0"], groups.ids["D1"]},
+    )
+    cell = local.records[
+        (local.records["subject"] == "vanilla.fkl") & (local.records["metric"] == "exact_match")
+    ]
+    assert dict(zip(cell["seed"], cell["value"], strict=True)) == {"0": 0.40, "1": 0.44}  # never X2's 0.90
+    assert [g.config for g in local.other_groups] == ["bbbb2222", "cccc3333"]
+    other = select_runs(groups.uri, "groups", config="cccc")
+    assert other.group.parents == (groups.ids["X2"],)
+
+
+def test_the_parent_runs_of_each_column_are_printed(groups):
+    table, markdown = compare_table(groups.uri, "groups", env="local")
+    assert row(table, "fkl", "vanilla", "math", "exact_match")["n_seeds"] == 2
+    runs = markdown[markdown.index("## Runs") :]
+    for column in ("teacher", "vanilla", "warmup"):
+        [line] = [line for line in runs.splitlines() if line.startswith(f"- {column}:")]
+        assert groups.ids["D0"] in line and groups.ids["D1"] in line and groups.ids["X2"] not in line
+    assert "environment 'local', configuration aaaa1111 (2 kedro run(s))" in runs
+    assert "environment 'test', configuration bbbb2222" in runs  # another group, named, not pooled
+
+
+@pytest.mark.parametrize(
+    ("names", "says"),
+    [
+        (("D0", "T0"), r"(?s)2 configurations.*kedro\.env: test vs local"),
+        (("D1", "X2"), r"(?s)2 configurations.*distill\.temperature: 2 vs 1"),
+    ],
+)
+def test_asking_to_mix_groups_is_refused(groups, names, says):
+    with pytest.raises(MixedRunsError, match=says):
+        select_runs(groups.uri, "groups", [groups.ids[name] for name in names])
+    result = CliRunner().invoke(
+        commands, ["compare", "--tracking-uri", groups.uri, "--experiment", "groups",
+                   *(arg for name in names for arg in ("--run", groups.ids[name]))],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "never pools" in result.output
+
+
+def test_the_table_alone_goes_to_stdout(groups):
+    result = CliRunner().invoke(
+        commands, ["compare", "--tracking-uri", groups.uri, "--experiment", "groups", "--env", "local"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("# Warmup-Distill comparison")
+    assert "kedro compare:" not in result.stdout
+    assert "kedro compare: environment 'local', configuration aaaa1111" in result.stderr
+
+
+def test_the_notebook_runs_in_a_kernel(store, tmp_path, monkeypatch):
+    """notebooks/compare_runs.ipynb as a user runs it (nbclient, a Python kernel), on the store's one group."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[tool.kedro]\npackage_name = "warmup_distill_kedro"\n')
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(project / "notebooks")}},
+    )
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+    printed = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    assert "runs: environment 'unknown'" in printed and "(3 kedro run(s))" in printed  # P1, P2, P3
+    shown = [
+        o["data"].get("text/markdown", "")
+        for c in notebook.cells
+        for o in c.get("outputs", [])
+        if "data" in o
+    ]
+    assert any(
+        markdown.startswith("# Warmup-Distill comparison") and "## Runs" in markdown for markdown in shown
+    )
+    side_by_side = notebook.cells[-1].outputs[0]["data"]["text/plain"]
+    assert "exact_match" in side_by_side and "vanilla" in side_by_side

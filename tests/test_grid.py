@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from warmup_distill_kedro import grid
+from warmup_distill_kedro.core.errors import UserInputError
 from warmup_distill_kedro.grid import Cell, Subject
 
 
@@ -77,7 +78,7 @@ def test_the_control_student_is_measured_whenever_warmup_is_in_the_grid():
     [
         ({"variants": ["vanilla", "distilled"]}, r"distill\.variants: unknown \['distilled'\]; choose from"),
         ({"objectives": ["fkl", "kl2"]}, r"distill\.objectives: unknown \['kl2'\]; choose from \['fkl'"),
-        ({"objectives": []}, r"distill\.objectives must be a non-empty list of names, got \[\]"),
+        ({"objectives": []}, r"distill\.objectives must be a non-empty list of names .*, got \[\]"),
         ({"variants": [1]}, r"distill\.variants must be a non-empty list of names"),
         ({"objectives": ["fkl", "fkl"]}, r"distill\.objectives lists a name twice: \['fkl', 'fkl'\]"),
     ],
@@ -85,3 +86,11 @@ def test_the_control_student_is_measured_whenever_warmup_is_in_the_grid():
 def test_a_bad_name_is_refused_naming_the_parameter(parameters, message):
     with pytest.raises(ValueError, match=message):
         grid.cells(parameters)
+
+
+def test_names_separated_by_spaces_are_a_list_as_on_the_command_line():
+    """`--params 'distill.objectives=fkl js'` (Kedro splits --params on commas, so no [fkl,js] there)."""
+    cells = grid.cells({"variants": "warmup", "objectives": "fkl  js"})
+    assert [cell.name for cell in cells] == ["warmup.fkl", "warmup.js"]
+    with pytest.raises(UserInputError, match=r"distill\.objectives: unknown \['kl2'\]"):
+        grid.cells({"objectives": "fkl kl2"})

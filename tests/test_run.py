@@ -15,17 +15,16 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from tests.helpers import version_folders
+from tests.helpers import TEST_DATA, version_folders
 from warmup_distill_kedro.core.models.modeling import ModelSize, build_model
 from warmup_distill_kedro.core.models.tokenization import TokenizerConfig, train_bpe_tokenizer
 from warmup_distill_kedro.datasets import COMPLETE_MARKER
+from warmup_distill_kedro.hooks.inputs import MissingInputsError
 
 
-def _run(project: Path, pipelines: list[str], **runtime_params) -> None:
+def _run(project: Path, pipelines: list[str], env: str = "test", **runtime_params) -> None:
     bootstrap_project(project)
-    with KedroSession.create(
-        project_path=project, env="test", runtime_params=runtime_params or None
-    ) as session:
+    with KedroSession.create(project_path=project, env=env, runtime_params=runtime_params or None) as session:
         session.run(pipeline_names=pipelines)
 
 
@@ -38,10 +37,10 @@ def _assert_explained(project: Path, subjects: list[str]) -> None:
     """After a whole flow (`__default__`, grid vanilla and warmup x fkl and js): every subject's token
     records, the changes after KD and after warmup, the explain plots embedded in the report by links that
     resolve from its file, and the tables and plots as artifacts of the MLflow run."""
-    reporting = project / "data/08_reporting"
+    reporting = project / TEST_DATA / "08_reporting"
     for subject in subjects:
         records = pd.read_parquet(
-            _latest(project / f"data/07_model_output/explain/{subject}.explain_tokens.parquet")
+            _latest(project / f"{TEST_DATA}/07_model_output/explain/{subject}.explain_tokens.parquet")
         )
         assert len(records) > 0 and (records["subject"] == subject).all() and (records["kl"] >= -1e-6).all()
     changes = pd.read_csv(_latest(reporting / "explain/explain_changes.csv"))
@@ -69,18 +68,19 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
     _run(project_copy, ["data", "bootstrap"])
 
     for split in ("train", "validation", "test"):
-        assert (project_copy / f"data/03_primary/{split}_examples.parquet").is_file()
+        assert (project_copy / f"{TEST_DATA}/03_primary/{split}_examples.parquet").is_file()
     for name in ("teacher_model", "student_model", "student_tokenizer"):
-        versions = version_folders(project_copy / "data/06_models" / name)
+        versions = version_folders(project_copy / f"{TEST_DATA}/06_models" / name)
         assert len(versions) == 1, name
         checkpoint = versions[0] / name
         assert (checkpoint / COMPLETE_MARKER).is_file()
     assert (
-        version_folders(project_copy / "data/06_models/teacher_model")[0] / "teacher_model/config.json"
+        version_folders(project_copy / f"{TEST_DATA}/06_models/teacher_model")[0]
+        / "teacher_model/config.json"
     ).is_file()
 
     summary_file = next(
-        (project_copy / "data/08_reporting/bootstrap_summary.json").glob("*/bootstrap_summary.json")
+        (project_copy / f"{TEST_DATA}/08_reporting/bootstrap_summary.json").glob("*/bootstrap_summary.json")
     )
     summary = json.loads(summary_file.read_text())
     assert summary["math_test_examples"] == 8
@@ -94,26 +94,29 @@ def test_bootstrap_end_to_end(project_copy: Path) -> None:
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.params["bootstrap.teacher.training.max_steps"] == "6"
-    assert sorted(r.info.run_name for r in children) == ["sft_student", "sft_teacher"]
-    teacher_run = next(r for r in children if r.info.run_name == "sft_teacher")
+    # Run names tell runs apart in MLflow's list: pipelines, environment, grid, seed; node and environment.
+    assert parents[0].info.run_name == "data+bootstrap · test · vanilla+warmup × fkl+js · seed 0"
+    assert sorted(r.info.run_name for r in children) == ["sft_student · test", "sft_teacher · test"]
+    assert {r.data.tags["config"] for r in runs} == {parents[0].data.tags["config"]}
+    teacher_run = next(r for r in children if r.data.tags["kedro.node"] == "sft_teacher")
     assert "loss" in teacher_run.data.metrics and "eval/validation_nll" in teacher_run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(teacher_run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # log_every 2 over 6 steps
-    saved_version = version_folders(project_copy / "data/06_models/teacher_model")[0].name
+    saved_version = version_folders(project_copy / f"{TEST_DATA}/06_models/teacher_model")[0].name
     assert parents[0].data.tags["version.save.teacher_model"] == saved_version
 
 
 def test_bootstrap_alone_reuses_the_latest_splits(project_copy: Path) -> None:
     _run(project_copy, ["data"])
     _run(project_copy, ["bootstrap"])
-    assert len(version_folders(project_copy / "data/06_models/student_model")) == 1
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/student_model")) == 1
 
 
 def test_a_bad_parameter_fails_before_any_node_runs(project_copy: Path) -> None:
     with pytest.raises(Exception, match=r"(?s)bootstrap\.teacher.*max_steps") as error:
         _run(project_copy, ["data", "bootstrap"], bootstrap={"teacher": {"training": {"max_steps": 0}}})
     assert "greater than 0" in str(error.value)
-    assert not (project_copy / "data/02_intermediate/examples.parquet").exists()
+    assert not (project_copy / f"{TEST_DATA}/02_intermediate/examples.parquet").exists()
 
 
 def _save_hugging_face_folder(folder: Path, hidden_size: int, tokenizer, padding_rows: int = 0) -> None:
@@ -189,9 +192,11 @@ def test_gpu_env_reads_local_checkpoints_and_a_users_file(project_copy: Path) ->
     for checkpoint in (teacher, student):
         assert checkpoint.tokenizer(text, add_special_tokens=False)["input_ids"] == expected
     # Bootstrap did not run; the stages after it did, from the given checkpoints.
-    assert not (project_copy / "data/06_models/teacher_model").exists()
-    assert not (project_copy / "data/06_models/student_tokenizer").exists()
-    warmup = _latest(project_copy / "data/06_models/student_warmup")
+    assert not (project_copy / "data/gpu/06_models/teacher_model").exists()
+    assert not (project_copy / "data/gpu/06_models/student_tokenizer").exists()
+    # The gpu environment writes under its own data root (conf/gpu/globals.yml), never into the demo's.
+    assert not (project_copy / "data/03_primary").exists() and not (project_copy / "data/06_models").exists()
+    warmup = _latest(project_copy / "data/gpu/06_models/student_warmup")
     started_from = json.loads((warmup / "checkpoint_meta.json").read_text())["started_from"]
     assert started_from["path"] == started_from["source"] == str(project_copy / "student")
 
@@ -202,7 +207,7 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
     # flags some of them and not others, so first flags fall after the start and the prefix is kept.
     _run(project_copy, ["probe", "check", "warmup"], check={"tau": 0.003})
 
-    rollouts = pd.read_parquet(_latest(project_copy / "data/07_model_output/rollouts.parquet"))
+    rollouts = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/rollouts.parquet"))
     assert len(rollouts) == 6 * 2  # conf/test: 6 prompts x 2 samples
     for column in ("prompt_id", "prompt", "response", "sample_index", "token_ids", "logprobs", "finished"):
         assert column in rollouts, column
@@ -210,38 +215,44 @@ def test_probe_check_warmup_end_to_end(project_copy: Path) -> None:
         len(ids) == len(lp) for ids, lp in zip(rollouts["token_ids"], rollouts["logprobs"], strict=True)
     )
 
-    corrected = pd.read_parquet(_latest(project_copy / "data/07_model_output/corrected_set.parquet"))
-    summary = json.loads(_latest(project_copy / "data/08_reporting/check_summary.json").read_text())
+    corrected = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/corrected_set.parquet"))
+    summary = json.loads(_latest(project_copy / f"{TEST_DATA}/08_reporting/check_summary.json").read_text())
     assert summary["n_rollouts"] == len(rollouts)
     assert summary["n_pairs"] == len(corrected) > 0
     assert (corrected["chosen"] != corrected["rejected"]).all()
     _assert_corrections_keep_the_prefix(
-        pd.read_parquet(_latest(project_copy / "data/07_model_output/scored_rollouts.parquet")),
+        pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/scored_rollouts.parquet")),
         corrected,
         0.003,
     )
-    assert _latest(project_copy / "data/08_reporting/teacher_prob_histogram.png").stat().st_size > 1000
-    warmup = _latest(project_copy / "data/06_models/student_warmup")
+    assert (
+        _latest(project_copy / f"{TEST_DATA}/08_reporting/teacher_prob_histogram.png").stat().st_size > 1000
+    )
+    warmup = _latest(project_copy / f"{TEST_DATA}/06_models/student_warmup")
     assert (warmup / COMPLETE_MARKER).is_file()
     assert json.loads((warmup / "checkpoint_meta.json").read_text())["stage"] == "warmup"
     control = json.loads(
-        (_latest(project_copy / "data/06_models/student_control") / "checkpoint_meta.json").read_text()
+        (
+            _latest(project_copy / f"{TEST_DATA}/06_models/student_control") / "checkpoint_meta.json"
+        ).read_text()
     )
     warmup_meta = json.loads((warmup / "checkpoint_meta.json").read_text())
     assert control["stage"] == "warmup_control" and control["steps"] == warmup_meta["steps"]
-    control_metrics = json.loads(_latest(project_copy / "data/08_reporting/control_metrics.json").read_text())
+    control_metrics = json.loads(
+        _latest(project_copy / f"{TEST_DATA}/08_reporting/control_metrics.json").read_text()
+    )
     assert control_metrics["rows"] == summary["n_pairs"]  # one gold row per warmup pair: the same prompts
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
-    warmup_run = next(r for r in runs if r.info.run_name == "warmup_student")
+    warmup_run = next(r for r in runs if r.data.tags.get("kedro.node") == "warmup_student")
     for metric in ("loss", "reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp"):
         assert metric in warmup_run.data.metrics, metric
-    control_run = next(r for r in runs if r.info.run_name == "control_student")
+    control_run = next(r for r in runs if r.data.tags.get("kedro.node") == "control_student")
     assert "nll" in control_run.data.metrics and control_run.data.tags["stage"] == "control"
 
     _run(project_copy, ["warmup"])  # alone, on the latest corrected set
-    assert len(version_folders(project_copy / "data/06_models/student_warmup")) == 2
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/student_warmup")) == 2
 
 
 def _assert_corrections_keep_the_prefix(scored: pd.DataFrame, corrected: pd.DataFrame, tau: float) -> None:
@@ -276,13 +287,13 @@ def _assert_corrections_keep_the_prefix(scored: pd.DataFrame, corrected: pd.Data
 def test_bad_stage_parameters_fail_before_any_node(project_copy: Path, params, message) -> None:
     with pytest.raises(Exception, match=message):
         _run(project_copy, ["probe", "check", "warmup", "distill"], **params)
-    assert not (project_copy / "data/07_model_output").exists()
+    assert not (project_copy / f"{TEST_DATA}/07_model_output").exists()
 
 
 def test_a_bad_explain_parameter_fails_before_any_node(project_copy: Path) -> None:
     with pytest.raises(Exception, match=r"(?s)explain.*examples.*greater than 0"):
         _run(project_copy, ["explain"], explain={"examples": 0})
-    assert not (project_copy / "data/07_model_output").exists()
+    assert not (project_copy / f"{TEST_DATA}/07_model_output").exists()
 
 
 def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
@@ -291,13 +302,13 @@ def test_probe_and_check_are_deterministic(project_copy: Path) -> None:
     _run(project_copy, ["probe", "check"])
     _run(project_copy, ["probe", "check"])
     for name in ("rollouts", "scored_rollouts", "corrected_set"):
-        first, second = version_folders(project_copy / f"data/07_model_output/{name}.parquet")
+        first, second = version_folders(project_copy / f"{TEST_DATA}/07_model_output/{name}.parquet")
         pd.testing.assert_frame_equal(
             pd.read_parquet(first / f"{name}.parquet"), pd.read_parquet(second / f"{name}.parquet")
         )
     summaries = [
         json.loads((v / "check_summary.json").read_text())
-        for v in version_folders(project_copy / "data/08_reporting/check_summary.json")
+        for v in version_folders(project_copy / f"{TEST_DATA}/08_reporting/check_summary.json")
     ]
     assert summaries[0] == summaries[1]
 
@@ -307,10 +318,12 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     _run(project_copy, ["distill"])  # conf/test: variants vanilla, warmup x objectives fkl, js
     cells = [f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")]
     for cell in cells:
-        checkpoint = _latest(project_copy / f"data/06_models/distilled/{cell}.student")
+        checkpoint = _latest(project_copy / f"{TEST_DATA}/06_models/distilled/{cell}.student")
         meta = json.loads((checkpoint / "checkpoint_meta.json").read_text())
         assert (meta["variant"], meta["objective"]) == tuple(cell.split("."))
-        assert _latest(project_copy / f"data/08_reporting/distill/{cell}.distill_metrics.json").is_file()
+        assert _latest(
+            project_copy / f"{TEST_DATA}/08_reporting/distill/{cell}.distill_metrics.json"
+        ).is_file()
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     distill_runs = [r for r in runs if r.data.tags.get("stage") == "distill"]
@@ -322,15 +335,17 @@ def test_distill_grid_and_a_single_cell(project_copy: Path) -> None:
     _run(project_copy, ["distill"], distill={"variants": ["warmup"], "objectives": ["fkl"]})
     # The equal-step SFT baseline from the fairness-control student: no teacher in the loss.
     _run(project_copy, ["distill"], distill={"variants": ["control"], "objectives": ["sft"]})
-    checkpoint = _latest(project_copy / "data/06_models/distilled/control.sft.student")
+    checkpoint = _latest(project_copy / f"{TEST_DATA}/06_models/distilled/control.sft.student")
     assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["loss"] is None
     metrics = json.loads(
-        _latest(project_copy / "data/08_reporting/distill/control.sft.distill_metrics.json").read_text()
+        _latest(
+            project_copy / f"{TEST_DATA}/08_reporting/distill/control.sft.distill_metrics.json"
+        ).read_text()
     )
     assert metrics["steps"] == 2 and "final_validation_kl" in metrics
     assert [record["step"] for record in metrics["history"] if "loss" in record] == [1.0, 2.0]
-    assert len(version_folders(project_copy / "data/06_models/distilled/warmup.fkl.student")) == 2
-    assert len(version_folders(project_copy / "data/06_models/distilled/vanilla.fkl.student")) == 1
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/distilled/warmup.fkl.student")) == 2
+    assert len(version_folders(project_copy / f"{TEST_DATA}/06_models/distilled/vanilla.fkl.student")) == 1
 
 
 def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
@@ -338,13 +353,13 @@ def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
     _run(project_copy, ["data", "bootstrap", "probe", "check", "warmup"], **own_tokenizer)
 
     teacher_vocab = json.loads(
-        (_latest(project_copy / "data/06_models/teacher_tokenizer") / "tokenizer.json").read_text()
+        (_latest(project_copy / f"{TEST_DATA}/06_models/teacher_tokenizer") / "tokenizer.json").read_text()
     )
     student_vocab = json.loads(
-        (_latest(project_copy / "data/06_models/student_tokenizer") / "tokenizer.json").read_text()
+        (_latest(project_copy / f"{TEST_DATA}/06_models/student_tokenizer") / "tokenizer.json").read_text()
     )
     assert len(teacher_vocab["model"]["vocab"]) != len(student_vocab["model"]["vocab"])
-    scored = pd.read_parquet(_latest(project_copy / "data/07_model_output/scored_rollouts.parquet"))
+    scored = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/scored_rollouts.parquet"))
     # The teacher read the responses in its own tokens, mapped back to the text by character offsets.
     assert any(
         list(t)[: len(s)] != list(s)
@@ -353,7 +368,9 @@ def test_a_teacher_with_its_own_tokenizer(project_copy: Path) -> None:
     for row in scored.itertuples():
         assert len(row.teacher_logprobs) == len(row.teacher_token_ids) == len(row.flags)
         assert all(0 <= start <= len(row.response) for start in row.teacher_char_starts)
-    assert len(pd.read_parquet(_latest(project_copy / "data/07_model_output/corrected_set.parquet"))) > 0
+    assert (
+        len(pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/07_model_output/corrected_set.parquet"))) > 0
+    )
 
     with pytest.raises(Exception, match=r"tokenizers differ.*dskd_cma"):
         _run(project_copy, ["distill"])
@@ -366,10 +383,12 @@ def test_distill_data_modes(project_copy: Path, mode: str) -> None:
     _run(project_copy, ["distill"], distill={"variants": ["vanilla"], "objectives": ["fkl"], "data": data})
 
     metrics = json.loads(
-        _latest(project_copy / "data/08_reporting/distill/vanilla.fkl.distill_metrics.json").read_text()
+        _latest(
+            project_copy / f"{TEST_DATA}/08_reporting/distill/vanilla.fkl.distill_metrics.json"
+        ).read_text()
     )
     assert metrics["data_mode"] == mode
-    kd_examples = pd.read_parquet(_latest(project_copy / "data/05_model_input/kd_examples.parquet"))
+    kd_examples = pd.read_parquet(_latest(project_copy / f"{TEST_DATA}/05_model_input/kd_examples.parquet"))
     if mode == "sequence_kd":  # the teacher's own responses replace the gold ones
         assert (kd_examples["response"] != kd_examples["gold_response"]).any()
         assert not kd_examples["finished"].all()  # 4 new tokens: cut responses, marked (and given no EOS)
@@ -386,12 +405,12 @@ def test_dual_space_cells(project_copy: Path, objective: str, own_teacher_tokeni
     cell = {"variants": ["vanilla"], "objectives": [objective], "options": {objective: {"pretrain_steps": 2}}}
     _run(project_copy, ["distill"], distill=cell)
 
-    checkpoint = _latest(project_copy / f"data/06_models/distilled/vanilla.{objective}.student")
+    checkpoint = _latest(project_copy / f"{TEST_DATA}/06_models/distilled/vanilla.{objective}.student")
     assert json.loads((checkpoint / "checkpoint_meta.json").read_text())["loss"]["projector_lr"] == 1e-3
     assert (checkpoint / "config.json").is_file()  # the plain student, without its projectors
     metrics = json.loads(
         _latest(
-            project_copy / f"data/08_reporting/distill/vanilla.{objective}.distill_metrics.json"
+            project_copy / f"{TEST_DATA}/08_reporting/distill/vanilla.{objective}.distill_metrics.json"
         ).read_text()
     )
     assert "final_validation_nll" in metrics
@@ -413,7 +432,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     plots written, and each evaluation logged to the MLflow run that trained the model."""
     _run(project_copy, ["__default__"])
 
-    reporting = project_copy / "data/08_reporting"
+    reporting = project_copy / f"{TEST_DATA}/08_reporting"
     subjects = ["teacher", "vanilla.before_kd", "warmup.before_kd", "control.before_kd"] + [
         f"{v}.{o}" for v in ("vanilla", "warmup") for o in ("fkl", "js")
     ]
@@ -429,7 +448,7 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
         assert evaluation["distribution"]["heldout_nll"] > 0.0
         assert 0.0 <= evaluation["distribution"]["rejected_share"] <= 1.0
         predictions = pd.read_parquet(
-            _latest(project_copy / f"data/07_model_output/evaluation/{subject}.predictions.parquet")
+            _latest(project_copy / f"{TEST_DATA}/07_model_output/evaluation/{subject}.predictions.parquet")
         )
         assert set(predictions["task"]) == {"math", "instruction"}
     assert evaluations["teacher"]["distribution"]["heldout_kl"] is None  # no KL to itself
@@ -438,11 +457,13 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     # The test models score 0 on math and Rouge-L; their held-out NLLs tell every subject apart.
     assert len({e["distribution"]["heldout_nll"] for e in evaluations.values()}) == len(subjects)
     _assert_report_matches(pd.read_csv(_latest(reporting / "report.csv")), evaluations)
+    compact = _latest(reporting / "report_compact.md").read_text()  # what `make demo` prints last
+    assert "| math EM (%)" in compact and max(len(line) for line in compact.splitlines()) <= 100
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     by_name = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    for run_name, subject in (("sft_teacher", "teacher"), ("warmup_student", "warmup.before_kd"),
-                              ("warmup.fkl.distill", "warmup.fkl")):  # fmt: skip
+    for run_name, subject in (("sft_teacher · test", "teacher"), ("warmup_student · test", "warmup.before_kd"),
+                              ("warmup.fkl.distill · test · seed 0", "warmup.fkl")):  # fmt: skip
         assert by_name[run_name].data.tags["evaluation.subject"] == subject
     logged = {
         r.data.tags["evaluation.subject"]: {
@@ -454,6 +475,14 @@ def test_the_whole_flow_ends_with_the_report(project_copy: Path) -> None:
     assert logged == {
         subject: _numbers(evaluation, "evaluation") for subject, evaluation in evaluations.items()
     }
+    # The parent keeps a summary (each model's headline scores); the details are on the models' own runs.
+    [parent] = [r for r in runs if r.data.tags.get("kedro.pipelines") == "__default__"]
+    assert parent.data.metrics["math.exact_match/warmup.fkl"] == pytest.approx(
+        evaluations["warmup.fkl"]["math"]["exact_match"]
+    )
+    assert not [key for key in parent.data.metrics if "evaluation_metrics" in key]
+    summary = [key for key in parent.data.metrics if "/" in key]
+    assert len(summary) == 2 * len(subjects)
 
     # The report alone, on later versions of the evaluations with math and Rouge-L scores known, non-zero
     # and distinct per subject (and seed): every cell still equals its evaluation's numbers.
@@ -554,15 +583,15 @@ def test_a_non_finite_loss_stops_training_saves_nothing_and_fails_the_run(projec
         Exception, match=r"sft student: non-finite loss .* at optimizer step \d+, micro-batch \d+"
     ):
         _run(project_copy, ["bootstrap"], bootstrap=exploding)
-    student_versions = project_copy / "data/06_models/student_model"
+    student_versions = project_copy / f"{TEST_DATA}/06_models/student_model"
     assert not student_versions.exists() or not any(
         student_versions.glob(f"*/student_model/{COMPLETE_MARKER}")
     )
-    assert not list((project_copy / "data/09_training_state").glob("sft_student/*/*/state.pt"))
+    assert not list((project_copy / f"{TEST_DATA}/09_training_state").glob("sft_student/*/*/state.pt"))
 
     mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
-    student_run = next(r for r in runs if r.info.run_name == "sft_student")
+    student_run = next(r for r in runs if r.data.tags.get("kedro.node") == "sft_student")
     assert student_run.info.status == "FAILED"
     assert student_run.data.tags["error.type"] == "NonFiniteLossError"
 
@@ -572,13 +601,83 @@ def test_prompts_longer_than_max_length_stop_or_are_cut_and_counted(project_copy
     short = {"student": {"max_length": 16}}
     with pytest.raises(Exception, match=r"prompt of \d+ tokens does not fit max_length 16.*keep_end"):
         _run(project_copy, ["bootstrap"], bootstrap=short)
-    assert not (project_copy / "data/06_models/student_model").exists() or not any(
-        (project_copy / "data/06_models/student_model").glob(f"*/student_model/{COMPLETE_MARKER}")
+    assert not (project_copy / f"{TEST_DATA}/06_models/student_model").exists() or not any(
+        (project_copy / f"{TEST_DATA}/06_models/student_model").glob(f"*/student_model/{COMPLETE_MARKER}")
     )
 
     _run(
         project_copy, ["bootstrap"], bootstrap={"student": {"max_length": 16, "prompt_overflow": "keep_end"}}
     )
-    metrics = json.loads(_latest(project_copy / "data/08_reporting/student_sft_metrics.json").read_text())
+    metrics = json.loads(
+        _latest(project_copy / f"{TEST_DATA}/08_reporting/student_sft_metrics.json").read_text()
+    )
     assert metrics["truncated_prompts"] > 0  # cut by the declared policy, and counted
     assert metrics["truncated_prompts"] <= metrics["train_sequences"]
+
+
+def test_each_environment_writes_under_its_own_data_root(project_copy: Path) -> None:
+    """A run of one environment never becomes another's latest version, nor replaces its examples."""
+    small = {"data": {"math": {"n_examples": 60}, "instruction": {"n_examples": 20}}}
+    _run(project_copy, ["data"], env="local", **small)  # the default environment: data/
+    demo_examples = project_copy / "data/02_intermediate/examples.parquet"
+    demo = pd.read_parquet(demo_examples)
+    _run(project_copy, ["data"])  # --env test: data/test/
+    assert len(pd.read_parquet(project_copy / TEST_DATA / "02_intermediate/examples.parquet")) == 160
+    pd.testing.assert_frame_equal(pd.read_parquet(demo_examples), demo)  # untouched
+    assert len(demo) == 80
+    assert sorted(p.name for p in (project_copy / "data").iterdir()) == [
+        "02_intermediate",
+        "03_primary",
+        "test",
+    ]
+
+
+def test_missing_inputs_stop_the_run_before_any_node_naming_what_to_set(project_copy: Path) -> None:
+    raw = project_copy / "data/01_raw"
+    raw.mkdir(parents=True)
+    (raw / "math.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"}) + "\n")
+    checkpoints = {
+        "teacher_checkpoint": str(project_copy / "absent-teacher"),
+        "student_checkpoint": str(project_copy / "absent-student"),
+        "train_file": str(raw / "math.jsonl"),
+    }
+    bootstrap_project(project_copy)
+    with (
+        pytest.raises(MissingInputsError) as error,
+        KedroSession.create(project_path=project_copy, env="gpu", runtime_params=checkpoints) as session,
+    ):
+        session.run(pipeline_names=["from_checkpoints"])
+    message = str(error.value)
+    assert "teacher_model: no such folder or file: " + checkpoints["teacher_checkpoint"] in message
+    assert "set the parameter 'teacher_checkpoint', e.g. --params teacher_checkpoint=" in message
+    assert "set the parameter 'student_checkpoint'" in message
+    assert not (project_copy / "data/gpu").exists()  # build_examples and split_examples did not run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("warmup-distill")
+    assert not client.search_runs([experiment.experiment_id])  # and no MLflow run was opened
+
+    # An earlier stage's output that was never written: the stage to run first.
+    with pytest.raises(
+        MissingInputsError, match=r"student_model: no saved version under .*--pipelines=bootstrap"
+    ):
+        _run(project_copy, ["probe"])
+    assert not (project_copy / TEST_DATA).exists()
+
+
+def test_runs_of_one_configuration_share_their_config_tag(project_copy: Path) -> None:
+    """Whatever pipelines run (Kedro validates, and fills in defaults for, only theirs) and whatever seed:
+    `kedro compare` pools runs by this tag."""
+    _run(project_copy, ["data"])
+    _run(project_copy, ["data", "bootstrap"], distill={"training": {"seed": 1}})
+    _run(project_copy, ["data"], data={"split": {"validation_fraction": 0.2}})
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("warmup-distill")
+    parents = [
+        r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+    ]
+    by_name = {r.info.run_name: r.data.tags for r in parents}
+    first = by_name["data · test · vanilla+warmup × fkl+js · seed 0"]
+    seed_one = by_name["data+bootstrap · test · distill.training.seed=1"]
+    other = by_name["data · test · data.split.validation_fraction=0.2 · seed 0"]
+    assert first["config"] == seed_one["config"] != other["config"]
+    assert (first["seed"], seed_one["seed"]) == ("0", "1")

@@ -16,6 +16,7 @@ from warmup_distill_kedro.tracking import (
     flatten_params,
     log_step_metrics,
     resolve_tracking_uri,
+    runs_page_url,
 )
 
 
@@ -65,3 +66,14 @@ def test_log_step_metrics_without_active_run_does_nothing():
     assert mlflow.active_run() is None
     log_step_metrics({"loss": 1.0}, step=0)
     assert mlflow.active_run() is None
+
+
+def test_the_runs_page_of_the_experiment_opens_on_its_training_runs(tmp_path, monkeypatch):
+    """MLflow 3 opens an experiment on its GenAI overview unless the model-training view is asked for."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert runs_page_url(tmp_path) == "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    assert not (tmp_path / "mlflow.db").exists()  # looking did not create a store
+    experiment = mlflow.MlflowClient(default_tracking_uri(tmp_path)).create_experiment("warmup-distill")
+    assert runs_page_url(tmp_path) == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    )

@@ -1,4 +1,5 @@
-"""`kedro viz build` renders the lineage: every pipeline, and the distill grid as namespaced groups."""
+"""`kedro viz build` renders the lineage: every pipeline, and the distill grid as namespaced groups that
+collapse to one box per variant, with layer bands."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from warmup_distill_kedro.pipeline_registry import STAGES
 
 
-def test_viz_build_shows_every_pipeline_and_the_namespaced_grid(project_copy: Path) -> None:
+def test_viz_build_shows_every_pipeline_and_the_grid_at_a_glance(project_copy: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "kedro", "viz", "build"],
         cwd=project_copy,
@@ -43,10 +44,33 @@ def test_viz_build_shows_every_pipeline_and_the_namespaced_grid(project_copy: Pa
         assert dataset in names, dataset
     edges = {(e["source"], e["target"]) for e in main["edges"]}
     ids = {n["name"]: n["id"] for n in main["nodes"]}
-    # Task nodes carry their short name; the namespace is their modular pipeline.
+    # Task nodes carry their own name, which says whose node it is; the namespace is their modular pipeline.
     evaluate_node = next(
-        n["id"]
+        n
         for n in main["nodes"]
-        if n["name"] == "evaluate" and "warmup.fkl" in (n.get("modular_pipelines") or [])
+        if n["name"] == "evaluate_warmup_fkl" and "warmup.fkl" in (n.get("modular_pipelines") or [])
     )
-    assert (ids["warmup.fkl.student"], evaluate_node) in edges
+    assert (ids["warmup.fkl.student"], evaluate_node["id"]) in edges
+    tasks = [n["name"] for n in main["nodes"] if n["type"] == "task"]
+    assert len(tasks) == len(set(tasks))  # no two labels alike ("distill", "evaluate" once per cell)
+
+    # The default view reads at a glance: the collapsed grid is one box per variant with one output each,
+    # the cells' outputs inside them, and layer bands in one order.
+    assert "circular dependency" not in result.stdout + result.stderr
+    assert main["layers"] == [
+        "intermediate", "primary", "models", "model_output", "model_input", "distilled", "evaluation", "reporting",
+    ]  # fmt: skip
+    names = {n["id"]: n["name"] for n in main["nodes"]}
+    groups = main["modular_pipelines"]
+    for variant in ("vanilla", "warmup", "control"):
+        assert {names[o] for o in groups[variant]["outputs"]} == {f"{variant}.results"}, variant
+    assert {names[o] for o in groups["vanilla.fkl"]["outputs"]} == {
+        "vanilla.fkl.distill_metrics",
+        "vanilla.fkl.evaluation_metrics",
+        "vanilla.fkl.predictions",
+    }  # the cell's outputs, inside the variant's box
+    top = [c for c in groups["__root__"]["children"] if c["type"] == "data"]
+    grid_outputs = [
+        names[c["id"]] for c in top if names[c["id"]].split(".")[0] in ("vanilla", "warmup", "control")
+    ]
+    assert sorted(grid_outputs) == ["control.results", "vanilla.results", "warmup.results"]

@@ -5,8 +5,17 @@ The project's MLflow hook tags every evaluated model's run (``evaluation.subject
 as records (``reporting.records`` schema), one per (run, metric), the seed being the run's training seed
 (param ``distill.training.seed``), so runs repeated with other seeds become the spread in the table.
 
+Only repetitions are pooled. Each evaluation belongs to the kedro run that evaluated it, and kedro runs are
+grouped by environment (tag ``kedro.env``) and configuration (tag ``config``: the fingerprint of every
+parameter but the seeds, ``tracking.config_fingerprint``); a comparison reads one group, by default the
+newest, says which parent runs each column comes from, and refuses runs of several groups.
+
+    kedro compare                                   # the newest group
+    kedro compare --env test                        # the newest group of an environment
     kedro compare --run <parent run id> --run <another> --output data/08_reporting/comparison
     python -m warmup_distill_kedro.compare --objectives fkl,rkl
+
+The table goes to stdout and everything else to stderr: ``kedro compare > table.md`` is plain Markdown.
 """
 
 from __future__ import annotations
@@ -14,12 +23,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from warmup_distill_kedro.tracking import DEFAULT_EXPERIMENT_NAME, resolve_tracking_uri, sqlite_path
+from warmup_distill_kedro.tracking import (
+    CONFIG_TAG,
+    DEFAULT_EXPERIMENT_NAME,
+    ENV_TAG,
+    SEED_PARAM,
+    config_fingerprint,
+    is_seed_key,
+    resolve_tracking_uri,
+    sqlite_path,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,8 +58,9 @@ SUBJECT_TAG = "evaluation.subject"
 VARIANT_TAG = "evaluation.variant"
 OBJECTIVE_TAG = "evaluation.objective"
 EVALUATION_PARENT_TAG = "evaluation.parent_run_id"
-SEED_PARAM = "distill.training.seed"
 METRIC_PREFIX = "evaluation."
+# How many differing parameters a refusal to mix names.
+SHOWN_DIFFERENCES = 6
 # MLflow metric -> (benchmark, metric) of the records. The instruction std is the spread over sampling
 # seeds within one run; across runs the spread comes from the runs themselves, so it is not a record.
 RUN_METRICS = {
@@ -60,23 +81,50 @@ HOW_TO_PRODUCE = (
 
 
 # -------------------------------------------------------------------------------------------- records
-def runs_records(
+@dataclass(frozen=True)
+class RunGroup:
+    """Kedro runs of one environment and configuration: repetitions, which differ in their seeds only."""
+
+    env: str
+    config: str
+    parents: tuple[str, ...]  # run ids, newest first
+    newest: int  # when its newest evaluation ended (ms)
+
+    def describe(self) -> str:
+        return f"environment {self.env!r}, configuration {self.config} ({len(self.parents)} kedro run(s))"
+
+
+@dataclass
+class Selection:
+    """The records of one group of runs, and where they come from."""
+
+    records: pd.DataFrame
+    group: RunGroup
+    other_groups: list[RunGroup]
+    # column (variant, or the teacher) -> the parent runs its values come from: (run id, run name)
+    sources: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+
+class MixedRunsError(ValueError):
+    """Runs of several configurations or environments were asked for together."""
+
+
+def select_runs(
     tracking_uri: str,
     experiment: str = DEFAULT_EXPERIMENT_NAME,
     parent_run_ids: Sequence[str] | None = None,
-) -> pd.DataFrame:
-    """One record per (evaluated run, metric) of ``experiment`` in the store at ``tracking_uri``.
+    env: str | None = None,
+    config: str | None = None,
+) -> Selection:
+    """The records of one group of kedro runs (one environment and configuration) of ``experiment``.
 
-    The seed of a record is the run's ``distill.training.seed`` param, else its parent run's, else the
-    parent run id. ``parent_run_ids`` keeps the runs whose own id, parent run (``mlflow.parentRunId``) or
-    evaluating run (``evaluation.parent_run_id``) is one of them. When a (subject, seed) was evaluated in
-    more than one run, the run that ended last is kept, with a logged warning.
+    ``parent_run_ids`` keeps the evaluated runs whose own id, parent run (``mlflow.parentRunId``) or
+    evaluating run (``evaluation.parent_run_id``) is one of them; they must all be of one group, else
+    MixedRunsError names the groups and the parameters they differ in. Otherwise the newest group is
+    chosen, among those of ``env`` and whose configuration starts with ``config`` when given. Within the
+    group, a (subject, seed) evaluated twice keeps the run that ended last (logged).
     Raises ValueError when the store or experiment does not exist or holds no evaluated runs.
     """
-    import pandas as pd
-
-    from warmup_distill_kedro.reporting.records import RECORD_COLUMNS
-
     runs = _experiment_runs(tracking_uri, experiment)
     by_id = {run.info.run_id: run for run in runs}
     evaluated = [run for run in runs if SUBJECT_TAG in run.data.tags]
@@ -89,9 +137,116 @@ def runs_records(
             f"no evaluated runs (tag {SUBJECT_TAG!r}) in MLflow experiment {experiment!r} of the store "
             f"{tracking_uri}{restriction}; {HOW_TO_PRODUCE}"
         )
-    latest = _latest_per_subject_and_seed([(run, _seed(run, by_id)) for run in evaluated])
+    by_group: dict[tuple[str, str], list[Run]] = {}
+    for run in evaluated:
+        by_group.setdefault(_group_key(_evaluating_run(run, by_id)), []).append(run)
+    groups = sorted(
+        (_group(key, members, by_id) for key, members in by_group.items()), key=lambda g: -g.newest
+    )
+    if parent_run_ids is not None and len(groups) > 1:
+        raise MixedRunsError(_mixing_message(groups, by_id))
+    chosen = [g for g in groups if (env is None or g.env == env) and g.config.startswith(config or "")]
+    if not chosen:
+        raise ValueError(
+            f"no runs of {_wanted(env, config)} in MLflow experiment {experiment!r}; the store has "
+            + "; ".join(g.describe() for g in groups)
+        )
+    group = chosen[0]
+    members = by_group[(group.env, group.config)]
+    latest = _latest_per_subject_and_seed([(run, _seed(run, by_id)) for run in members])
     rows = [row for run, seed in latest for row in _run_rows(run, seed)]
+    records = _records_frame(rows)
+    others = [g for g in groups if g is not group]
+    return Selection(records, group, others, _sources(latest, by_id))
+
+
+def runs_records(
+    tracking_uri: str,
+    experiment: str = DEFAULT_EXPERIMENT_NAME,
+    parent_run_ids: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The records (``reporting.records`` schema) of ``select_runs``: one per (evaluated run, metric)."""
+    return select_runs(tracking_uri, experiment, parent_run_ids).records
+
+
+def _records_frame(rows: list[dict]) -> pd.DataFrame:
+    import pandas as pd
+
+    from warmup_distill_kedro.reporting.records import RECORD_COLUMNS
+
     return pd.DataFrame(rows, columns=list(RECORD_COLUMNS)).astype({"seed": str, "value": float})
+
+
+def _evaluating_run(run: Run, by_id: dict[str, Run]) -> Run:
+    """The kedro run (parent run) that evaluated ``run``: its evaluation's configuration is that run's."""
+    for tag in (EVALUATION_PARENT_TAG, PARENT_RUN_TAG):
+        parent = by_id.get(run.data.tags.get(tag, ""))
+        if parent is not None:
+            return parent
+    return run
+
+
+def _group_key(parent: Run) -> tuple[str, str]:
+    tags, params = parent.data.tags, parent.data.params
+    # Runs tracked before the config tag existed: the same fingerprint, from their logged parameters.
+    return tags.get(ENV_TAG, "unknown"), tags.get(CONFIG_TAG) or config_fingerprint(params)
+
+
+def _group(key: tuple[str, str], members: list[Run], by_id: dict[str, Run]) -> RunGroup:
+    parents: dict[str, int] = {}
+    for run in members:
+        parent = _evaluating_run(run, by_id)
+        parents[parent.info.run_id] = max(parents.get(parent.info.run_id, 0), _finished(run))
+    ordered = tuple(sorted(parents, key=lambda run_id: -parents[run_id]))
+    return RunGroup(key[0], key[1], ordered, max(parents.values()))
+
+
+def _mixing_message(groups: list[RunGroup], by_id: dict[str, Run]) -> str:
+    lines = [
+        f"the runs asked for are of {len(groups)} configurations, which kedro compare never pools "
+        "(runs that differ in anything but the seed are not repetitions):"
+    ]
+    lines += [f"  {g.describe()}: {', '.join(g.parents)}" for g in groups]
+    first, second = (by_id[g.parents[0]] for g in groups[:2])
+    differences = _differences(first, second)
+    if differences:
+        shown = "; ".join(differences[:SHOWN_DIFFERENCES])
+        more = (
+            f" and {len(differences) - SHOWN_DIFFERENCES} more"
+            if len(differences) > SHOWN_DIFFERENCES
+            else ""
+        )
+        lines.append(f"  the first two differ in: {shown}{more}")
+    lines.append("Compare the runs of one group: --run of one group only, or --env / --config.")
+    return "\n".join(lines)
+
+
+def _differences(first: Run, second: Run) -> list[str]:
+    """``name: a vs b`` for the environment and every parameter but the seeds that differ."""
+    out = []
+    env = (first.data.tags.get(ENV_TAG), second.data.tags.get(ENV_TAG))
+    if env[0] != env[1]:
+        out.append(f"{ENV_TAG}: {env[0]} vs {env[1]}")
+    a, b = first.data.params, second.data.params
+    for key in sorted(set(a) | set(b)):
+        if not is_seed_key(key) and a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key, '(unset)')} vs {b.get(key, '(unset)')}")
+    return out
+
+
+def _wanted(env: str | None, config: str | None) -> str:
+    parts = [f"environment {env!r}" if env else "", f"configuration {config}" if config else ""]
+    return " and ".join(part for part in parts if part) or "any group"
+
+
+def _sources(latest: list[tuple[Run, str]], by_id: dict[str, Run]) -> dict[str, list[tuple[str, str]]]:
+    """Column (the evaluated run's variant) -> the parent runs its values were evaluated by."""
+    sources: dict[str, dict[str, str]] = {}
+    for run, _ in latest:
+        parent = _evaluating_run(run, by_id)
+        column = run.data.tags.get(VARIANT_TAG, "?")
+        sources.setdefault(column, {})[parent.info.run_id] = parent.info.run_name or ""
+    return {column: sorted(parents.items()) for column, parents in sources.items()}
 
 
 def _experiment_runs(tracking_uri: str, experiment: str) -> list[Run]:
@@ -137,16 +292,17 @@ def _seed(run: Run, by_id: dict[str, Run]) -> str:
     return parent_id or run.info.run_id
 
 
-def _latest_per_subject_and_seed(runs: list[tuple[Run, str]]) -> list[tuple[Run, str]]:
-    def finished(item: tuple[Run, str]) -> int:
-        info = item[0].info
-        return info.end_time or info.start_time or 0  # a run still going counts from its start
+def _finished(run: Run) -> int:
+    return run.info.end_time or run.info.start_time or 0  # a run still going counts from its start
 
+
+def _latest_per_subject_and_seed(runs: list[tuple[Run, str]]) -> list[tuple[Run, str]]:
+    """One run per (subject, seed): repetitions of one configuration, so the one that ended last."""
     kept: dict[tuple[str, str], tuple[Run, str]] = {}
-    for run, seed in sorted(runs, key=finished):
+    for run, seed in sorted(runs, key=lambda item: _finished(item[0])):
         key = (run.data.tags[SUBJECT_TAG], seed)
         if key in kept:
-            logger.warning(
+            logger.info(
                 "MLflow: %s with seed %s was evaluated in runs %s and %s; keeping %s, which ended last",
                 key[0],
                 seed,
@@ -161,10 +317,10 @@ def _latest_per_subject_and_seed(runs: list[tuple[Run, str]]) -> list[tuple[Run,
 def _run_rows(run: Run, seed: str) -> list[dict]:
     tags = run.data.tags
     identity = {"subject": tags[SUBJECT_TAG]}
-    for field, tag in (("variant", VARIANT_TAG), ("objective", OBJECTIVE_TAG)):
+    for name, tag in (("variant", VARIANT_TAG), ("objective", OBJECTIVE_TAG)):
         if not tags.get(tag):
             raise ValueError(f"MLflow run {run.info.run_id} ({identity['subject']}): tag {tag!r} is missing")
-        identity[field] = tags[tag]
+        identity[name] = tags[tag]
     rows = []
     for key, value in sorted(run.data.metrics.items()):
         if key not in RUN_METRICS:
@@ -184,16 +340,30 @@ def compare_table(
     parent_run_ids: Sequence[str] | None = None,
     variants: Sequence[str] | None = None,
     objectives: Sequence[str] | None = None,
+    env: str | None = None,
+    config: str | None = None,
 ) -> tuple[pd.DataFrame, str]:
-    """The comparison table (``reporting.table.build_table``) of the evaluated runs, and its Markdown.
+    """The comparison table (``reporting.table.build_table``) of one group of runs (``select_runs``), and
+    its Markdown, which ends with the parent runs each column comes from.
 
     ``variants`` / ``objectives`` select what is shown (default: everything the runs hold); naming one
     that no run has gives its rows status ``missing``.
     """
+    selection = select_runs(tracking_uri, experiment, parent_run_ids, env, config)
+    return comparison_of(selection, experiment, variants, objectives)
+
+
+def comparison_of(
+    selection: Selection,
+    experiment: str = DEFAULT_EXPERIMENT_NAME,
+    variants: Sequence[str] | None = None,
+    objectives: Sequence[str] | None = None,
+) -> tuple[pd.DataFrame, str]:
+    """The table and Markdown of a selection of runs (see ``compare_table``)."""
     from warmup_distill_kedro.reporting.markdown import render_markdown
     from warmup_distill_kedro.reporting.table import BEFORE_KD, DELTA_VARIANTS, TEACHER, build_table
 
-    records = runs_records(tracking_uri, experiment, parent_run_ids)
+    records = selection.records
     # Named variants/objectives select; the references (teacher, students before KD) stay with them.
     if variants is not None:
         records = records[records["variant"].isin([*variants, TEACHER])]
@@ -206,7 +376,28 @@ def compare_table(
     table = build_table(records, variants, objectives)
     n_runs = len(set(records["seed"]))
     title = f"Warmup-Distill comparison: experiment {experiment!r}, {n_runs} training seed(s)"
-    return table, render_markdown(table, title=title, seed_kind="training")
+    markdown = render_markdown(table, title=title, seed_kind="training")
+    shown = [TEACHER, *variants]
+    return table, markdown + _runs_section(selection, [c for c in shown if c in selection.sources])
+
+
+def _runs_section(selection: Selection, columns: Sequence[str]) -> str:
+    """Which kedro runs the table pools: the group, and the parent runs each column comes from."""
+    lines = [
+        "",
+        "## Runs",
+        "",
+        f"One group of kedro runs, pooled over their seeds only: {selection.group.describe()}.",
+        "Parent runs (MLflow run id, name) each column comes from:",
+        "",
+    ]
+    for column in columns:
+        runs = ", ".join(f"{run_id} ({name})" for run_id, name in selection.sources[column])
+        lines.append(f"- {column}: {runs}")
+    if selection.other_groups:
+        lines += ["", "Other groups in the store, not pooled with these (choose with --env / --config):", ""]
+        lines += [f"- {group.describe()}" for group in selection.other_groups]
+    return "\n".join(lines) + "\n"
 
 
 def _ordered_names(values: pd.Series, order: Sequence[str], exclude: set[str]) -> list[str]:
@@ -233,6 +424,24 @@ def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     return names
 
 
+@contextmanager
+def _logs_to_stderr() -> Iterator[None]:
+    """Kedro's Rich log handler writes to stdout; while the command runs it writes to stderr, so that
+    `kedro compare > table.md` holds the table and nothing else."""
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, RichHandler)]
+    consoles = [handler.console for handler in handlers]
+    for handler in handlers:
+        handler.console = Console(stderr=True)
+    try:
+        yield
+    finally:
+        for handler, console in zip(handlers, consoles, strict=True):
+            handler.console = console
+
+
 def _output_paths(prefix: str) -> tuple[Path, Path]:
     base = Path(prefix)
     markdown, csv = base.with_name(base.name + ".md"), base.with_name(base.name + ".csv")
@@ -254,7 +463,19 @@ def _output_paths(prefix: str) -> tuple[Path, Path]:
     default=None,
     help="MLflow store; default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the project root.",
 )
-@click.option("--run", "runs", multiple=True, help="Parent run id of a kedro run to include (repeatable).")
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    help="Parent run id of a kedro run to include (repeatable); all must be of one environment and "
+    "configuration.",
+)
+@click.option("--env", default=None, help="The newest group of runs of this Kedro environment.")
+@click.option(
+    "--config",
+    default=None,
+    help="The group of runs of this configuration (the runs' `config` tag, or its start).",
+)
 @click.option("--variants", callback=_comma_list, help="Comma list of student variants (default: found).")
 @click.option("--objectives", callback=_comma_list, help="Comma list of KD objectives (default: found).")
 @click.option(
@@ -264,18 +485,32 @@ def compare_command(
     experiment: str,
     tracking_uri: str | None,
     runs: tuple[str, ...],
+    env: str | None,
+    config: str | None,
     variants: list[str] | None,
     objectives: list[str] | None,
     output: str | None,
 ) -> None:
-    """Compare the evaluated models of many kedro runs (seeds) from MLflow, as the report's table."""
+    """Compare the evaluated models of many kedro runs (seeds) from MLflow, as the report's table.
+
+    Runs are pooled over their seeds only: by default the newest group of runs of one environment and
+    configuration. The Markdown goes to stdout, everything else to stderr."""
     root = find_project_root()
     uri = resolve_tracking_uri(tracking_uri, root)
     paths = _output_paths(output) if output else None  # refuse before any work is done
     try:
-        table, markdown = compare_table(uri, experiment, list(runs) or None, variants, objectives)
+        with _logs_to_stderr():
+            selection = select_runs(uri, experiment, list(runs) or None, env, config)
+            table, markdown = comparison_of(selection, experiment, variants, objectives)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo(f"kedro compare: {selection.group.describe()}", err=True)
+    if selection.other_groups:
+        click.echo(
+            f"kedro compare: {len(selection.other_groups)} other group(s) in the store, not pooled with it "
+            "(listed at the end of the table; choose one with --env / --config)",
+            err=True,
+        )
     click.echo(markdown)
     if paths is not None:
         markdown_path, csv_path = paths

@@ -6,11 +6,16 @@ and `kedro compare` all take their names from here.
   `vanilla` (`student_model`: the student as bootstrapped or given), `warmup` (`student_warmup`: after
   the warmup stage) and `control` (`student_control`: the fairness control, the vanilla student given
   warmup's extra steps as plain SFT on the same prompts' gold responses).
-- A *cell* is a (variant, objective) pair. Its nodes live in the namespace `<variant>.<objective>`
-  (`vanilla.fkl.distill`, `vanilla.fkl.evaluate`) and its outputs are named after it
+- A *cell* is a (variant, objective) pair. Its nodes live in the namespace `<variant>.<objective>`, nested
+  in the variant's (kedro-viz draws the grid as one box per variant, one per cell inside it), and are
+  named after their stage and the cell, the label kedro-viz shows (`vanilla.fkl.distill_vanilla_fkl`,
+  `vanilla.fkl.evaluate_vanilla_fkl`; `node_name`); its outputs are named after it
   (`vanilla.fkl.student`, `vanilla.fkl.distill_metrics`, `vanilla.fkl.evaluation_metrics`).
 - A *subject* is a model the evaluate pipeline measures: the teacher, every variant's student before
   distillation (objective `before_kd`, e.g. `vanilla.before_kd`) and every cell's distilled student.
+- Each variant's *results* (`vanilla.results`, written by the node `vanilla.collect_vanilla`) gather what
+  its subjects and cells wrote, so that the report reads one input per variant and every cell's outputs
+  stay inside the variant's box.
 
 The grid's shape is a parameter (`distill.variants`, `distill.objectives`, overridable with `--params`),
 but Kedro builds pipelines without parameters: `hooks.grid.GridParametersHook` hands this module the
@@ -25,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from warmup_distill_kedro.core.errors import UserInputError
 from warmup_distill_kedro.core.kd.cell import BASELINE_OBJECTIVES, CELL_OBJECTIVES, reads_teacher_cache
 
 TEACHER = "teacher"
@@ -101,11 +107,23 @@ class Subject:
         return TEACHER if self.variant == TEACHER else f"{self.variant}.{self.objective}"
 
 
+def node_name(stage: str, owner: str) -> str:
+    """A grid node's own name: its stage and the cell, subject or variant it belongs to
+    (`distill_vanilla_fkl`, `evaluate_teacher`, `collect_vanilla`). Kedro prefixes the namespace
+    (`vanilla.fkl.distill_vanilla_fkl`); kedro-viz shows this part alone, so it must say whose node it is."""
+    return f"{stage}_{owner.replace('.', '_')}"
+
+
+def results(variant: str) -> str:
+    """The dataset that gathers a variant's evaluations, training metrics and predictions."""
+    return f"{variant}.results"
+
+
 def cells(parameters: Mapping[str, Any] | None = None) -> list[Cell]:
     """Every cell of the grid, variants outermost, in the order the parameters list them."""
     parameters = _parameters if parameters is None else parameters
-    variants = _names(parameters.get("variants", DEFAULT_VARIANTS), "distill.variants", VARIANTS)
-    objectives = _names(
+    variants = name_list(parameters.get("variants", DEFAULT_VARIANTS), "distill.variants", VARIANTS)
+    objectives = name_list(
         parameters.get("objectives", DEFAULT_OBJECTIVES), "distill.objectives", CELL_OBJECTIVES
     )
     return [Cell(variant, objective) for variant in variants for objective in objectives]
@@ -143,12 +161,22 @@ def subjects(grid: Sequence[Cell]) -> list[Subject]:
     ]
 
 
-def _names(value: Any, parameter: str, allowed: Sequence[str]) -> list[str]:
-    names = [value] if isinstance(value, str) else list(value)
+def spaced_names(value: Any) -> Any:
+    """A string of names separated by spaces as their list; any other value as it is."""
+    return value.split() if isinstance(value, str) else value
+
+
+def name_list(value: Any, parameter: str, allowed: Sequence[str]) -> list[str]:
+    """The names of a grid parameter: a list, or one string of names separated by spaces, the form a list
+    takes on the command line (`--params 'distill.objectives=fkl rkl'`: Kedro splits --params on commas)."""
+    names = list(spaced_names(value))
     if not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{parameter} must be a non-empty list of names, got {value!r}")
+        raise UserInputError(
+            f"{parameter} must be a non-empty list of names (on the command line: names separated by "
+            f"spaces, e.g. --params '{parameter}=fkl rkl'), got {value!r}"
+        )
     if len(set(names)) != len(names):
-        raise ValueError(f"{parameter} lists a name twice: {names}")
+        raise UserInputError(f"{parameter} lists a name twice: {names}")
     if unknown := sorted(set(names) - set(allowed)):
-        raise ValueError(f"{parameter}: unknown {unknown}; choose from {list(allowed)}")
+        raise UserInputError(f"{parameter}: unknown {unknown}; choose from {list(allowed)}")
     return names

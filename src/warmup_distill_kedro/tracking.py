@@ -4,6 +4,9 @@
 * ``default_tracking_uri`` / ``default_artifact_location`` / ``resolve_tracking_uri`` /
   ``resolve_artifact_location``: where the store and the artifacts live, as absolute URIs.
 * ``flatten_params``: nested parameters -> ``{"a.b": "value"}`` that MLflow accepts.
+* ``config_fingerprint``: which runs share a configuration (every parameter but the seeds), the
+  ``config`` tag of each run and what ``kedro compare`` groups by.
+* ``runs_page_url``: where the MLflow UI shows the experiment's training runs.
 * ``log_step_metrics``: per-step metrics from inside a node (a training loop); they go to the MLflow
   run that is active in the calling thread (the node's child run, see ``hooks/mlflow_tracking.py``), or nowhere.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import logging
 import numbers
@@ -27,6 +31,12 @@ from pydantic import BaseModel, ConfigDict
 logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT_NAME = "warmup-distill"
+# The tags every run of a `kedro run` carries (the parent and its children), to tell configurations apart.
+ENV_TAG = "kedro.env"
+CONFIG_TAG = "config"
+SEED_TAG = "seed"
+# The seed `kedro compare` pools over: runs of one configuration that differ in it are repetitions.
+SEED_PARAM = "distill.training.seed"
 DB_FILENAME = "mlflow.db"
 ARTIFACTS_DIRNAME = "mlruns"
 
@@ -123,6 +133,22 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path_part)
 
 
+def runs_page_url(
+    project_path: str | Path, experiment: str = DEFAULT_EXPERIMENT_NAME, base: str = "http://127.0.0.1:5000"
+) -> str:
+    """The MLflow UI page of ``experiment``'s training runs in the project's store. MLflow 3 opens an
+    experiment on its GenAI overview unless the model-training view is asked for (``workflowType``)."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(None, project_path)
+    database = sqlite_path(uri)
+    found = None
+    if database is None or database.exists():  # opening a missing sqlite store would create it
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    page = f"experiments/{found.experiment_id}/runs" if found is not None else "experiments"
+    return f"{base}/#/{page}?workflowType=machine_learning"
+
+
 # ------------------------------------------------------------------------------------------ keys, values
 def sanitize_key(key: str) -> str:
     """A key MLflow accepts as param, metric or tag name: bad characters -> ``_``, at most 250 chars."""
@@ -192,6 +218,19 @@ def flatten_params(nested: Mapping[str, Any] | BaseModel, prefix: str = "") -> d
 
     walk(plain, prefix)
     return flat
+
+
+def is_seed_key(key: str) -> bool:
+    """Whether a flattened parameter is a seed (``distill.training.seed``, ``evaluate.rouge_seeds``)."""
+    last = key.rsplit(".", 1)[-1]
+    return last in {"seed", "seeds"} or last.endswith(("_seed", "_seeds"))
+
+
+def config_fingerprint(flat_params: Mapping[str, str]) -> str:
+    """Eight hex digits that differ whenever any parameter but a seed differs: runs with the same
+    fingerprint (and environment) are repetitions of one configuration, and only they may be pooled."""
+    kept = sorted((key, value) for key, value in flat_params.items() if not is_seed_key(key))
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:8]
 
 
 def to_float(value: Any) -> float | None:

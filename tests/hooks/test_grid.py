@@ -34,13 +34,13 @@ def test_a_changed_grid_rebuilds_the_registrys_pipelines(use_grid):
     hook.after_context_created(_context({"variants": ["vanilla"], "objectives": ["fkl"]}))
     assert {n.name for n in project.pipelines["distill"].nodes} == {
         "prepare_kd_examples",
-        "vanilla.fkl.distill",
+        "vanilla.fkl.distill_vanilla_fkl",
     }
     hook.after_context_created(_context({"variants": ["control"], "objectives": ["sft"]}))
     assert {n.name for n in project.pipelines["distill"].nodes} == {
         "prepare_kd_examples",
         "prepare_sft_examples",
-        "control.sft.distill",
+        "control.sft.distill_control_sft",
     }
     evaluated = {n.namespace for n in project.pipelines["evaluate"].nodes}
     assert evaluated == {"teacher", "control.before_kd", "control.sft"}

@@ -26,9 +26,13 @@ from warmup_distill_kedro.hooks.mlflow_tracking import (
     MLflowTrackingHook,
     TrackingConfigError,
     TrackingStoreError,
+    child_run_name,
+    evaluation_summary,
+    parent_run_name,
 )
 from warmup_distill_kedro.tracking import (
     TrackingConfig,
+    config_fingerprint,
     default_artifact_location,
     default_tracking_uri,
     log_step_metrics,
@@ -64,9 +68,10 @@ def tracked_context(project: Path, tmp_path: Path, experiment: str, **mlflow_con
 
 
 def runs_by_name(experiment: str) -> dict:
+    """Runs by the first part of their name (``demo`` of ``demo · local · ...``)."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
-    return {run.info.run_name: run for run in client.search_runs([exp.experiment_id])}
+    return {run.info.run_name.split(" · ")[0]: run for run in client.search_runs([exp.experiment_id])}
 
 
 # ------------------------------------------------------------------------------------------- node functions
@@ -100,11 +105,18 @@ def test_pipeline_run_is_tracked_end_to_end(project, tmp_path):
 
     assert mlflow.active_run() is None
     runs = runs_by_name("e2e")
-    assert sorted(runs) == ["demo", "train_student"]
-    parent, child = runs["demo"], runs["train_student"]
+    assert sorted(runs) == ["demo", "kd.fkl.student"]
+    parent, child = runs["demo"], runs["kd.fkl.student"]
     client = MlflowClient()
     experiment = client.get_experiment_by_name("e2e")
     assert experiment.artifact_location == default_artifact_location(project)
+    # MLflow 3 opens a model-training experiment on its runs, not on the GenAI overview
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # names that tell runs apart: pipelines, environment, the grid (no --params here); the cell and stage
+    assert parent.info.run_name == "demo · local · vanilla+warmup × 8 objectives"
+    assert child.info.run_name == "kd.fkl.student · local"
+    # the configuration's fingerprint on both, for filtering and for `kedro compare`
+    assert parent.data.tags["config"] == child.data.tags["config"] == config_fingerprint(parent.data.params)
 
     # parent: named after the pipeline, kedro tags, all params flattened, parent-level metrics
     assert parent.info.status == "FINISHED"
@@ -160,7 +172,7 @@ def test_failing_training_node_marks_child_and_parent_failed(project, tmp_path):
 
     assert mlflow.active_run() is None
     runs = runs_by_name("failing")
-    parent, child = runs["warmup+kd"], runs["train_student"]
+    parent, child = runs["warmup+kd"], runs["kd.fkl.student"]
     assert parent.data.tags["kedro.pipelines"] == "warmup,kd"
     assert parent.info.status == "FAILED"
     assert child.info.status == "FAILED"
@@ -283,3 +295,53 @@ def test_a_store_that_refuses_writes_stops_the_run_at_start(tmp_path, monkeypatc
     monkeypatch.setattr(MlflowClient, "set_experiment_tag", read_only)  # ...but now refuse writes
     with pytest.raises(TrackingStoreError, match=r"(?s)mlflow.db.*readonly database.*continue_untracked"):
         MLflowTrackingHook().after_context_created(context)
+
+
+# ------------------------------------------------------------------------------------------ names, summary
+def test_parent_run_names_tell_runs_apart():
+    grid = {
+        "distill": {"variants": ["vanilla", "warmup"], "objectives": ["fkl", "js"], "training": {"seed": 0}}
+    }
+    assert (
+        parent_run_name(["__default__"], "test", None, grid)
+        == "__default__ · test · vanilla+warmup × fkl+js · seed 0"
+    )
+    eight = {"distill": {"objectives": "fkl rkl js skl srkl akl dskd sft", "training": {"seed": 2}}}
+    assert parent_run_name(["__default__"], "local", {}, eight) == (
+        "__default__ · local · vanilla+warmup × 8 objectives · seed 2"
+    )
+    # parameters given on the command line replace the grid; a seed given there is not repeated
+    given = {"distill": {"training": {"seed": 1}}}
+    assert parent_run_name(["distill", "evaluate"], "local", given, given) == (
+        "distill+evaluate · local · distill.training.seed=1"
+    )
+    long = {"bootstrap": {"teacher": {"training": {f"option_{i}": i for i in range(20)}}}}
+    assert len(parent_run_name(["data"], "local", long, {}).split(" · ")[2]) == 80  # cut, with "…"
+
+
+def test_child_run_names_carry_the_cell_and_the_seed():
+    cell = node(train, ["raw", "params:training"], "out", name="distill_vanilla_fkl", namespace="vanilla.fkl",
+                tags=["distill", "training", "variant.vanilla", "objective.fkl"])  # fmt: skip
+    assert child_run_name(cell, "test", "1") == "vanilla.fkl.distill · test · seed 1"
+    other = node(train, ["raw", "params:training"], "out", name="sft_teacher", tags=["bootstrap", "training"])
+    assert child_run_name(other, "local", None) == "sft_teacher · local"
+
+
+def test_the_parent_run_keeps_the_headline_scores_of_an_evaluation():
+    evaluation = {
+        "subject": "warmup.fkl",
+        "math": {"exact_match": 0.5, "n_examples": 4},
+        "instruction": {"rouge_l": 0.25, "rouge_l_per_seed": {"0": 0.2, "1": 0.3}},
+        "distribution": {"heldout_nll": 1.5},
+    }
+    assert evaluation_summary(evaluation) == {
+        "math.exact_match/warmup.fkl": 0.5,
+        "instruction.rouge_l/warmup.fkl": 0.25,
+    }
+
+
+def test_the_config_fingerprint_ignores_seeds_only():
+    params = {"distill.training.seed": "0", "evaluate.rouge_seeds": "[0, 1]", "distill.temperature": "2"}
+    same = {**params, "distill.training.seed": "1", "evaluate.rouge_seeds": "[5]", "data.split.seed": "3"}
+    assert config_fingerprint(same) == config_fingerprint(params)
+    assert config_fingerprint({**params, "distill.temperature": "1"}) != config_fingerprint(params)

@@ -36,6 +36,7 @@ from kedro.pipeline import Pipeline, node
 from tests.helpers import (
     IGNORE_INDEX,
     PROJECT_ROOT,
+    TEST_DATA,
     TRAIN_TAGS,
     kedro_run,
     make_context,
@@ -302,11 +303,13 @@ def test_kedro_run_on_two_processes_writes_once_and_tracks_once(tmp_path: Path) 
     assert "process 1 of 2" in output  # and process 1 kept its outputs in memory
 
     for name in ("teacher_model", "student_model", "student_tokenizer", "teacher_tokenizer"):
-        versions = version_folders(project / "data/06_models" / name)
+        versions = version_folders(project / f"{TEST_DATA}/06_models" / name)
         assert len(versions) == 1, (name, versions)
     for name in ("teacher_sft_metrics.json", "student_sft_metrics.json", "bootstrap_summary.json"):
-        assert len(version_folders(project / "data/08_reporting" / name)) == 1, name
-    assert not (project / "data/09_training_state").exists()  # the main process cleaned up after saving
+        assert len(version_folders(project / f"{TEST_DATA}/08_reporting" / name)) == 1, name
+    assert not (
+        project / f"{TEST_DATA}/09_training_state"
+    ).exists()  # the main process cleaned up after saving
     assert not list(project.rglob("*.partial")) and not list(project.rglob(".*.tmp-*"))
 
     # A client of its own: mlflow.set_tracking_uri would leak the store into later tests (and their env).
@@ -316,12 +319,12 @@ def test_kedro_run_on_two_processes_writes_once_and_tracks_once(tmp_path: Path) 
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(r.info.run_name for r in children) == ["sft_student", "sft_teacher"]
-    teacher = next(r for r in children if r.info.run_name == "sft_teacher")
+    assert sorted(r.data.tags["kedro.node"] for r in children) == ["sft_student", "sft_teacher"]
+    teacher = next(r for r in children if r.data.tags["kedro.node"] == "sft_teacher")
     history = client.get_metric_history(teacher.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]  # logged once, not once per process
     assert all(math.isfinite(m.value) for m in history)
-    saved = version_folders(project / "data/06_models/teacher_model")[0].name
+    saved = version_folders(project / f"{TEST_DATA}/06_models/teacher_model")[0].name
     assert parents[0].data.tags["version.save.teacher_model"] == saved
 
 

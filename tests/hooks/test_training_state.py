@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 import warmup_distill_kedro
 from tests.helpers import (
+    TEST_DATA,
     bpe_tokenizer,
     make_project_copy,
     tiny_checkpoint,
@@ -47,7 +48,7 @@ from warmup_distill_kedro.core.training.context import current_state_folder
 from warmup_distill_kedro.core.training.loop import TrainingRun, load_state_file
 from warmup_distill_kedro.hooks import training_state
 from warmup_distill_kedro.hooks.training_state import (
-    STATE_ROOT,
+    STATE_FOLDER,
     TrainingStateHook,
     code_fingerprint,
     input_fingerprint,
@@ -63,10 +64,13 @@ class Killed:
     node: str
     params: dict[str, Any]  # dotted names, as `kedro run --params` takes them
     runs: tuple[str, ...]  # the state sub-folders of its training runs: all saved when it is killed
-    model: str  # its checkpoint, under data/06_models
+    model: str  # its checkpoint, under <test data root>/06_models
     resumed: str  # what the rerun logs
 
 
+STATE_ROOT = Path(TEST_DATA) / STATE_FOLDER  # the test environment's training states
+# The hook's state root for an environment whose data_root is data/env (see _run_with_the_hook).
+STATE_ROOT_OF_THE_ENV = Path("data/env") / STATE_FOLDER
 MAX_STEPS = 20  # the state is saved every 5 steps; the kill comes right after the first save
 SAVED_EVERY = {"training.max_steps": MAX_STEPS, "training.checkpoint_every": 5}
 
@@ -141,12 +145,12 @@ def _run_here(project: Path, params: dict[str, Any] | None = None, **run: Any) -
 
 def _weights(project: Path, model: str) -> dict[str, torch.Tensor]:
     """The newest version of a checkpoint's weights."""
-    newest = version_folders(project / "data/06_models" / model)[-1]
+    newest = version_folders(project / TEST_DATA / "06_models" / model)[-1]
     return load_file(newest / Path(model).name / "model.safetensors")
 
 
 def _versions(project: Path, model: str) -> list[Path]:
-    folder = project / "data/06_models" / model
+    folder = project / TEST_DATA / "06_models" / model
     return version_folders(folder) if folder.exists() else []
 
 
@@ -256,7 +260,8 @@ def _run_with_the_hook(project_path: Path, fail: bool = False, seen: dict | None
         return len(table)
 
     hook = TrainingStateHook()
-    hook.after_context_created(SimpleNamespace(project_path=project_path))
+    config_loader = {"globals": {"data_root": "data/env"}}
+    hook.after_context_created(SimpleNamespace(project_path=project_path, config_loader=config_loader))
     hook_manager = _create_hook_manager()
     hook_manager.register(hook)
     pipeline = Pipeline(
@@ -275,10 +280,15 @@ def _run_with_the_hook(project_path: Path, fail: bool = False, seen: dict | None
 
 def test_a_training_node_gets_a_state_folder_by_input_content_deleted_once_its_outputs_are_saved(tmp_path):
     seen = _run_with_the_hook(tmp_path)
-    expected = tmp_path / STATE_ROOT / "train_toy" / state_folder_name({"table": TABLE, "params:x": PARAMS})
+    expected = (
+        tmp_path
+        / STATE_ROOT_OF_THE_ENV
+        / "train_toy"
+        / state_folder_name({"table": TABLE, "params:x": PARAMS})
+    )
     assert seen["folder"] == expected
     assert seen["state_file"] == expected / "toy" / "state.pt"  # the loop saved its state there...
-    assert not (tmp_path / STATE_ROOT).exists()  # ...and with both outputs saved, nothing is left
+    assert not (tmp_path / STATE_ROOT_OF_THE_ENV).exists()  # ...and with both outputs saved, nothing is left
     assert seen["untagged_folder"] is None  # a node not tagged `training` gets no folder
     assert seen["after"] is None
 
@@ -302,8 +312,8 @@ def test_a_state_of_other_code_is_deleted_and_one_of_other_inputs_is_kept_and_na
     monkeypatch.setattr(training_state, "code_fingerprint", lambda: "0ddc0de0")
     with pytest.raises(RuntimeError, match="the node failed after training"):
         _run_with_the_hook(tmp_path, fail=True)  # a crash under the old code
-    [old_state] = (tmp_path / STATE_ROOT).glob("train_toy/0ddc0de0-*/toy/state.pt")
-    other_inputs = tmp_path / STATE_ROOT / "train_toy" / f"{code_fingerprint()}-0123456789abcdef"
+    [old_state] = (tmp_path / STATE_ROOT_OF_THE_ENV).glob("train_toy/0ddc0de0-*/toy/state.pt")
+    other_inputs = tmp_path / STATE_ROOT_OF_THE_ENV / "train_toy" / f"{code_fingerprint()}-0123456789abcdef"
     (other_inputs / "toy").mkdir(parents=True)
     shutil.copy(old_state, other_inputs / "toy" / "state.pt")  # a crash of this code with other inputs
     monkeypatch.undo()
@@ -326,6 +336,6 @@ def test_a_state_of_other_code_is_deleted_and_one_of_other_inputs_is_kept_and_na
 def test_a_failed_training_node_keeps_its_state_for_the_next_run(tmp_path):
     with pytest.raises(RuntimeError, match="the node failed after training"):
         _run_with_the_hook(tmp_path, fail=True)
-    [state_file] = (tmp_path / STATE_ROOT).glob("train_toy/*/toy/state.pt")
+    [state_file] = (tmp_path / STATE_ROOT_OF_THE_ENV).glob("train_toy/*/toy/state.pt")
     assert torch.load(state_file, weights_only=True)["step"] == 2
     assert current_state_folder() is None

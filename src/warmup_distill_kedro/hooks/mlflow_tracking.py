@@ -3,19 +3,28 @@
 Configured by the ``mlflow:`` block of ``conf/<env>/mlflow*.yml`` (see ``tracking.TrackingConfig``).
 
 * ``after_context_created``: validate the config, open the store, create/get the experiment.
-* ``before_pipeline_run``: start the parent run (named after the pipelines), tag it ``kedro.*``, log all
-  parameters flattened (``training.lr``).
+* ``after_context_created`` also sets the experiment's kind to model training, so that MLflow 3 opens it on
+  its runs, not on its GenAI overview.
+* ``before_pipeline_run``: start the parent run, named so that a list of runs reads apart
+  (``__default__ · test · vanilla+warmup × fkl+js · seed 0``: pipelines, environment, the parameters given
+  on the command line or else the grid, the seed; ``parent_run_name``), tag it ``kedro.*``, ``config`` (the
+  fingerprint of every parameter but the seeds) and ``seed``, log all parameters flattened
+  (``training.lr``).
 * nodes tagged ``training``: a child run (parentRunId = the parent) from ``before_node_run`` to
   ``after_node_run``, active in the node's thread so ``tracking.log_step_metrics`` lands in it. Tags:
   ``stage`` (the node's first other tag in sorted order, else its namespace), ``variant`` / ``objective``
   (from node tags ``variant.<x>`` / ``objective.<y>``; Kedro 1.7 allows only ``[\\w.-]`` in tags, so
-  ``variant:<x>`` cannot be a node tag, but it is accepted too), and the node's ``params:`` inputs.
+  ``variant:<x>`` cannot be a node tag, but it is accepted too), the parent's ``kedro.env``, ``config`` and
+  ``seed``, and the node's ``params:`` inputs. Named ``vanilla.fkl.distill · test · seed 0``
+  (``child_run_name``).
 * dict outputs whose dataset name ends with ``_metrics``: numeric leaves become metrics of the node's child
   run (plain keys) or, for other nodes, of the parent run (keys ``<dataset>.<key>``).
-* nodes tagged ``evaluation``: their ``_metrics`` outputs are also logged, as ``evaluation.<key>`` with
-  tags ``evaluation.subject`` / ``variant`` / ``objective`` / ``parent_run_id``, to the run that trained
-  the model they measure (the node's first input): the run tagged ``version.save.<model>`` with the
-  version that was loaded. So a distilled student's run holds its training curve and its test scores.
+* nodes tagged ``evaluation``: their ``_metrics`` outputs are logged, as ``evaluation.<key>`` with tags
+  ``evaluation.subject`` / ``variant`` / ``objective`` / ``parent_run_id``, to the run that trained the
+  model they measure (the node's first input): the run tagged ``version.save.<model>`` with the version
+  that was loaded. So a distilled student's run holds its training curve and its test scores. The parent
+  run keeps a summary: each subject's headline scores (``math.exact_match/<subject>``); the details go to
+  the parent only for a model no tracked run trained (a checkpoint given by path).
 * nodes tagged ``mlflow_artifacts``: each output saved is logged as an artifact of the parent run, named
   after its dataset (a figure as ``.png``, a table as ``.csv``, text as ``.md``, a mapping as ``.json``).
 * versioned datasets: tags ``version.load.<ds>`` / ``version.save.<ds>`` on the parent run and on the
@@ -52,13 +61,19 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import BaseModel, ValidationError
 
+from warmup_distill_kedro import grid
 from warmup_distill_kedro.core.processes import is_main_process, process_rank_and_count
 from warmup_distill_kedro.core.training.context import set_metrics_sink
 from warmup_distill_kedro.tracking import (
+    CONFIG_TAG,
+    ENV_TAG,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     MAX_TAG_VALUE_LENGTH,
+    SEED_PARAM,
+    SEED_TAG,
     TrackingConfig,
+    config_fingerprint,
     flatten_params,
     log_step_metrics,
     numeric_scalars,
@@ -83,6 +98,13 @@ EVALUATION_PREFIX = "evaluation"
 METRICS_SUFFIX = "_metrics"
 # Outputs of nodes tagged so are logged as artifacts of the parent run (figures, tables, text, mappings).
 ARTIFACTS_TAG = "mlflow_artifacts"
+# What the parent run keeps of each evaluation: the headline scores, one chart per (score, subject).
+SUMMARY_METRICS = ("math.exact_match", "instruction.rouge_l")
+# MLflow 3 opens an experiment on its GenAI overview unless it is marked as model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+RUN_NAME_SEPARATOR = " · "
+MAX_NAME_PART_LENGTH = 80
 ERROR_MESSAGE_LENGTH = 4000
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _FAILED = RunStatus.to_string(RunStatus.FAILED)
@@ -137,16 +159,18 @@ def open_experiment(client: MlflowClient, tracking_uri: str, name: str, artifact
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            client.create_experiment(name, artifact_location=artifact_location)
         except mlflow.exceptions.MlflowException:
-            experiment = client.get_experiment_by_name(name)  # created meanwhile by another process
-            if experiment is None:
-                raise
+            pass  # created meanwhile by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise TrackingStoreError(f"MLflow experiment {name!r} could not be created")
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it", name)
         client.restore_experiment(experiment.experiment_id)
     # A store that opens may still refuse writes (read-only file, full disk): find out now, not mid-run.
     client.set_experiment_tag(experiment.experiment_id, "warmup_distill.opened_at", str(int(time.time())))
+    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id
 
 
@@ -212,6 +236,49 @@ def pipeline_names(run_params: Mapping[str, Any]) -> list[str]:
     return [str(n) for n in names] if names else ["__default__"]
 
 
+def parent_run_name(
+    pipelines: list[str], env: str, runtime_params: Mapping[str, Any] | None, params: Mapping[str, Any]
+) -> str:
+    """``<pipelines> · <env> · <what changed> · seed <s>``: what changed is the parameters given on the
+    command line, else the grid (``vanilla+warmup × fkl+js``, or ``× 8 objectives`` past four)."""
+    parts = ["+".join(pipelines), env]
+    given = flatten_params(runtime_params or {})
+    if given:
+        parts.append(_cut(", ".join(f"{key}={value}" for key, value in given.items())))
+    else:
+        distill = params.get("distill") or {}  # typed (DistillParams) once Kedro has validated it
+        distill = distill.model_dump() if isinstance(distill, BaseModel) else distill
+        variants = list(grid.spaced_names(distill.get("variants", grid.DEFAULT_VARIANTS)))
+        objectives = list(grid.spaced_names(distill.get("objectives", grid.DEFAULT_OBJECTIVES)))
+        shown = "+".join(objectives) if len(objectives) <= 4 else f"{len(objectives)} objectives"
+        parts.append(f"{'+'.join(variants)} × {shown}")
+    seed = flatten_params(params).get(SEED_PARAM)
+    if seed is not None and SEED_PARAM not in given:
+        parts.append(f"seed {seed}")
+    return RUN_NAME_SEPARATOR.join(parts)
+
+
+def child_run_name(node: Node, env: str, seed: str | None) -> str:
+    """``vanilla.fkl.distill · test · seed 0`` for a grid cell, ``sft_teacher · test`` for other nodes: the
+    cell and stage read from the node's tags, the seed only where it is the cell's training seed."""
+    tags = node_run_tags(node)
+    if "variant" in tags and "objective" in tags:
+        label = f"{tags['variant']}.{tags['objective']}.{tags.get('stage', node.name)}"
+        return RUN_NAME_SEPARATOR.join([label, env, *([f"seed {seed}"] if seed is not None else [])])
+    return RUN_NAME_SEPARATOR.join([node.name, env])
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_NAME_PART_LENGTH else text[: MAX_NAME_PART_LENGTH - 1] + "…"
+
+
+def evaluation_summary(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """The headline scores of one evaluation for the parent run: ``math.exact_match/<subject>``, ..."""
+    subject = evaluation.get("subject") or "model"
+    scores = numeric_scalars(evaluation)
+    return {sanitize_key(f"{key}/{subject}"): scores[key] for key in SUMMARY_METRICS if key in scores}
+
+
 def runner_name(value: Any) -> str:
     """The runner's class name from ``run_params["runner"]`` (``"None"`` means the default runner)."""
     if value is None or value == "None":
@@ -246,6 +313,7 @@ class MLflowTrackingHook:
         self._open_children: dict[str, str] = {}  # node name -> child run id, while the node runs
         self._children: dict[str, str] = {}  # node name -> child run id, for the whole kedro run
         self._pending_tags: dict[str, dict[str, str]] = {}  # node name -> load-version tags for its child
+        self._run_tags: dict[str, str] = {}  # env, config and seed: on the parent and on every child
 
     @property
     def tracking(self) -> bool:
@@ -313,10 +381,17 @@ class MLflowTrackingHook:
             self._catalog = catalog
         names = pipeline_names(run_params)
         self._session_id = str(run_params.get("session_id") or run_params.get("run_id") or "")
+        params = self._params()
+        flat_params = flatten_params(params)
+        env = self._env(run_params)
+        self._run_tags = {ENV_TAG: env, CONFIG_TAG: config_fingerprint(flatten_params(self._configured()))}
+        if SEED_PARAM in flat_params:
+            self._run_tags[SEED_TAG] = flat_params[SEED_PARAM]
+        run_name = parent_run_name(names, env, run_params.get("runtime_params"), params)
         tags = {
+            **self._run_tags,
             "kedro.session_id": self._session_id,
             "kedro.pipelines": ",".join(names),
-            "kedro.env": self._env(run_params),
             "kedro.runner": runner_name(run_params.get("runner")),
             "kedro.version": str(run_params.get("kedro_version") or ""),
         }
@@ -334,17 +409,17 @@ class MLflowTrackingHook:
             )
         run = mlflow.start_run(
             experiment_id=self.experiment_id,
-            run_name="+".join(names),
+            run_name=run_name,
             tags={k: truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in tags.items()},
             nested=nested,
             log_system_metrics=False,
         )
         self.parent_run_id = run.info.run_id
-        self._log_params(self.parent_run_id, flatten_params(self._params()))
+        self._log_params(self.parent_run_id, flat_params)
         logger.info(
             "MLflow run %s (%s) in experiment %r at %s",
             self.parent_run_id,
-            "+".join(names),
+            run_name,
             self._config.experiment_name if self._config else "",
             _redact(self.tracking_uri or ""),
         )
@@ -411,11 +486,13 @@ class MLflowTrackingHook:
         for name, data in outputs.items():
             if not name.endswith(METRICS_SUFFIX) or not isinstance(data, Mapping | BaseModel):
                 continue
-            metrics = numeric_scalars(data) if child else numeric_scalars(data, prefix=name)
-            target = child or self.parent_run_id
-            self._best_effort(f"log metrics of {name!r}", self._log_metrics, target, metrics)
-            if EVALUATION_TAG in node.tags:
-                self._best_effort(f"log {name!r} to the model's run", self._log_evaluation, node, data)
+            if child:
+                self._best_effort(f"log metrics of {name!r}", self._log_metrics, child, numeric_scalars(data))
+            elif EVALUATION_TAG in node.tags:
+                self._best_effort(f"log {name!r} to the model's run", self._log_evaluation, node, name, data)
+            else:
+                metrics = numeric_scalars(data, prefix=name)
+                self._best_effort(f"log metrics of {name!r}", self._log_metrics, self.parent_run_id, metrics)
         if child:
             self._best_effort(f"end the child run of node {node.name!r}", self._end_runs, [child], _FINISHED)
 
@@ -507,18 +584,33 @@ class MLflowTrackingHook:
             logger.warning("MLflow: could not read the parameters to log them: %s", exc)
             return {}
 
+    def _configured(self) -> Mapping[str, Any]:
+        """The parameters as configured (conf/ and --params), before validation fills in defaults: the
+        validated ones depend on which pipelines run (Kedro validates only theirs), so two runs of one
+        configuration would not compare equal."""
+        try:
+            return self._context.config_loader["parameters"] if self._context is not None else {}
+        except Exception as exc:
+            logger.warning("MLflow: could not read the configured parameters: %s", exc)
+            return {}
+
     def _start_child(self, node: Node, inputs: Mapping[str, Any]) -> None:
         with self._lock:
             tags = {
                 **node_run_tags(node),
+                **self._run_tags,
                 "kedro.session_id": self._session_id or "",
                 **self._pending_tags.pop(node.name, {}),
             }
+        seed = self._run_tags.get(SEED_TAG) if "variant" in tags and "objective" in tags else None
+        if seed is None:
+            tags.pop(SEED_TAG, None)  # the run's seed is the distill cells' training seed, not others'
+        run_name = child_run_name(node, self._run_tags.get(ENV_TAG, ""), seed)
         active = mlflow.active_run()
         if active is None or active.info.run_id == self.parent_run_id:
             run = mlflow.start_run(
                 experiment_id=self.experiment_id,
-                run_name=node.name,
+                run_name=run_name,
                 nested=True,
                 parent_run_id=self.parent_run_id,
                 tags=tags,
@@ -534,18 +626,19 @@ class MLflowTrackingHook:
             )
             child_id = self._client.create_run(
                 self.experiment_id,
-                run_name=node.name,
-                tags={**tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: node.name},
+                run_name=run_name,
+                tags={**tags, MLFLOW_PARENT_RUN_ID: self.parent_run_id, MLFLOW_RUN_NAME: run_name},
             ).info.run_id
         with self._lock:
             self._open_children[node.name] = child_id
             self._children[node.name] = child_id
         self._log_params(child_id, node_params(node, inputs))
 
-    def _log_evaluation(self, node: Node, evaluation: Mapping[str, Any]) -> None:
+    def _log_evaluation(self, node: Node, dataset: str, evaluation: Mapping[str, Any]) -> None:
         """Log an evaluation to the run that trained the measured model (the node's first input): the run
-        tagged with the version of that model it saved. Without one (an unversioned checkpoint given by
-        path), the metrics stay on the parent run only."""
+        tagged with the version of that model it saved; the parent run gets the headline scores. Without a
+        producer run (an unversioned checkpoint given by path), the details go to the parent run too."""
+        summary = evaluation_summary(evaluation)
         model = node.inputs[0]
         version = self._dataset_version(model, "load")
         producer = self._producer_run(model, version) if version else None
@@ -553,6 +646,9 @@ class MLflowTrackingHook:
             logger.info(
                 "MLflow: no tracked run saved %s %s; its evaluation is on this run only", model, version
             )
+            summary |= numeric_scalars(evaluation, prefix=dataset)
+        self._log_metrics(self.parent_run_id, summary)
+        if producer is None:
             return
         self._log_metrics(producer, numeric_scalars(evaluation, prefix=EVALUATION_PREFIX))
         for field in ("subject", "variant", "objective"):

@@ -1,7 +1,8 @@
 """Resume a training node after a crash: rerun the same `kedro run` and it continues where it stopped.
 
 `TrainingStateHook` gives every node tagged `training` a state folder,
-`data/09_training_state/<node>/<code>-<inputs>/`, through `core.training.set_state_folder`; the training
+`<data_root>/09_training_state/<node>/<code>-<inputs>/` (`data_root`: the environment's, in
+`conf/<env>/globals.yml`), through `core.training.set_state_folder`; the training
 loop saves its whole state there every `training.checkpoint_every` steps and resumes from it when it
 finds one. The folder's name is a fingerprint of what the node computes with: `<code>` the package's
 version and source files (`code_fingerprint`), `<inputs>` its parameters and the content of its inputs
@@ -43,7 +44,7 @@ from warmup_distill_kedro.hooks.processes import broadcast_from_main
 
 logger = logging.getLogger(__name__)
 
-STATE_ROOT = Path("data") / "09_training_state"
+STATE_FOLDER = "09_training_state"
 _SAMPLES_PER_TENSOR = 4096
 
 
@@ -108,7 +109,10 @@ class TrainingStateHook:
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        self._root = Path(context.project_path) / STATE_ROOT
+        # Each environment writes under its own data root (conf/<env>/globals.yml): a test run never
+        # resumes, or deletes, the state of a demo run.
+        data_root = context.config_loader["globals"].get("data_root", "data")
+        self._root = Path(context.project_path) / data_root / STATE_FOLDER
 
     @hook_impl
     def before_node_run(self, node: Any, inputs: dict[str, Any]) -> None:

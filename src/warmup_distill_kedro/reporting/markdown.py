@@ -1,5 +1,6 @@
-"""The comparison table (reporting.table) as a reader sees it: Markdown for the report and the terminal,
-and one summary line per difference for logs; the report's explain section (what KD and warmup moved)."""
+"""The comparison table (reporting.table) as a reader sees it: Markdown for the report (every column), a
+compact one table per benchmark for a terminal (the demo's last screen), one summary line per difference for
+logs, and the report's explain section (what KD and warmup moved)."""
 
 from __future__ import annotations
 
@@ -226,6 +227,45 @@ def _seed_line(table: pd.DataFrame, seed_kind: str | None) -> str:
     if not parts:
         return f"Seeds: up to {int(table['n_seeds'].max())} per value"
     return "Seeds: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- compact
+def compact_markdown(table: pd.DataFrame, title: str = "Warmup-Distill: distillation results") -> str:
+    """The accuracy of the table as one narrow table per benchmark, to read in a terminal: a row per KD
+    objective, a column per variant that was distilled and per difference between them; the students
+    before KD, the teacher and the variants only measured before KD (the fairness control) as reference
+    rows below. The wide table, the distribution statistics and the notes stay in ``render_markdown``."""
+    _check_table(table)
+    plain, deltas = _plain_variants(table), _delta_variants(table)
+    kd = table[~table["objective"].isin([TEACHER, BEFORE_KD])]
+    columns = [v for v in [*plain, *deltas] if v in set(kd["variant"])]
+    references = [v for v in plain if v not in columns]
+    indexed = table.set_index(KEY)
+    parts = [f"# {title}", ""]
+    for benchmark, metric in TABLE1_BENCHMARKS.items():
+        if not _has(table, benchmark, metric):
+            continue
+
+        def cells(
+            objective: str, variants: Sequence[str], key: tuple[str, str] = (benchmark, metric)
+        ) -> list:
+            return [
+                _format_value(lookup(indexed, objective, v, *key), key[1], v in DELTA_VARIANTS)
+                for v in variants
+            ]
+
+        rows = [[objective, *cells(objective, columns)] for objective in kd["objective"].unique()]
+        rows.append([OBJECTIVE_LABELS[BEFORE_KD], *cells(BEFORE_KD, columns)])
+        blank = [""] * (len(columns) - 1)
+        rows.append([TEACHER, *cells(TEACHER, [TEACHER]), *blank])
+        rows += [[f"{v}, {OBJECTIVE_LABELS[BEFORE_KD]}", *cells(BEFORE_KD, [v]), *blank] for v in references]
+        unit = " (%)" if metric in PERCENT_METRICS else ""
+        header = [f"{BENCHMARK_LABELS.get(benchmark, benchmark)}{unit}", *columns]
+        parts += [*_markdown_table(header, rows), ""]
+    parts.append("Mean ± std where there are 2 or more seeds; differences in points.")
+    parts += [f"{v}: measured before KD only (a reference row, not distilled)." for v in references]
+    parts.append("Every column, the distribution statistics and the notes: report.md.")
+    return "\n".join(parts) + "\n"
 
 
 # --------------------------------------------------------------------------------------------- summary

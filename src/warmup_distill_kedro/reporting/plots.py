@@ -33,20 +33,25 @@ from warmup_distill_kedro.reporting.table import (
 TRAINING_KD_KEYS = ("kd", "kd_student", "loss")
 EVAL_KEYS = ("eval/validation_kl", "eval/validation_nll")
 EARLY_STAGE_TITLE = "the mismatch in the early stage of distillation"
+# The accuracy figure: one panel per benchmark, stacked, at most a page wide (inches).
+ACCURACY_MAX_WIDTH = 10.0
+ACCURACY_PANEL_HEIGHT = 2.6
 
 
-def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Any]]:
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1) -> tuple[Figure, list[Any]]:
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, ncols, squeeze=False)[0]
-    return figure, list(axes)
+    axes = figure.subplots(nrows, ncols, squeeze=False)
+    return figure, list(axes.flat)
 
 
 # ----------------------------------------------------------------------------------------- accuracy
 def accuracy_by_objective(table: pd.DataFrame) -> Figure:
-    """Grouped bars (one group per objective, one bar per student variant) for each accuracy benchmark
-    in the table (math, instruction, average), error bars = std over seeds, the teacher as a dashed line.
-    Missing cells get no bar and a "missing" mark at the bottom, so an absent result is visible."""
+    """Grouped bars (one group per objective, one bar per student variant), one panel per accuracy
+    benchmark in the table (math, instruction, average) stacked in a column that reads at a page's width;
+    error bars = std over seeds. Each panel's y-axis spans the students' values, so the differences
+    between variants show; the teacher, far above them, is a note in the panel's corner. Missing cells get
+    no bar and a "missing" mark at the bottom, so an absent result is visible."""
     absent = [column for column in TABLE_COLUMNS if column not in getattr(table, "columns", [])]
     if absent:
         raise ValueError(f"table: missing column(s) {absent}; expected the output of build_table")
@@ -59,30 +64,48 @@ def accuracy_by_objective(table: pd.DataFrame) -> Figure:
         raise ValueError("table: no math, instruction or average rows to plot (field 'benchmark')")
     variants = [v for v in table["variant"].unique() if v != TEACHER and v not in DELTA_VARIANTS]
     objectives = [o for o in table["objective"].unique() if o != TEACHER]
-    figure, axes = _figure(max(4.0, 1.2 * len(objectives) + 1.5) * len(benchmarks), 4.0, len(benchmarks))
-    width = 0.8 / max(len(variants), 1)
+    width = min(ACCURACY_MAX_WIDTH, max(6.0, 0.7 * len(objectives) * max(len(variants), 1) + 2.0))
+    figure, axes = _figure(width, ACCURACY_PANEL_HEIGHT * len(benchmarks), nrows=len(benchmarks))
+    bar = 0.8 / max(len(variants), 1)
     x = np.arange(len(objectives))
     for ax, (benchmark, metric) in zip(axes, benchmarks, strict=True):
         rows = table[(table["benchmark"] == benchmark) & (table["metric"] == metric)]
+        lows, highs, missing = [], [], []
         for i, variant in enumerate(variants):
             cell = rows[rows["variant"] == variant].set_index("objective").reindex(objectives)
-            ok = cell["status"] == OK
+            ok = (cell["status"] == OK).to_numpy()
             means = np.where(ok, cell["mean"] * 100.0, np.nan)
             stds = np.where(ok & (cell["n_seeds"] >= 2), cell["std"] * 100.0, 0.0)
-            offset = x - 0.4 + width * (i + 0.5)
-            ax.bar(offset, means, width, yerr=stds, capsize=3, label=variant)
-            for position in offset[(cell["status"] != OK).to_numpy() & cell["status"].notna().to_numpy()]:
-                ax.text(position, 0.0, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
+            offset = x - 0.4 + bar * (i + 0.5)
+            ax.bar(offset, means, bar, yerr=stds, capsize=3, label=variant)
+            lows += list((means - stds)[ok])
+            highs += list((means + stds)[ok])
+            missing += list(offset[~ok & cell["status"].notna().to_numpy()])
+        low, high = _student_range(lows, highs)
+        ax.set_ylim(low, high)
+        for position in missing:
+            ax.text(position, low, "missing", rotation=90, ha="center", va="bottom", fontsize=7)
         teacher = rows[(rows["objective"] == TEACHER) & (rows["status"] == OK)]
         if not teacher.empty:
-            ax.axhline(
-                teacher["mean"].iloc[0] * 100.0, color="black", linestyle="--", linewidth=1, label="teacher"
-            )
-        ax.set_xticks(x, [OBJECTIVE_LABELS.get(o, o) for o in objectives], rotation=30)
-        ax.set_title(f"{benchmark} ({metric})")
+            ax.text(
+                0.01, 0.97, f"teacher: {teacher['mean'].iloc[0] * 100.0:.1f}", transform=ax.transAxes,
+                ha="left", va="top", fontsize=8, bbox={"facecolor": "white", "edgecolor": "0.7"},
+            )  # fmt: skip
+        ax.set_xticks(x, [OBJECTIVE_LABELS.get(o, o) for o in objectives])
+        ax.set_title(f"{benchmark} ({metric})", fontsize=10)
         ax.set_ylabel(f"{metric} (%)")
-        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper right", ncols=len(variants))
     return figure
+
+
+def _student_range(lows: list[float], highs: list[float]) -> tuple[float, float]:
+    """The y-range of the students' bars and error bars, with room above for the legend and the note."""
+    if not lows:
+        return 0.0, 100.0
+    low, high = min(lows), max(highs)
+    span = max(high - low, 2.0)  # at least 2 points, so that equal values do not fill the panel
+    return max(0.0, low - 0.3 * span), high + 0.45 * span
 
 
 # ------------------------------------------------------------------------------ teacher probabilities

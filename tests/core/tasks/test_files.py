@@ -145,3 +145,13 @@ def test_empty_file_wrong_suffix_and_missing_file(tmp_path):
     message = _error(csv, "gsm8k")
     assert str(csv) in message and ".jsonl" in message and ".parquet" in message
     assert "no such file" in _error(tmp_path / "missing.jsonl", "gsm8k")
+
+
+def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Spreadsheet exports often start with a UTF-8 BOM, which json.loads refuses at line 1."""
+    path = tmp_path / "train.jsonl"
+    line = json.dumps({"question": "Tom has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\n#### 5"})
+    path.write_bytes(b"\xef\xbb\xbf" + (line + "\n").encode())
+    table = read_task_file(path, "gsm8k")
+    assert table["instruction"].tolist() == ["Tom has 2 apples and buys 3. How many?"]
+    assert table["answer"].tolist() == ["5"]

@@ -79,3 +79,9 @@ def test_the_default_variants_and_the_fields_every_cell_shares():
     assert (params.temperature, params.kd_rate, params.fused_head) == (2.0, 0.5, False)
     with pytest.raises(ValidationError, match="objectives"):
         DistillParams(objectives=[], training=TRAINING)
+
+
+def test_the_grid_given_as_names_separated_by_spaces():
+    """What `--params 'distill.variants=warmup control,distill.objectives=fkl sft'` gives: strings."""
+    params = DistillParams(variants="warmup control", objectives="fkl sft", training=TRAINING)
+    assert (params.variants, params.objectives) == (["warmup", "control"], ["fkl", "sft"])

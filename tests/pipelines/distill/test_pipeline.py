@@ -12,7 +12,7 @@ from warmup_distill_kedro.pipelines.distill.pipeline import create_pipeline
 def test_one_token_level_cell(use_grid, distill_params, teacher, student, splits):
     use_grid(["vanilla"], ["fkl"])
     pipeline = create_pipeline()
-    assert {n.name for n in pipeline.nodes} == {"prepare_kd_examples", "vanilla.fkl.distill"}
+    assert {n.name for n in pipeline.nodes} == {"prepare_kd_examples", "vanilla.fkl.distill_vanilla_fkl"}
     train, validation, _ = splits
     params = distill_params(["vanilla"], ["fkl"])
     outputs = run_pipeline(
@@ -52,7 +52,7 @@ def test_the_sft_baseline_cell_of_the_control_student(use_grid, distill_params, 
     assert {n.name for n in pipeline.nodes} == {
         "prepare_kd_examples",
         "prepare_sft_examples",
-        "control.sft.distill",
+        "control.sft.distill_control_sft",
     }
     assert pipeline.inputs() == {
         "teacher_model",

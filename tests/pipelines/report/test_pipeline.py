@@ -1,6 +1,6 @@
-"""The `report` pipeline on an in-memory catalog, built for the grid {vanilla, warmup} x {fkl}: the table of
-every subject's evaluation, its Markdown ending with the explain section, and the plots (the warmup
-mismatch and what warmup moved because warmup is in the grid)."""
+"""The `report` pipeline on an in-memory catalog, built for the grid {vanilla, warmup} x {fkl}: each variant's
+results, the table of every subject's evaluation, its Markdown (wide, ending with the explain section, and
+compact), and the plots (the warmup mismatch and what warmup moved because warmup is in the grid)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
     use_grid(["vanilla", "warmup"], ["fkl"])
     pipeline = create_pipeline()
     assert {n.name for n in pipeline.nodes} == {
+        "vanilla.collect_vanilla",
+        "warmup.collect_warmup",
+        "control.collect_control",
         "build_report",
+        "build_compact_report",
         "plot_accuracy",
         "plot_kd_curves",
         "plot_warmup_mismatch",
@@ -49,10 +53,12 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
         )
         for subject, value in exact_match.items()
     }
+    predictions = {f"{s}.predictions": pd.DataFrame({"finished": [True]}) for s in exact_match}
     outputs = run_pipeline(
         pipeline,
         {
             **data,
+            **predictions,
             "vanilla.fkl.distill_metrics": _curves([0.9, 0.6]),
             "warmup.fkl.distill_metrics": _curves([0.7, 0.5]),
             "params:distill": DistillParams(
@@ -91,6 +97,8 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
     assert (table["status"] == "ok").all()
     markdown = outputs["report_markdown"]
     assert markdown.startswith("# Warmup-Distill") and "+6.0" in markdown
+    compact = outputs["report_compact"]
+    assert "| fkl " in compact and "+6.0" in compact and max(map(len, compact.splitlines())) <= 100
     for name in ("accuracy", "kd_curves", "warmup_mismatch", "explain_fkl", "explain_warmup"):
         assert isinstance(outputs[f"report_{name}_plot"], Figure), name
     # The explain section ends the report and embeds the plots of this run (datasets.ReportMarkdownDataset
@@ -118,12 +126,16 @@ def test_without_warmup_in_the_grid_there_is_no_mismatch_plot(use_grid):
     pipeline = create_pipeline()
     assert not {"plot_warmup_mismatch", "plot_explain_warmup"} & {n.name for n in pipeline.nodes}
     assert {"plot_explain_fkl", "plot_explain_js"} <= {n.name for n in pipeline.nodes}
+    subjects = ("vanilla.before_kd", "vanilla.fkl", "vanilla.js")
     assert pipeline.inputs() == {
         "explain_changes",  # no explain_rejected: warmup is not in the grid
         "params:distill",
         "teacher.evaluation_metrics",
-        "vanilla.before_kd.evaluation_metrics",
-        "vanilla.fkl.evaluation_metrics",
-        "vanilla.js.evaluation_metrics",
-        "vanilla.fkl.distill_metrics",  # the curves compare the variants on the first objective
+        *(f"{s}.evaluation_metrics" for s in subjects),
+        *(f"{s}.predictions" for s in subjects),
+        "vanilla.fkl.distill_metrics",
+        "vanilla.js.distill_metrics",
     }
+    # The report reads one input per variant: the variant's results, gathered in its namespace.
+    [report] = [n for n in pipeline.nodes if n.name == "build_report"]
+    assert report.inputs == ["params:distill", "teacher.evaluation_metrics", "vanilla.results"]

@@ -16,6 +16,7 @@ import torch.nn.functional
 from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.errors import UserInputError
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 
@@ -95,7 +96,7 @@ def _assemble(
     prompt_truncated = len(prompt_ids) >= max_length
     if prompt_truncated:
         if overflow != "keep_end":
-            raise ValueError(
+            raise UserInputError(
                 f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}: {prompt[:80]!r}... "
                 "Raise the stage's max_length, or set its prompt_overflow to keep_end (keeps the prompt's "
                 f"last {PROMPT_KEEP_SHARE:.0%} of max_length tokens, and counts it)."

@@ -6,8 +6,8 @@
   `response` or `output`. The `answer` is the response itself.
 
 Other fields (Dolly's `category`, ...) are ignored. Text fields are stripped of surrounding whitespace.
-Files: `.jsonl` / `.json` (one JSON object per line, blank lines skipped; a `.json` file holding one JSON
-array of objects is read too) or `.parquet` / `.pq`. Example ids are `file-<line>` (the 1-based line of
+Files: `.jsonl` / `.json` (UTF-8, with or without a byte-order mark; one JSON object per line, blank lines
+skipped; a `.json` file holding one JSON array of objects is read too) or `.parquet` / `.pq`. Example ids are `file-<line>` (the 1-based line of
 a JSONL file, the record of a JSON array or the row of a Parquet file).
 
 The whole file is checked before anything is returned, so that a bad record stops the run before any
@@ -84,7 +84,8 @@ def _records(path: Path, problems: _Problems) -> Iterator[tuple[int, str, object
             yield number, f"row {number}", record
         return
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark, which json.loads refuses.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise TaskDataError(f"{path}: not UTF-8 text ({error})") from error
     if suffix == ".json" and text.lstrip().startswith("["):

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from warmup_distill_kedro.core.errors import UserInputError
+
 TASKS: tuple[str, ...] = ("math", "instruction")
 
 COLUMNS: list[str] = [
@@ -44,7 +46,7 @@ _STRING_COLUMNS = ("example_id", "task", "instruction", "context", "response", "
 _NON_EMPTY_COLUMNS = ("example_id", "instruction", "response", "answer", "prompt")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserInputError):
     """Task data that cannot be used; the message names the origin (file or generator), row and field."""
 
 

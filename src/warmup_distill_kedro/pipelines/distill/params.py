@@ -3,7 +3,9 @@ shares (core.kd.cell.DistillConfig)."""
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from warmup_distill_kedro import grid
 from warmup_distill_kedro.core.kd.cell import DistillConfig
@@ -15,6 +17,12 @@ class DistillParams(DistillConfig):
 
     variants: list[str] = Field(list(grid.DEFAULT_VARIANTS), min_length=1, description="read by the grid")
     objectives: list[str] = Field(min_length=1, description="read by the grid")
+
+    @field_validator("variants", "objectives", mode="before")
+    @classmethod
+    def _space_separated(cls, value: Any) -> Any:
+        """`--params 'distill.objectives=fkl rkl'` gives one string: its names, as the grid reads them."""
+        return grid.spaced_names(value)
 
     @model_validator(mode="after")
     def _grid_is_known(self) -> DistillParams:

@@ -1,6 +1,7 @@
 """The distill grid: one namespaced copy of the KD node per (student variant, objective) cell (grid.py).
 
-Node `vanilla.fkl.distill` reads `student_model`, node `warmup.fkl.distill` reads `student_warmup`; both
+Node `vanilla.fkl.distill_vanilla_fkl` reads `student_model`, `warmup.fkl.distill_warmup_fkl` reads
+`student_warmup`; both
 read the same teacher, KD set (`kd_examples`) and `params:distill`, and write
 `<variant>.<objective>.student` and `<variant>.<objective>.distill_metrics` (catalog factories). The
 plain-SFT baseline (objective `sft`) reads `sft_examples`, the gold examples the student has, instead.
@@ -66,7 +67,7 @@ def _cell(cell: grid.Cell, reads_cache: bool) -> Pipeline:
                 cell_function(cell),
                 inputs + (["teacher_topk"] if reads_cache else []),
                 ["student", "distill_metrics"],
-                name="distill",
+                name=grid.node_name("distill", cell.name),
                 tags=["distill", "training", f"variant.{cell.variant}", f"objective.{cell.objective}"],
             )
         ]

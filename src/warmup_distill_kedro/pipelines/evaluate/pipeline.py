@@ -2,8 +2,8 @@
 
 Subjects: the teacher, every variant's student before KD (`<variant>.before_kd`: the vanilla and warmup
 students, and the fairness control whenever warmup is in the grid) and every distilled student of the
-grid (`<variant>.<objective>`). Node `<subject>.evaluate` writes `<subject>.evaluation_metrics` and
-`<subject>.predictions`. A node's first input is the model it measures: for nodes tagged `evaluation` the
+grid (`<variant>.<objective>`). Node `<subject>.evaluate_<subject>` (`vanilla.fkl.evaluate_vanilla_fkl`)
+writes `<subject>.evaluation_metrics` and `<subject>.predictions`. A node's first input is the model it measures: for nodes tagged `evaluation` the
 MLflow hook logs the metrics to the run that trained it.
 """
 
@@ -20,7 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
 
 
 def _evaluation(subject: grid.Subject) -> Pipeline:
-    """One namespaced node: `<subject>.evaluate` reads the subject's checkpoint, writes its metrics."""
+    """One namespaced node: `<subject>.evaluate_<subject>` reads the subject's checkpoint, writes its metrics."""
     is_teacher = subject.variant == grid.TEACHER
     teacher = [] if is_teacher else ["teacher_model"]
     template = Pipeline(
@@ -29,7 +29,7 @@ def _evaluation(subject: grid.Subject) -> Pipeline:
                 evaluate_teacher if is_teacher else student_evaluation(subject),
                 ["model", *teacher, *_SHARED],
                 ["evaluation_metrics", "predictions"],
-                name="evaluate",
+                name=grid.node_name("evaluate", subject.name),
                 tags=[
                     "evaluate",
                     "evaluation",

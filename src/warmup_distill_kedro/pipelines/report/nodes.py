@@ -9,9 +9,15 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from warmup_distill_kedro import grid
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
-from warmup_distill_kedro.reporting.markdown import explain_section, render_markdown, summary_lines
+from warmup_distill_kedro.reporting.markdown import (
+    compact_markdown,
+    explain_section,
+    render_markdown,
+    summary_lines,
+)
 from warmup_distill_kedro.reporting.plots import (
     accuracy_by_objective,
     explain_objective,
@@ -27,39 +33,70 @@ logger = logging.getLogger(__name__)
 TITLE = "Warmup-Distill: objective x {vanilla, warmup}"
 
 
-def report_function(subjects: Sequence[str]) -> Callable[..., tuple[pd.DataFrame, str]]:
-    """The report node for these evaluation subjects: params:distill, then one input per subject."""
+def build_report(
+    params: DistillParams, teacher: dict[str, Any], *results: dict[str, Any]
+) -> tuple[pd.DataFrame, str]:
+    """The long table (CSV) and its Markdown rendering from the teacher's evaluation and each variant's
+    results; every expected grid cell is accounted for."""
+    evaluations = {grid.TEACHER: teacher}
+    for variant_results in results:
+        evaluations |= variant_results["evaluations"]
+    table = build_table(evaluation_records(evaluations), params.variants, params.objectives)
+    for line in summary_lines(table):
+        logger.info("report: %s", line)
+    return table, render_markdown(table, title=TITLE)
 
-    def build_report(params: DistillParams, *evaluations: dict[str, Any]) -> tuple[pd.DataFrame, str]:
-        """The long table (CSV) and its Markdown rendering; every expected grid cell is accounted for."""
-        table = build_table(
-            evaluation_records(dict(zip(subjects, evaluations, strict=True))),
-            params.variants,
-            params.objectives,
-        )
-        for line in summary_lines(table):
-            logger.info("report: %s", line)
-        return table, render_markdown(table, title=TITLE)
 
-    return build_report
+def collect_function(subjects: Sequence[str], cells: Sequence[str]) -> Callable[..., dict[str, Any]]:
+    """A variant's collect node: its subjects' evaluations, then their predictions, then its cells'
+    training metrics, gathered by name (`<variant>.results`)."""
+
+    def collect(*inputs: Any) -> dict[str, Any]:
+        evaluations, predictions = inputs[: len(subjects)], inputs[len(subjects) : 2 * len(subjects)]
+        training = inputs[2 * len(subjects) :]
+        return {
+            "evaluations": dict(zip(subjects, evaluations, strict=True)),
+            "predictions": {s: prediction_summary(p) for s, p in zip(subjects, predictions, strict=True)},
+            "training": dict(zip(cells, training, strict=True)),
+        }
+
+    return collect
+
+
+def prediction_summary(predictions: pd.DataFrame) -> dict[str, Any]:
+    """How many predictions a model wrote, and the share that ended before the token budget."""
+    finished = predictions["finished"].mean() if "finished" in predictions else None
+    return {"rows": len(predictions), "finished_share": None if pd.isna(finished) else float(finished)}
+
+
+def render_compact(table: pd.DataFrame) -> str:
+    """The report as the demo's last screen shows it: one narrow table per benchmark."""
+    return compact_markdown(table, title=TITLE)
 
 
 def plot_accuracy(table: pd.DataFrame) -> Figure:
     return accuracy_by_objective(table)
 
 
-def plot_warmup_mismatch(before: dict[str, Any], after: dict[str, Any], check: CheckParams) -> Figure:
-    """The teacher's probability of the student's sampled tokens before and after warmup."""
+def plot_warmup_mismatch(vanilla: dict[str, Any], warmup: dict[str, Any], check: CheckParams) -> Figure:
+    """The teacher's probability of the student's sampled tokens before and after warmup (each variant's
+    student before KD, from its results)."""
+    before = vanilla["evaluations"][f"vanilla.{grid.BEFORE_KD}"]
+    after = warmup["evaluations"][f"warmup.{grid.BEFORE_KD}"]
     return teacher_probability_histograms(
         {"before warmup": before, "after warmup": after}, check.tau_probability
     )
 
 
 def curves_function(variants: Sequence[str], objective: str) -> Callable[..., Figure]:
-    """The KD-curves node for one objective: one distill metrics input per variant."""
+    """The KD-curves node for one objective: one results input per variant."""
 
-    def plot_kd_curves(*metrics: dict[str, Any]) -> Figure:
-        return kd_loss_curves(dict(zip(variants, metrics, strict=True)), objective)
+    def plot_kd_curves(*results: dict[str, Any]) -> Figure:
+        metrics = {
+            variant: variant_results["training"][f"{variant}.{objective}"]
+            for variant, variant_results in zip(variants, results, strict=True)
+        }
+        return kd_loss_curves(metrics, objective)
 
     return plot_kd_curves
 

@@ -1,7 +1,10 @@
 """The report pipeline: the table of objective x variant, and the plots, from the evaluate outputs.
 
-Inputs follow the grid (grid.py), like the distill and evaluate pipelines; the KD-curve plot compares the
-variants on the grid's first objective.
+Inputs follow the grid (grid.py), like the distill and evaluate pipelines. Each variant's node
+`<variant>.collect_<variant>` (in the variant's namespace) gathers its subjects' evaluations and
+predictions and its cells' training metrics into `<variant>.results`; the report reads the teacher's
+evaluation and one results per variant, so that in kedro-viz the grid collapses to one box per variant.
+The KD-curve plot compares the variants on the grid's first objective.
 """
 
 import warnings
@@ -11,55 +14,79 @@ from kedro.pipeline import Pipeline, node
 from warmup_distill_kedro import grid
 from warmup_distill_kedro.pipelines.explain.pipeline import compares_warmup
 from warmup_distill_kedro.pipelines.report.nodes import (
+    build_report,
+    collect_function,
     curves_function,
     explain_plot_function,
     explain_section_function,
     plot_accuracy,
     plot_explain_warmup,
     plot_warmup_mismatch,
-    report_function,
+    render_compact,
 )
 
+TEACHER_EVALUATION = f"{grid.TEACHER}.evaluation_metrics"
 # The report's Markdown before its explain section (in memory: `add_explain_section` writes report_markdown).
 REPORT_TABLES = "report_tables_markdown"
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     cells = grid.cells()
-    subjects = [subject.name for subject in grid.subjects(cells)]
-    variants = grid.variants_of(cells)
+    subjects = grid.subjects(cells)
+    variants = grid.starting_variants(cells)
     with warnings.catch_warnings():
-        # The report reads the grid's outputs by the full names their namespaces give them
-        # (`warmup.fkl.evaluation_metrics`); Kedro warns about any dotted name outside a namespace.
+        # The report reads the teacher's evaluation by its full name (`teacher.evaluation_metrics`); Kedro
+        # warns about any dotted name outside a namespace.
         warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
-        nodes = [*_nodes(subjects, variants, cells[0].objective), *_explain_nodes(cells)]
-        return Pipeline(nodes, tags=["report"])
+        collectors = [_collector(variant, subjects, cells) for variant in variants]
+        report = Pipeline(
+            [*_nodes(variants, grid.variants_of(cells), cells[0].objective), *_explain_nodes(cells)]
+        )
+        return Pipeline([*collectors, report], tags=["report"])
 
 
-def _nodes(subjects: list[str], variants: list[str], first_objective: str) -> list:
+def _collector(variant: str, subjects: list[grid.Subject], cells: list[grid.Cell]) -> Pipeline:
+    """`<variant>.collect_<variant>`: the variant's evaluations, predictions and training metrics."""
+    own_subjects = [s.name for s in subjects if s.variant == variant]
+    own_cells = [c.name for c in cells if c.variant == variant]
+    inputs = [
+        *(f"{s}.evaluation_metrics" for s in own_subjects),
+        *(f"{s}.predictions" for s in own_subjects),
+        *(f"{c}.distill_metrics" for c in own_cells),
+    ]
+    collect = node(
+        collect_function(own_subjects, own_cells),
+        inputs,
+        grid.results(variant),
+        name=grid.node_name("collect", variant),
+        namespace=variant,
+    )
+    return Pipeline([collect])
+
+
+def _nodes(variants: list[str], grid_variants: list[str], first_objective: str) -> list:
+    results = [grid.results(variant) for variant in variants]
     nodes = [
         node(
-            report_function(subjects),
-            ["params:distill", *(f"{s}.evaluation_metrics" for s in subjects)],
+            build_report,
+            ["params:distill", TEACHER_EVALUATION, *results],
             ["report_table", REPORT_TABLES],
             name="build_report",
         ),
+        node(render_compact, "report_table", "report_compact", name="build_compact_report"),
         node(plot_accuracy, "report_table", "report_accuracy_plot", name="plot_accuracy"),
         node(
-            curves_function(variants, first_objective),
-            [f"{variant}.{first_objective}.distill_metrics" for variant in variants],
+            curves_function(grid_variants, first_objective),
+            [grid.results(variant) for variant in grid_variants],
             "report_kd_curves_plot",
             name="plot_kd_curves",
         ),
     ]
-    if "warmup" in variants:
-        before_warmup, after_warmup = (
-            f"{v}.{grid.BEFORE_KD}.evaluation_metrics" for v in ("vanilla", "warmup")
-        )
+    if {"vanilla", "warmup"} <= set(grid_variants):  # the students before KD, before and after warmup
         nodes.append(
             node(
                 plot_warmup_mismatch,
-                [before_warmup, after_warmup, "params:check"],
+                [grid.results("vanilla"), grid.results("warmup"), "params:check"],
                 "report_warmup_mismatch_plot",
                 name="plot_warmup_mismatch",
             )
