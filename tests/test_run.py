@@ -55,7 +55,7 @@ def _assert_explained(project: Path, subjects: list[str]) -> None:
     )
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
-    [explained] = [r for r in runs if r.info.run_name == "__default__"]
+    [explained] = [r for r in runs if r.data.tags.get("kedro.pipelines") == "__default__"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(explained.info.run_id)}
     assert {
         "explain_changes.csv",

@@ -87,14 +87,14 @@ KILLED = {
     ),
     # DistiLLM's replay buffer: full (2 sampled batches of 4) before the first save, replayed after it.
     "adaptive distill cell": Killed(
-        "vanilla.fkl.distill",
+        f"vanilla.fkl.{grid.node_name('distill', 'vanilla.fkl')}",
         _cell("vanilla", "fkl", **{"data.mode": "adaptive", "data.initial_threshold": 1.0, "data.capacity": 8,
                                    "data.loss_eps": 0.0, "training.eval_every": 5}),
         ("distill_vanilla_fkl",), "distilled/vanilla.fkl.student", "distill vanilla/fkl: resuming from step",
     ),
     # Two runs in one node: the projectors pre-trained (finished when killed), then the cell.
     "dskd cell with projector pre-training": Killed(
-        "vanilla.dskd.distill", _cell("vanilla", "dskd", **{"options.dskd.pretrain_steps": 5}),
+        f"vanilla.dskd.{grid.node_name('distill', 'vanilla.dskd')}", _cell("vanilla", "dskd", **{"options.dskd.pretrain_steps": 5}),
         ("dskd_projectors", "distill_vanilla_dskd"), "distilled/vanilla.dskd.student",
         "distill vanilla/dskd: resuming from step",
     ),
@@ -205,14 +205,14 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(bootstrapped, tmp
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name  # identical on CPU, not merely close
-    if case.node.endswith(".distill"):  # the cell's data: the same batches drawn, replayed and sampled
+    if ".distill_" in case.node:  # the cell's data: the same batches drawn, replayed and sampled
         metrics = [_distill_metrics(project, case) for project in (straight, crashed)]
         assert metrics[0] == metrics[1]
 
 
 def _distill_metrics(project: Path, case: Killed) -> dict:
-    cell = case.node.removesuffix(".distill")
-    folder = project / f"data/08_reporting/distill/{cell}.distill_metrics.json"
+    cell = case.node.split(".distill_")[0]
+    folder = project / TEST_DATA / f"08_reporting/distill/{cell}.distill_metrics.json"
     metrics = json.loads((version_folders(folder)[-1] / folder.name).read_text())
     history = [{k: v for k, v in record.items() if k != "steps_per_second"} for record in metrics["history"]]
     return {"history": history, **{k: v for k, v in metrics.items() if k.startswith("batches_")}}

@@ -89,7 +89,7 @@ def test_token_level_cells_read_the_teachers_cache_the_others_the_live_teacher(
     use_grid(["vanilla"], ["fkl", "dskd", "sft"], teacher_cache=cache)
     pipeline = create_pipeline()
     readers = {n.name for n in pipeline.nodes if "teacher_topk" in n.inputs}
-    assert readers == {"vanilla.fkl.distill"}
+    assert readers == {"vanilla.fkl.distill_vanilla_fkl"}
     assert "cache_teacher_logits" in {n.name for n in pipeline.nodes}
     train, validation, _ = splits
     data = {

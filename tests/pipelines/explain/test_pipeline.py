@@ -21,7 +21,8 @@ def test_every_subject_of_a_one_cell_grid(
 ):
     use_grid(["vanilla"], ["fkl"])
     pipeline = create_pipeline()
-    assert {n.name for n in pipeline.nodes} == {*(f"{s}.explain" for s in SUBJECTS), "summarize_explain"}
+    explain_nodes = {f"{s}.{grid.node_name('explain', s)}" for s in SUBJECTS}  # explain_vanilla_fkl, ...
+    assert {n.name for n in pipeline.nodes} == {*explain_nodes, "summarize_explain"}
     assert pipeline.inputs() == {
         "teacher_model", "student_model", "vanilla.fkl.student", "test_examples", "params:explain",
         "params:evaluate",

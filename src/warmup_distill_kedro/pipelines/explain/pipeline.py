@@ -1,7 +1,7 @@
 """The explain pipeline: what distillation moved, token by token, for every model of the flow
 (grid.subjects), on the held-out gold responses the evaluate stage scores (core/evaluation/explain.py).
 
-Node `<subject>.explain` writes `<subject>.explain_tokens` (one record per gold token). `summarize_explain`
+Node `<subject>.explain_<subject>` (grid.node_name) writes `<subject>.explain_tokens` (one record per gold token). `summarize_explain`
 averages them by token class, position and task (`explain_table`) and takes after - before
 (`explain_changes`) for each cell against its variant's student before KD and, with warmup in the grid,
 for the students before KD against the vanilla one; `explain_metrics` holds each change over every token.
@@ -75,7 +75,7 @@ def comparisons(cells: list[grid.Cell]) -> list[tuple[str, str]]:
 
 
 def _explanation(subject: grid.Subject) -> Pipeline:
-    """One namespaced node: `<subject>.explain` reads the subject's checkpoint, writes its records."""
+    """One namespaced node: `<subject>.explain_<subject>` reads the subject's checkpoint, writes its records."""
     is_teacher = subject.variant == grid.TEACHER
     teacher = [] if is_teacher else ["teacher_model"]
     template = Pipeline(
@@ -84,7 +84,7 @@ def _explanation(subject: grid.Subject) -> Pipeline:
                 explain_teacher if is_teacher else student_explanation(subject),
                 ["model", *teacher, *_SHARED],
                 "explain_tokens",
-                name="explain",
+                name=grid.node_name("explain", subject.name),
                 tags=[f"variant.{subject.variant}", f"objective.{subject.objective}"],
             )
         ]
