@@ -19,7 +19,7 @@ help:
 	@echo "make viz          serve the pipeline lineage (kedro viz) on http://127.0.0.1:4141"
 	@echo "make viz-build    a static kedro-viz site in build/ (git-ignored)"
 	@echo "make mlflow-ui    serve the MLflow tracking UI on http://127.0.0.1:5000"
-	@echo "make bench        benchmarks (KD loss, distill step, rollouts, the demo stage by stage; ~23 min, docs/benchmarks.md)"
+	@echo "make bench        benchmarks (KD loss, distill step, rollouts, the demo stage by stage, Sinkhorn; ~25 min, docs/benchmarks.md)"
 	@echo "make lint         ruff"
 	@echo "make clean-outputs  delete data/ outputs, mlflow.db and mlruns/ (asks first)"
 
