@@ -123,7 +123,7 @@ class KDConfig(KDSettings):
     objective: str = Field("fkl", description=f"one of {', '.join(OBJECTIVES)}")
     options: dict[str, float | bool | str] = Field(
         default_factory=dict,
-        description="the objective's options (js: beta, normalized; skl/srkl: alpha; akl: mu)",
+        description="the objective's options (js: beta, normalized; skl/srkl: alpha; akl: mu, crossing; dpkd: beta, label_smoothing)",
     )
 
     @field_validator("objective")
