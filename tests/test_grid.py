@@ -94,3 +94,37 @@ def test_names_separated_by_spaces_are_a_list_as_on_the_command_line():
     assert [cell.name for cell in cells] == ["warmup.fkl", "warmup.js"]
     with pytest.raises(UserInputError, match=r"distill\.objectives: unknown \['kl2'\]"):
         grid.cells({"objectives": "fkl kl2"})
+
+
+def test_several_training_seeds_make_one_named_run_per_seed_inside_each_cell():
+    runs = grid.cells({"variants": ["vanilla"], "objectives": ["fkl", "sft"], "seeds": "0 2"})
+    assert [c.name for c in runs] == [
+        "vanilla.fkl.seed0",
+        "vanilla.fkl.seed2",
+        "vanilla.sft.seed0",
+        "vanilla.sft.seed2",
+    ]
+    assert [c.seed for c in runs] == [0, 2, 0, 2]
+    subjects = grid.subjects(runs)
+    assert [(s.name, s.seed) for s in subjects[-4:]] == [(c.name, c.seed) for c in runs]
+    assert subjects[-1].checkpoint == "vanilla.sft.seed2.student"
+    assert [c.name for c in grid.first_seed(runs)] == ["vanilla.fkl.seed0", "vanilla.sft.seed0"]
+
+
+def test_one_seed_keeps_the_plain_names_and_trains_with_that_seed():
+    [run] = grid.cells({"variants": ["warmup"], "objectives": ["fkl"], "seeds": [3]})
+    assert (run.name, run.seed) == ("warmup.fkl", 3)
+    [legacy] = grid.cells({"variants": ["warmup"], "objectives": ["fkl"], "training": {"seed": 5}})
+    assert (legacy.name, legacy.seed) == ("warmup.fkl", 5)
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [([], "non-empty list"), ("a b", "non-empty list"), ([1, 1], "a seed twice"), ([-1], "integers >= 0"),
+     ([True], "non-empty list"), ([1.5], "non-empty list")],
+)  # fmt: skip
+def test_bad_seeds_are_refused_naming_the_parameter(seeds, message):
+    with pytest.raises(
+        UserInputError, match=f"distill.seeds.*{message}|{message}.*distill.seeds|distill.seeds"
+    ):
+        grid.cells({"objectives": ["fkl"], "seeds": seeds})

@@ -681,3 +681,59 @@ def test_runs_of_one_configuration_share_their_config_tag(project_copy: Path) ->
     other = by_name["data · test · data.split.validation_fraction=0.2 · seed 0"]
     assert first["config"] == seed_one["config"] != other["config"]
     assert (first["seed"], seed_one["seed"]) == ("0", "1")
+
+
+def test_several_training_seeds_train_evaluate_and_report_each_run(project_copy: Path) -> None:
+    """`distill.seeds: [0, 1]`: each cell trained once per seed (its own versioned checkpoint and tracked run,
+    tagged with the seed), each run evaluated, the report pooling them with intervals on its differences,
+    and `kedro compare` reading the seeds back."""
+    _run(project_copy, ["data", "bootstrap", "probe", "check", "warmup"])
+    grid_params = {"distill": {"objectives": ["fkl", "sft"], "seeds": [0, 1]}}
+    _run(project_copy, ["distill", "evaluate", "explain", "report"], **grid_params)
+    models = project_copy / f"{TEST_DATA}/06_models/distilled"
+    runs = [f"{v}.{o}.seed{s}" for v in ("vanilla", "warmup") for o in ("fkl", "sft") for s in (0, 1)]
+    assert all(_latest(models / f"{run}.student").is_dir() for run in runs)
+    history = {
+        run: json.loads(
+            _latest(project_copy / f"{TEST_DATA}/08_reporting/distill/{run}.distill_metrics.json").read_text()
+        )["history"]
+        for run in runs
+    }
+    # Another seed, another batch order and initial state: the two runs of a cell train differently.
+    assert history["vanilla.fkl.seed0"] != history["vanilla.fkl.seed1"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
+    distill_runs = {r.info.run_name: r for r in found if r.data.tags.get("stage") == "distill"}
+    assert set(distill_runs) == {
+        f"{v}.{o}.distill · test · seed {s}"
+        for v in ("vanilla", "warmup")
+        for o in ("fkl", "sft")
+        for s in (0, 1)
+    }
+    assert {r.data.tags["seed"] for r in distill_runs.values()} == {"0", "1"}
+    parent = next(r for r in found if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("seed"))
+    assert parent.data.tags["seed"] == "0 1"
+
+    reporting = project_copy / f"{TEST_DATA}/08_reporting"
+    evaluation = json.loads(
+        _latest(reporting / "evaluation/warmup.fkl.seed1.evaluation_metrics.json").read_text()
+    )
+    assert evaluation["training_seed"] == 1 and evaluation["subject"] == "warmup.fkl.seed1"
+    assert len(evaluation["items"]["math"]["scores"]) == evaluation["math"]["n_examples"]
+    table = pd.read_csv(_latest(reporting / "report.csv")).set_index(["objective", "variant", "benchmark"])
+    assert table.loc[("fkl", "vanilla", "math"), "n_seeds"] == 2
+    for row in (
+        ("fkl", "warmup-vanilla", "math"),
+        ("fkl-sft", "warmup", "math"),
+        ("fkl-sft", "vanilla", "average"),
+    ):
+        low, mean, high = table.loc[row, ["ci_low", "mean", "ci_high"]]
+        assert low <= mean <= high, row
+    assert "paired bootstrap" in _latest(reporting / "report.md").read_text()
+
+    from warmup_distill_kedro.compare import compare_table
+
+    compared, _ = compare_table(f"sqlite:///{project_copy / 'mlflow.db'}", env="test")
+    cells = compared.set_index(["objective", "variant", "benchmark"])
+    assert cells.loc[("fkl", "warmup", "math"), "n_seeds"] == 2

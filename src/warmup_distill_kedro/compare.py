@@ -35,6 +35,7 @@ from warmup_distill_kedro.tracking import (
     DEFAULT_EXPERIMENT_NAME,
     ENV_TAG,
     SEED_PARAM,
+    SEED_TAG,
     config_fingerprint,
     is_seed_key,
     resolve_tracking_uri,
@@ -76,7 +77,7 @@ VARIANT_ORDER = ("vanilla", "warmup", "control")
 OBJECTIVE_ORDER = ("fkl", "rkl", "js", "tvd", "skl", "srkl", "akl", "dskd", "dskd_cma", "sft")
 HOW_TO_PRODUCE = (
     "run the evaluate pipeline with tracking on, e.g. "
-    '`kedro run --pipelines=distill,evaluate,report --params "distill.training.seed=1"`'
+    '`kedro run --pipelines=distill,evaluate,report --params "distill.seeds=1"`'
 )
 
 
@@ -282,10 +283,15 @@ def _related_ids(run: Run) -> set[str]:
 
 
 def _seed(run: Run, by_id: dict[str, Run]) -> str:
-    if SEED_PARAM in run.data.params:
-        return run.data.params[SEED_PARAM]
+    """The training seed of the run that trained the evaluated model: its own `seed` tag (a grid cell's run,
+    one seed each), else its kedro run's seeds (tag, then the parameter of runs that predate the tag)."""
     parent_id = run.data.tags.get(PARENT_RUN_TAG)
     parent = by_id.get(parent_id) if parent_id else None
+    for source in (run, parent):
+        if source is not None and source.data.tags.get(SEED_TAG):
+            return source.data.tags[SEED_TAG]
+    if SEED_PARAM in run.data.params:
+        return run.data.params[SEED_PARAM]
     if parent is not None and SEED_PARAM in parent.data.params:
         return parent.data.params[SEED_PARAM]
     # No seed was logged: each kedro run then counts as its own repetition.

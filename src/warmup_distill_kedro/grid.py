@@ -11,6 +11,10 @@ and `kedro compare` all take their names from here.
   named after their stage and the cell, the label kedro-viz shows (`vanilla.fkl.distill_vanilla_fkl`,
   `vanilla.fkl.evaluate_vanilla_fkl`; `node_name`); its outputs are named after it
   (`vanilla.fkl.student`, `vanilla.fkl.distill_metrics`, `vanilla.fkl.evaluation_metrics`).
+- Each cell is trained once per training seed (`distill.seeds`). With one seed the cell is its one run
+  (`vanilla.fkl`); with several, each run is a namespace of its own inside the cell, named after its seed
+  (`vanilla.fkl.seed1`: `vanilla.fkl.seed1.student`, node `distill_vanilla_fkl_seed1`), so that every
+  seed is a versioned output, a tracked run and a subject of its own, and the report pools them.
 - A *subject* is a model the evaluate pipeline measures: the teacher, every variant's student before
   distillation (objective `before_kd`, e.g. `vanilla.before_kd`) and every cell's distilled student.
 - Each variant's *results* (`vanilla.results`, written by the node `vanilla.collect_vanilla`) gather what
@@ -73,15 +77,19 @@ def warmup_reads_teacher() -> bool:
 
 @dataclass(frozen=True)
 class Cell:
-    """One (variant, objective) cell of the grid."""
+    """One training run of a (variant, objective) cell of the grid: its training seed, and whether the grid
+    has several seeds (then the seed is part of its name)."""
 
     variant: str
     objective: str
+    seed: int = 0
+    seeded: bool = False
 
     @property
     def name(self) -> str:
-        """The namespace of the cell's nodes and the prefix of its outputs."""
-        return f"{self.variant}.{self.objective}"
+        """The namespace of the run's nodes and the prefix of its outputs."""
+        base = f"{self.variant}.{self.objective}"
+        return f"{base}.seed{self.seed}" if self.seeded else base
 
     @property
     def start(self) -> str:
@@ -101,10 +109,21 @@ class Subject:
     variant: str
     objective: str
     checkpoint: str
+    # The training seed of a distilled student of a grid with several seeds; None: one model, no seed in
+    # its name (the teacher, the students before KD, the cells of a one-seed grid).
+    seed: int | None = None
 
     @property
     def name(self) -> str:
-        return TEACHER if self.variant == TEACHER else f"{self.variant}.{self.objective}"
+        if self.variant == TEACHER:
+            return TEACHER
+        base = f"{self.variant}.{self.objective}"
+        return base if self.seed is None else f"{base}.seed{self.seed}"
+
+
+def run_tags(variant: str, objective: str, seed: int | None) -> list[str]:
+    """The node tags that say whose run a grid node is (the MLflow hook names and tags its run from them)."""
+    return [f"variant.{variant}", f"objective.{objective}", *([f"seed.{seed}"] if seed is not None else [])]
 
 
 def node_name(stage: str, owner: str) -> str:
@@ -120,13 +139,53 @@ def results(variant: str) -> str:
 
 
 def cells(parameters: Mapping[str, Any] | None = None) -> list[Cell]:
-    """Every cell of the grid, variants outermost, in the order the parameters list them."""
+    """Every training run of the grid: variants outermost, then objectives, then seeds, in the order the
+    parameters list them."""
     parameters = _parameters if parameters is None else parameters
     variants = name_list(parameters.get("variants", DEFAULT_VARIANTS), "distill.variants", VARIANTS)
     objectives = name_list(
         parameters.get("objectives", DEFAULT_OBJECTIVES), "distill.objectives", CELL_OBJECTIVES
     )
-    return [Cell(variant, objective) for variant in variants for objective in objectives]
+    given = parameters.get("seeds")
+    seeds = seed_list([(parameters.get("training") or {}).get("seed", 0)] if given is None else given)
+    seeded = len(seeds) > 1
+    return [
+        Cell(variant, objective, seed, seeded)
+        for variant in variants
+        for objective in objectives
+        for seed in seeds
+    ]
+
+
+def first_seed(grid: Sequence[Cell]) -> list[Cell]:
+    """One run per (variant, objective): the grid's first seed (what the explain stage and the KD-curve
+    plot look at; the report's numbers pool every seed)."""
+    first = grid[0].seed if grid else 0
+    return [cell for cell in grid if cell.seed == first]
+
+
+def seed_list(value: Any) -> list[int]:
+    """`distill.seeds`: a list of training seeds, one int, or one string of them separated by spaces (the
+    command line's form: `--params 'distill.seeds=0 1 2'`)."""
+    seeds = spaced_names(value)
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    parsed = [_seed(seed) for seed in seeds] if isinstance(seeds, list | tuple) else []
+    if not parsed or None in parsed:
+        raise UserInputError(
+            f"distill.seeds must be a non-empty list of training seeds (integers >= 0; on the command line: "
+            f"separated by spaces, e.g. --params 'distill.seeds=0 1 2'), got {value!r}"
+        )
+    if len(set(parsed)) != len(parsed):
+        raise UserInputError(f"distill.seeds lists a seed twice: {parsed}")
+    return parsed
+
+
+def _seed(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def teacher_cache_readers(grid: Sequence[Cell], parameters: Mapping[str, Any] | None = None) -> list[Cell]:
@@ -157,7 +216,10 @@ def subjects(grid: Sequence[Cell]) -> list[Subject]:
     return [
         Subject(TEACHER, TEACHER, TEACHER_CHECKPOINT),
         *(Subject(v, BEFORE_KD, STARTING_CHECKPOINTS[v]) for v in starting_variants(grid)),
-        *(Subject(cell.variant, cell.objective, f"{cell.name}.student") for cell in grid),
+        *(
+            Subject(cell.variant, cell.objective, f"{cell.name}.student", cell.seed if cell.seeded else None)
+            for cell in grid
+        ),
     ]
 
 

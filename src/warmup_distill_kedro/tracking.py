@@ -35,8 +35,11 @@ DEFAULT_EXPERIMENT_NAME = "warmup-distill"
 ENV_TAG = "kedro.env"
 CONFIG_TAG = "config"
 SEED_TAG = "seed"
-# The seed `kedro compare` pools over: runs of one configuration that differ in it are repetitions.
+# The seeds `kedro compare` pools over: runs of one configuration that differ in them are repetitions.
+# `distill.seeds` lists a run's training seeds (each cell's training run is tagged with its own);
+# `distill.training.seed` is the seed of a run that does not set them.
 SEED_PARAM = "distill.training.seed"
+SEEDS_PARAM = "distill.seeds"
 DB_FILENAME = "mlflow.db"
 ARTIFACTS_DIRNAME = "mlruns"
 
@@ -218,6 +221,18 @@ def flatten_params(nested: Mapping[str, Any] | BaseModel, prefix: str = "") -> d
 
     walk(plain, prefix)
     return flat
+
+
+def run_seeds(flat_params: Mapping[str, str]) -> str | None:
+    """A kedro run's training seeds as a tag value: ``0``, or ``0 1 2`` for a grid of several seeds."""
+    seeds = flat_params.get(SEEDS_PARAM)
+    if seeds not in (None, "None", "null"):
+        try:
+            parsed = json.loads(seeds)
+        except ValueError:
+            parsed = seeds.split()
+        return " ".join(str(seed) for seed in (parsed if isinstance(parsed, list) else [parsed]))
+    return flat_params.get(SEED_PARAM)
 
 
 def is_seed_key(key: str) -> bool:

@@ -90,3 +90,16 @@ def test_two_entries_with_the_same_subject_are_refused():
     }
     with pytest.raises(ValueError, match=r"evaluation 'b': subject 'vanilla.fkl' is also the subject of 'a'"):
         evaluation_records(twice)
+
+
+def test_a_run_of_a_seeded_cell_is_one_record_per_metric_under_its_training_seed():
+    seeded = {
+        **evaluation("vanilla.fkl.seed2", "vanilla", "fkl", 0.4, (0.50, 0.52, 0.54)),
+        "training_seed": 2,
+    }
+    records = evaluation_records({"vanilla.fkl.seed2": seeded}).set_index(["benchmark", "metric"])
+    assert set(records["seed"]) == {"2"}
+    assert records.loc[("instruction", "rouge_l"), "value"] == pytest.approx(0.52)  # sampling seeds' mean
+    assert records.loc[("math", "exact_match"), "value"] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="'training_seed' must be an integer"):
+        evaluation_records({"x": {**seeded, "training_seed": "2"}})

@@ -72,6 +72,7 @@ from warmup_distill_kedro.tracking import (
     MAX_TAG_VALUE_LENGTH,
     SEED_PARAM,
     SEED_TAG,
+    SEEDS_PARAM,
     TrackingConfig,
     config_fingerprint,
     flatten_params,
@@ -79,6 +80,7 @@ from warmup_distill_kedro.tracking import (
     numeric_scalars,
     resolve_artifact_location,
     resolve_tracking_uri,
+    run_seeds,
     sanitize_key,
     sqlite_path,
     truncate,
@@ -194,13 +196,13 @@ def _tag_value(tags: Iterable[str], name: str) -> str | None:
 def node_run_tags(node: Node) -> dict[str, str]:
     """Tags of a training node's child run: ``stage``, ``variant``, ``objective``, ``kedro.*``."""
     tags = {"kedro.node": node.name, "kedro.node_tags": ",".join(sorted(node.tags))}
-    labels = ("variant.", "variant:", "objective.", "objective:")
+    labels = ("variant.", "variant:", "objective.", "objective:", "seed.", "seed:")
     other = sorted(t for t in node.tags if t != TRAINING_TAG and not t.startswith(labels))
     # The stage is the pipeline's tag (namespaces name grid cells such as "vanilla.fkl", not stages).
     stage = (other[0] if other else None) or node.namespace
     if stage:
         tags["stage"] = stage
-    for name in ("variant", "objective"):
+    for name in ("variant", "objective", SEED_TAG):
         value = _tag_value(node.tags, name)
         if value:
             tags[name] = value
@@ -252,9 +254,9 @@ def parent_run_name(
         objectives = list(grid.spaced_names(distill.get("objectives", grid.DEFAULT_OBJECTIVES)))
         shown = "+".join(objectives) if len(objectives) <= 4 else f"{len(objectives)} objectives"
         parts.append(f"{'+'.join(variants)} × {shown}")
-    seed = flatten_params(params).get(SEED_PARAM)
-    if seed is not None and SEED_PARAM not in given:
-        parts.append(f"seed {seed}")
+    seeds = run_seeds(flatten_params(params))
+    if seeds is not None and SEED_PARAM not in given and SEEDS_PARAM not in given:
+        parts.append(f"seed{'s' if ' ' in seeds else ''} {seeds}")
     return RUN_NAME_SEPARATOR.join(parts)
 
 
@@ -385,8 +387,9 @@ class MLflowTrackingHook:
         flat_params = flatten_params(params)
         env = self._env(run_params)
         self._run_tags = {ENV_TAG: env, CONFIG_TAG: config_fingerprint(flatten_params(self._configured()))}
-        if SEED_PARAM in flat_params:
-            self._run_tags[SEED_TAG] = flat_params[SEED_PARAM]
+        seeds = run_seeds(flat_params)
+        if seeds is not None:
+            self._run_tags[SEED_TAG] = seeds
         run_name = parent_run_name(names, env, run_params.get("runtime_params"), params)
         tags = {
             **self._run_tags,
@@ -595,16 +598,22 @@ class MLflowTrackingHook:
             return {}
 
     def _start_child(self, node: Node, inputs: Mapping[str, Any]) -> None:
+        own = node_run_tags(node)
         with self._lock:
             tags = {
-                **node_run_tags(node),
                 **self._run_tags,
+                **own,
                 "kedro.session_id": self._session_id or "",
                 **self._pending_tags.pop(node.name, {}),
             }
-        seed = self._run_tags.get(SEED_TAG) if "variant" in tags and "objective" in tags else None
+        # A grid cell's run has one training seed: its node's (a grid of several seeds), else the run's.
+        seed = own.get(SEED_TAG) or (
+            self._run_tags.get(SEED_TAG) if "variant" in own and "objective" in own else None
+        )
         if seed is None:
             tags.pop(SEED_TAG, None)  # the run's seed is the distill cells' training seed, not others'
+        else:
+            tags[SEED_TAG] = seed
         run_name = child_run_name(node, self._run_tags.get(ENV_TAG, ""), seed)
         active = mlflow.active_run()
         if active is None or active.info.run_id == self.parent_run_id:

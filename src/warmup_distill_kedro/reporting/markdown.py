@@ -5,6 +5,7 @@ logs, and the report's explain section (what KD and warmup moved)."""
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -32,7 +33,14 @@ from warmup_distill_kedro.reporting.table import (
     TABLE1_BENCHMARKS,
     TABLE_COLUMNS,
     TEACHER,
+    is_difference,
     lookup,
+)
+
+RESOLVED_MARK = "*"
+INTERVALS_NOTE = (
+    f"A difference with [low, high] is its 95% interval (paired bootstrap over the test items and the "
+    f"training seeds); {RESOLVED_MARK}: the interval excludes 0; without {RESOLVED_MARK}: no measurable difference."
 )
 
 
@@ -77,7 +85,8 @@ def _cell_name(objective: str, variant: str) -> str:
 
 
 def _format_value(row: pd.Series | None, metric: str, signed: bool = False) -> str:
-    """``43.2 ± 1.1`` (percent for accuracies), ``43.2`` for one seed, ``missing``; empty if no row."""
+    """``43.2 ± 1.1`` (percent for accuracies), ``43.2`` for one seed, ``missing``; empty if no row. A
+    difference with an interval: ``+1.2 [+0.3, +2.1] *``, the mark when the interval excludes zero."""
     if row is None:
         return ""
     if row["status"] != OK:
@@ -85,7 +94,12 @@ def _format_value(row: pd.Series | None, metric: str, signed: bool = False) -> s
     scale, digits = (100.0, 1) if metric in PERCENT_METRICS else (1.0, 3)
     sign = "+" if signed else ""
     text = f"{row['mean'] * scale:{sign}.{digits}f}"
-    if row["n_seeds"] >= 2:
+    if not pd.isna(row["ci_low"]):
+        low, high = row["ci_low"] * scale, row["ci_high"] * scale
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]" + (
+            f" {RESOLVED_MARK}" if low > 0 or high < 0 else ""
+        )
+    elif row["n_seeds"] >= 2:
         text += f" ± {row['std'] * scale:.{digits}f}"
     return text
 
@@ -128,7 +142,12 @@ def _accuracy_section(table: pd.DataFrame) -> list[str]:
                 teacher = lookup(indexed, TEACHER, TEACHER, benchmark, metric)
                 cells += [_format_value(teacher, metric)] + [""] * (len(plain) + len(deltas) - 1)
                 continue
-            cells += [_format_value(lookup(indexed, objective, v, benchmark, metric), metric) for v in plain]
+            cells += [
+                _format_value(
+                    lookup(indexed, objective, v, benchmark, metric), metric, is_difference(objective, v)
+                )
+                for v in plain
+            ]
             cells += [
                 _format_value(lookup(indexed, objective, d, benchmark, metric), metric, signed=True)
                 for d in deltas
@@ -136,7 +155,7 @@ def _accuracy_section(table: pd.DataFrame) -> list[str]:
         rows.append(cells)
     caption = (
         "Table 1. Accuracy in percent (math exact match, instruction ROUGE-L, their average); "
-        "differences in points; mean ± std where there are 2 or more seeds."
+        "differences in points; mean ± std where there are 2 or more seeds. " + INTERVALS_NOTE
     )
     return [caption, "", *_markdown_table(header, rows), ""]
 
@@ -250,7 +269,7 @@ def compact_markdown(table: pd.DataFrame, title: str = "Warmup-Distill: distilla
             objective: str, variants: Sequence[str], key: tuple[str, str] = (benchmark, metric)
         ) -> list:
             return [
-                _format_value(lookup(indexed, objective, v, *key), key[1], v in DELTA_VARIANTS)
+                _format_value(lookup(indexed, objective, v, *key), key[1], is_difference(objective, v))
                 for v in variants
             ]
 
@@ -262,7 +281,8 @@ def compact_markdown(table: pd.DataFrame, title: str = "Warmup-Distill: distilla
         unit = " (%)" if metric in PERCENT_METRICS else ""
         header = [f"{BENCHMARK_LABELS.get(benchmark, benchmark)}{unit}", *columns]
         parts += [*_markdown_table(header, rows), ""]
-    parts.append("Mean ± std where there are 2 or more seeds; differences in points.")
+    notes = "Mean ± std where there are 2 or more seeds; differences in points. " + INTERVALS_NOTE
+    parts += textwrap.wrap(notes, width=100)
     parts += [f"{v}: measured before KD only (a reference row, not distilled)." for v in references]
     parts.append("Every column, the distribution statistics and the notes: report.md.")
     return "\n".join(parts) + "\n"

@@ -4,6 +4,12 @@ Every later step (the comparison table, the plots, the MLflow comparison) reads 
 ``subject, variant, objective, benchmark, metric, seed, value``. A number is a record only when it was
 measured: a ``null`` benchmark or statistic produces no record, so "not measured" and "missing" stay
 distinguishable downstream.
+
+The ``seed`` is what a value's spread is over. A model evaluated once (the teacher, a student before KD,
+a cell of a one-seed grid) has its Rouge-L per sampling seed. A distilled student of a grid with several
+training seeds (its JSON has ``training_seed``) is one of several runs of its cell: each of its numbers is
+one record under its training seed (Rouge-L averaged over the sampling seeds), so that the cell's spread
+is over training runs, as in ``kedro compare``.
 """
 
 from __future__ import annotations
@@ -53,7 +59,11 @@ def evaluation_records(evaluations: Mapping[str, Mapping[str, Any]]) -> pd.DataF
                 f"{claimed[identity['subject']]!r}; each model must be evaluated once"
             )
         claimed[identity["subject"]] = name
-        rows.extend({**identity, **measurement} for measurement in _measurements(name, evaluation))
+        measurements = _measurements(name, evaluation)
+        training_seed = evaluation.get("training_seed")
+        if training_seed is not None:
+            measurements = _per_training_seed(name, measurements, training_seed)
+        rows.extend({**identity, **measurement} for measurement in measurements)
     table = pd.DataFrame(rows, columns=list(RECORD_COLUMNS))
     return table.astype({"seed": str, "value": float})
 
@@ -99,6 +109,21 @@ def _measurements(name: str, evaluation: Mapping[str, Any]) -> list[dict[str, An
             value = _number(name, f"{DISTRIBUTION}.{metric}", raw)
             out.append(_measurement(DISTRIBUTION, metric, DETERMINISTIC_SEED, value))
     return out
+
+
+def _per_training_seed(name: str, measurements: list[dict[str, Any]], seed: Any) -> list[dict[str, Any]]:
+    """One record per (benchmark, metric) under the training seed: the sampling seeds' mean."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"evaluation {name!r}: field 'training_seed' must be an integer, got {seed!r}")
+    by_metric: dict[tuple[str, str], list[float]] = {}
+    for measurement in measurements:
+        by_metric.setdefault((measurement["benchmark"], measurement["metric"]), []).append(
+            measurement["value"]
+        )
+    return [
+        _measurement(benchmark, metric, str(seed), sum(values) / len(values))
+        for (benchmark, metric), values in by_metric.items()
+    ]
 
 
 def _block(name: str, evaluation: Mapping[str, Any], benchmark: str) -> Mapping[str, Any] | None:

@@ -1,6 +1,9 @@
 """Records -> the comparison table (long format); markdown.py renders it.
 
 The table has one row per (objective, variant, benchmark, metric) with mean, std and number of seeds.
+The differences (``warmup-vanilla`` and ``warmup-control`` columns, ``<objective>-sft`` rows) also carry
+the 95% interval of their paired bootstrap over the test items (reporting.intervals) where the
+evaluations hold item scores: ``ci_low``, ``ci_high``.
 Every expected grid cell has rows: a cell that produced no records gets rows with status ``missing``
 rather than disappearing, because a table that silently drops the cells that failed overstates the
 method it favours.
@@ -9,12 +12,13 @@ method it favours.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from warmup_distill_kedro.grid import BEFORE_KD, TEACHER
+from warmup_distill_kedro.reporting.intervals import Items, paired_interval
 from warmup_distill_kedro.reporting.records import (
     DISTRIBUTION,
     INSTRUCTION,
@@ -22,7 +26,9 @@ from warmup_distill_kedro.reporting.records import (
     RECORD_COLUMNS,
 )
 
-TABLE_COLUMNS = ("objective", "benchmark", "variant", "metric", "mean", "std", "n_seeds", "status")
+TABLE_COLUMNS = (
+    "objective", "benchmark", "variant", "metric", "mean", "std", "n_seeds", "status", "ci_low", "ci_high"
+)  # fmt: skip
 
 REFERENCE_OBJECTIVES = (TEACHER, BEFORE_KD)
 
@@ -63,16 +69,36 @@ def delta_name(minuend: str, subtrahend: str) -> str:
 
 
 DELTA_VARIANTS = tuple(delta_name(a, b) for a, b in DELTA_PAIRS)
+# Every KD objective is also reported against the plain-SFT baseline of the same variant, when the grid has it.
+BASELINE = "sft"
+# The benchmarks whose items an interval resamples, per table benchmark.
+INTERVAL_BENCHMARKS = {MATH: (MATH,), INSTRUCTION: (INSTRUCTION,), AVERAGE: (MATH, INSTRUCTION)}
+
+
+def baseline_name(objective: str) -> str:
+    return f"{objective}-{BASELINE}"
+
+
+def is_difference(objective: str, variant: str) -> bool:
+    """Whether a table row is a difference (a ``warmup-vanilla`` column or an ``<objective>-sft`` row)."""
+    return variant in DELTA_VARIANTS or objective.endswith(f"-{BASELINE}")
 
 
 # -------------------------------------------------------------------------------------------- building
-def build_table(records: pd.DataFrame, variants: Sequence[str], objectives: Sequence[str]) -> pd.DataFrame:
+def build_table(
+    records: pd.DataFrame,
+    variants: Sequence[str],
+    objectives: Sequence[str],
+    items: Mapping[tuple[str, str], Mapping[str, Items]] | None = None,
+) -> pd.DataFrame:
     """The long comparison table (columns ``TABLE_COLUMNS``) of ``records`` for the grid variants x objectives.
 
     Rows: every (objective, variant) in the records, every expected cell (the teacher, ``before_kd`` and
     every KD objective for each variant; ``missing`` when it has no records), the ``average``/``score``
-    of math and instruction, and the ``warmup-vanilla`` (and ``warmup-control``) differences.
-    ``table.attrs["seeds"]`` keeps the seeds seen per benchmark for the Markdown footer.
+    of math and instruction, the ``warmup-vanilla`` (and ``warmup-control``) differences and, with ``sft``
+    in the grid, each objective's difference to it (``<objective>-sft``). ``items`` (intervals.run_items):
+    the item scores that give each accuracy difference its interval. ``table.attrs["seeds"]`` keeps the
+    seeds seen per benchmark for the Markdown footer.
     """
     _check_records(records)
     variants = _names("variants", variants)
@@ -82,7 +108,16 @@ def build_table(records: pd.DataFrame, variants: Sequence[str], objectives: Sequ
     stats = _with_missing_cells(stats, _expected_cells(variants, objectives))
     found_variants = [v for v in stats["variant"].unique() if v != TEACHER]
     all_variants = list(dict.fromkeys([*variants, *found_variants]))
-    stats = pd.concat([stats, _deltas(stats, all_variants, expected=variants)], ignore_index=True)
+    stats = pd.concat(
+        [
+            stats,
+            _deltas(stats, all_variants, expected=variants),
+            _baseline_deltas(stats, variants, objectives),
+        ],
+        ignore_index=True,
+    )
+    if items:
+        stats = _with_intervals(stats, items)
     table = _ordered(stats, variants, objectives)
     table.attrs["seeds"] = {
         benchmark: sorted({str(seed) for seed in group["seed"]}, key=_seed_sort_key)
@@ -149,6 +184,8 @@ def _row(objective: str, variant: str, benchmark: str, metric: str, values: Sequ
         "std": std,
         "n_seeds": len(values),
         "status": OK,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
     }
 
 
@@ -162,6 +199,8 @@ def _empty_row(objective: str, variant: str, benchmark: str, metric: str, status
         "std": math.nan,
         "n_seeds": 0,
         "status": status,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
     }
 
 
@@ -259,12 +298,67 @@ def _deltas(stats: pd.DataFrame, variants: Sequence[str], expected: Sequence[str
             if left is None or right is None or left["status"] != OK or right["status"] != OK:
                 rows.append(_empty_row(objective, name, benchmark, metric, MISSING))
                 continue
-            row = _row(objective, name, benchmark, metric, [0.0])
-            row["mean"] = float(left["mean"] - right["mean"])
-            row["std"] = math.sqrt(left["std"] ** 2 + right["std"] ** 2)
-            row["n_seeds"] = int(min(left["n_seeds"], right["n_seeds"]))
-            rows.append(row)
+            rows.append(_difference_row(objective, name, benchmark, metric, left, right))
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _baseline_deltas(stats: pd.DataFrame, variants: Sequence[str], objectives: Sequence[str]) -> pd.DataFrame:
+    """``<objective>-sft`` rows: each KD objective's accuracy minus the plain-SFT baseline's, per variant."""
+    if BASELINE not in objectives:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS))
+    indexed = stats.set_index(KEY)
+    rows = []
+    for objective in (o for o in objectives if o != BASELINE):
+        for variant in variants:
+            for benchmark, metric in TABLE1_BENCHMARKS.items():
+                left = lookup(indexed, objective, variant, benchmark, metric)
+                right = lookup(indexed, BASELINE, variant, benchmark, metric)
+                if left is None and right is None:
+                    continue
+                name = baseline_name(objective)
+                if left is None or right is None or left["status"] != OK or right["status"] != OK:
+                    rows.append(_empty_row(name, variant, benchmark, metric, MISSING))
+                    continue
+                rows.append(_difference_row(name, variant, benchmark, metric, left, right))
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _difference_row(
+    objective: str, variant: str, benchmark: str, metric: str, left: pd.Series, right: pd.Series
+) -> dict:
+    """left - right; the std as of independent errors (the interval, when there is one, is paired)."""
+    row = _row(objective, variant, benchmark, metric, [0.0])
+    row["mean"] = float(left["mean"] - right["mean"])
+    row["std"] = math.sqrt(left["std"] ** 2 + right["std"] ** 2)
+    row["n_seeds"] = int(min(left["n_seeds"], right["n_seeds"]))
+    return row
+
+
+def _with_intervals(
+    stats: pd.DataFrame, items: Mapping[tuple[str, str], Mapping[str, Items]]
+) -> pd.DataFrame:
+    """Fill ``ci_low``/``ci_high`` of every accuracy difference whose two sides have item scores."""
+    stats = stats.copy()
+    for index, row in stats.iterrows():
+        sides = _sides(row["objective"], row["variant"])
+        benchmarks = INTERVAL_BENCHMARKS.get(row["benchmark"])
+        if sides is None or benchmarks is None or row["status"] != OK:
+            continue
+        left, right = (items.get(side) for side in sides)
+        interval = paired_interval(left, right, benchmarks) if left and right else None
+        if interval is not None:
+            stats.loc[index, ["ci_low", "ci_high"]] = [interval.low, interval.high]
+    return stats
+
+
+def _sides(objective: str, variant: str) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """The (objective, variant) of a difference row's minuend and subtrahend; None for other rows."""
+    if variant in DELTA_VARIANTS:
+        minuend, subtrahend = variant.split("-", 1)
+        return (objective, minuend), (objective, subtrahend)
+    if objective.endswith(f"-{BASELINE}"):
+        return (objective.removesuffix(f"-{BASELINE}"), variant), (BASELINE, variant)
+    return None
 
 
 def lookup(
@@ -295,7 +389,7 @@ def _ordered(stats: pd.DataFrame, variants: Sequence[str], objectives: Sequence[
     )
     order = ranks.sort_values(["objective", "variant", "benchmark", "metric"], kind="stable").index
     table = stats.loc[order, list(TABLE_COLUMNS)].reset_index(drop=True)
-    return table.astype({"mean": float, "std": float, "n_seeds": int})
+    return table.astype({"mean": float, "std": float, "n_seeds": int, "ci_low": float, "ci_high": float})
 
 
 def _seed_sort_key(seed: str) -> tuple[int, float, str]:

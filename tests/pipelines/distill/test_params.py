@@ -85,3 +85,10 @@ def test_the_grid_given_as_names_separated_by_spaces():
     """What `--params 'distill.variants=warmup control,distill.objectives=fkl sft'` gives: strings."""
     params = DistillParams(variants="warmup control", objectives="fkl sft", training=TRAINING)
     assert (params.variants, params.objectives) == (["warmup", "control"], ["fkl", "sft"])
+
+
+def test_seeds_default_to_the_training_seed_and_refuse_a_second_place():
+    assert DistillParams(objectives=["fkl"], training={**TRAINING, "seed": 4}).seeds == [4]
+    assert DistillParams(objectives=["fkl"], training=TRAINING, seeds="0 1").seeds == [0, 1]
+    with pytest.raises(ValidationError, match=r"distill.seeds \(\[0, 1\]\) and distill.training.seed \(4\)"):
+        DistillParams(objectives=["fkl"], training={**TRAINING, "seed": 4}, seeds=[0, 1])

@@ -87,7 +87,7 @@ def test_the_warmup_mismatch_marks_tau_only_for_a_probability_rule():
 
 
 def test_the_kd_curves_node_labels_each_variant():
-    plot = curves_function(["vanilla", "warmup"], "js")
+    plot = curves_function({"vanilla": "vanilla.js", "warmup": "warmup.js"}, "js")
     history = {"history": [{"step": 1, "kd": 0.5}, {"step": 2, "kd": 0.4}]}
     figure = plot(
         _results("vanilla", {}, {"vanilla.js": history}), _results("warmup", {}, {"warmup.js": history})

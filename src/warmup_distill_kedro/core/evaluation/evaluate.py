@@ -2,7 +2,8 @@
 distilled student see the same test examples, seeds and budgets, so that their numbers compare.
 
 `evaluate_model` returns the evaluation JSON the report reads (math exact match, Rouge-L per sampling
-seed, the distribution statistics) and every prediction.
+seed, the distribution statistics, and each test item's score: `items`, what the report's paired intervals
+resample) and every prediction.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def evaluate_model(
 
     `teacher` None: the model is the teacher (no KL to itself; it judges its own samples).
     Returns the metrics (the evaluation JSON the report reads) and every prediction. A benchmark whose
-    task has no test examples is `None`, not zero.
+    task has no test examples is `None`, not zero. `items` holds each test item's score per benchmark
+    (math: 1/0 exact match; instruction: Rouge-L averaged over the sampling seeds), as lists of example
+    ids and scores: the report pairs two models on the same items.
     """
     math = _head(test_examples[test_examples["task"] == "math"], config.math_examples)
     instructions = _head(test_examples[test_examples["task"] != "math"], config.instruction_examples)
@@ -76,11 +79,13 @@ def evaluate_model(
     sampling = config.sampling
     predictions = []
     metrics: dict[str, Any] = {"subject": subject, "variant": variant, "objective": objective}
+    items: dict[str, dict[str, list]] = {}
 
     metrics["math"] = None
     if not math.empty:
         accuracy, rows = math_accuracy(model.model, model.tokenizer, math, sampling, desc=f"math {subject}")
         metrics["math"] = {"exact_match": accuracy, "n_examples": len(math)}
+        items["math"] = _item_scores(rows["example_id"], rows["correct"].astype(float))
         predictions.append(rows.assign(task="math"))
 
     metrics["instruction"] = None
@@ -96,9 +101,12 @@ def evaluate_model(
             "n_seeds": len(values),
             "n_examples": len(instructions),
         }
+        per_item = rows.groupby("example_id", sort=False)["rouge_l"].mean()
+        items["instruction"] = _item_scores(per_item.index, per_item)
         predictions.append(rows.assign(task="instruction"))
 
     metrics["distribution"] = _distribution(model, teacher, test_examples, config, check)
+    metrics["items"] = items
     _log(metrics)
     return metrics, pd.concat(predictions, ignore_index=True)
 
@@ -144,6 +152,10 @@ def _distribution(
             teacher_prob_histogram=probability_histogram(probabilities, config.histogram_bins),
         )
     return statistics
+
+
+def _item_scores(example_ids: Any, scores: Any) -> dict[str, list]:
+    return {"example_ids": [str(i) for i in example_ids], "scores": [float(v) for v in scores]}
 
 
 def _head(examples: pd.DataFrame, n: int | None) -> pd.DataFrame:

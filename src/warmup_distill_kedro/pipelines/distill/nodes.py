@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from warmup_distill_kedro import grid
 from warmup_distill_kedro.core.kd.cache import TeacherTopK, cache_teacher
 from warmup_distill_kedro.core.kd.cell import distill_cell
 from warmup_distill_kedro.core.kd.data import prepare_kd_examples, select_sft_examples
@@ -50,11 +51,14 @@ def cell_function(cell: Cell) -> Callable[..., tuple[Checkpoint, dict[str, Any]]
         params: DistillParams,
         cache: TeacherTopK | None = None,
     ) -> tuple[Checkpoint, dict[str, Any]]:
-        """Distill the teacher into a copy of the cell's starting student with the cell's objective (the
-        teacher read from its cache when the cell is given one)."""
+        """Distill the teacher into a copy of the cell's starting student with the cell's objective and
+        training seed (the teacher read from its cache when the cell is given one)."""
+        seeded = params.model_copy(
+            update={"training": params.training.model_copy(update={"seed": cell.seed})}
+        )
         return distill_cell(
-            teacher, student, examples, validation_examples, params, cell.variant, cell.objective, cache
+            teacher, student, examples, validation_examples, seeded, cell.variant, cell.objective, cache
         )
 
-    distill.__name__ = distill.__qualname__ = f"distill_{cell.variant}_{cell.objective}"
+    distill.__name__ = distill.__qualname__ = grid.node_name("distill", cell.name)
     return distill

@@ -7,7 +7,8 @@ read the same teacher, KD set (`kd_examples`) and `params:distill`, and write
 plain-SFT baseline (objective `sft`) reads `sft_examples`, the gold examples the student has, instead.
 With `distill.teacher_cache.enabled`, node `cache_teacher_logits` runs the teacher once over the KD set and
 the token-level cells read its top-k (`teacher_topk`) instead of running the teacher every step. Run one
-cell with `kedro run --pipeline=distill --namespaces=warmup.fkl`.
+cell with `kedro run --pipeline=distill --namespaces=warmup.fkl`. With several training seeds
+(`distill.seeds`), each seed's run is a namespace inside the cell (`warmup.fkl.seed1`, grid.py).
 """
 
 from kedro.pipeline import Pipeline, node
@@ -68,7 +69,11 @@ def _cell(cell: grid.Cell, reads_cache: bool) -> Pipeline:
                 inputs + (["teacher_topk"] if reads_cache else []),
                 ["student", "distill_metrics"],
                 name=grid.node_name("distill", cell.name),
-                tags=["distill", "training", f"variant.{cell.variant}", f"objective.{cell.objective}"],
+                tags=[
+                    "distill",
+                    "training",
+                    *grid.run_tags(cell.variant, cell.objective, cell.seed if cell.seeded else None),
+                ],
             )
         ]
     )

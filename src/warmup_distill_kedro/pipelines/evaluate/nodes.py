@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from warmup_distill_kedro import grid
 from warmup_distill_kedro.core.evaluation.evaluate import EvaluateConfig, evaluate_model
 from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.grid import Subject
@@ -30,10 +31,14 @@ def student_evaluation(subject: Subject) -> Callable[..., tuple[dict[str, Any], 
         params: EvaluateConfig,
         check: CheckParams,
     ) -> tuple[dict[str, Any], pd.DataFrame]:
-        """The student's scores, and every prediction it made."""
-        return evaluate_model(
+        """The student's scores (with its training seed when the grid has several), and every prediction
+        it made."""
+        metrics, predictions = evaluate_model(
             student, teacher, test_examples, params, check, subject.name, subject.variant, subject.objective
         )
+        if subject.seed is not None:
+            metrics["training_seed"] = subject.seed
+        return metrics, predictions
 
-    evaluate.__name__ = evaluate.__qualname__ = f"evaluate_{subject.name.replace('.', '_')}"
+    evaluate.__name__ = evaluate.__qualname__ = grid.node_name("evaluate", subject.name)
     return evaluate

@@ -33,8 +33,7 @@ def _evaluation(subject: grid.Subject) -> Pipeline:
                 tags=[
                     "evaluate",
                     "evaluation",
-                    f"variant.{subject.variant}",
-                    f"objective.{subject.objective}",
+                    *grid.run_tags(subject.variant, subject.objective, subject.seed),
                 ],
             )
         ]

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from warmup_distill_kedro import grid
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
+from warmup_distill_kedro.reporting.intervals import run_items
 from warmup_distill_kedro.reporting.markdown import (
     compact_markdown,
     explain_section,
@@ -41,7 +42,9 @@ def build_report(
     evaluations = {grid.TEACHER: teacher}
     for variant_results in results:
         evaluations |= variant_results["evaluations"]
-    table = build_table(evaluation_records(evaluations), params.variants, params.objectives)
+    table = build_table(
+        evaluation_records(evaluations), params.variants, params.objectives, run_items(evaluations)
+    )
     for line in summary_lines(table):
         logger.info("report: %s", line)
     return table, render_markdown(table, title=TITLE)
@@ -88,13 +91,14 @@ def plot_warmup_mismatch(vanilla: dict[str, Any], warmup: dict[str, Any], check:
     )
 
 
-def curves_function(variants: Sequence[str], objective: str) -> Callable[..., Figure]:
-    """The KD-curves node for one objective: one results input per variant."""
+def curves_function(runs: Mapping[str, str], objective: str) -> Callable[..., Figure]:
+    """The KD-curves node for one objective: one results input per variant; `runs`: variant -> the cell
+    run whose curves it plots (the first training seed's)."""
 
     def plot_kd_curves(*results: dict[str, Any]) -> Figure:
         metrics = {
-            variant: variant_results["training"][f"{variant}.{objective}"]
-            for variant, variant_results in zip(variants, results, strict=True)
+            variant: variant_results["training"][run]
+            for (variant, run), variant_results in zip(runs.items(), results, strict=True)
         }
         return kd_loss_curves(metrics, objective)
 

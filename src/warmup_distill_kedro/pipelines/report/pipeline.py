@@ -40,7 +40,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
         collectors = [_collector(variant, subjects, cells) for variant in variants]
         report = Pipeline(
-            [*_nodes(variants, grid.variants_of(cells), cells[0].objective), *_explain_nodes(cells)]
+            [*_nodes(variants, grid.variants_of(cells), grid.first_seed(cells)), *_explain_nodes(cells)]
         )
         return Pipeline([*collectors, report], tags=["report"])
 
@@ -64,8 +64,10 @@ def _collector(variant: str, subjects: list[grid.Subject], cells: list[grid.Cell
     return Pipeline([collect])
 
 
-def _nodes(variants: list[str], grid_variants: list[str], first_objective: str) -> list:
+def _nodes(variants: list[str], grid_variants: list[str], first_runs: list[grid.Cell]) -> list:
     results = [grid.results(variant) for variant in variants]
+    first_objective = first_runs[0].objective
+    curves = {c.variant: c.name for c in first_runs if c.objective == first_objective}
     nodes = [
         node(
             build_report,
@@ -76,8 +78,8 @@ def _nodes(variants: list[str], grid_variants: list[str], first_objective: str) 
         node(render_compact, "report_table", "report_compact", name="build_compact_report"),
         node(plot_accuracy, "report_table", "report_accuracy_plot", name="plot_accuracy"),
         node(
-            curves_function(grid_variants, first_objective),
-            [grid.results(variant) for variant in grid_variants],
+            curves_function(curves, first_objective),
+            [grid.results(variant) for variant in curves],
             "report_kd_curves_plot",
             name="plot_kd_curves",
         ),
