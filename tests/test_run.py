@@ -737,3 +737,10 @@ def test_several_training_seeds_train_evaluate_and_report_each_run(project_copy:
     compared, _ = compare_table(f"sqlite:///{project_copy / 'mlflow.db'}", env="test")
     cells = compared.set_index(["objective", "variant", "benchmark"])
     assert cells.loc[("fkl", "warmup", "math"), "n_seeds"] == 2
+    for row in (
+        ("fkl", "warmup-vanilla", "math"),
+        ("fkl-sft", "vanilla", "instruction"),
+    ):  # the same intervals
+        assert cells.loc[row, ["ci_low", "ci_high"]].tolist() == pytest.approx(
+            table.loc[row, ["ci_low", "ci_high"]].tolist()
+        ), row

@@ -34,6 +34,7 @@ from warmup_distill_kedro.tracking import (
     CONFIG_TAG,
     DEFAULT_EXPERIMENT_NAME,
     ENV_TAG,
+    ITEMS_ARTIFACT,
     SEED_PARAM,
     SEED_TAG,
     config_fingerprint,
@@ -104,6 +105,9 @@ class Selection:
     other_groups: list[RunGroup]
     # column (variant, or the teacher) -> the parent runs its values come from: (run id, run name)
     sources: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # (objective, variant) -> seed -> benchmark -> item scores: what the differences' intervals resample
+    items: dict = field(default_factory=dict)
+    runs_without_items: int = 0
 
 
 class MixedRunsError(ValueError):
@@ -158,7 +162,38 @@ def select_runs(
     rows = [row for run, seed in latest for row in _run_rows(run, seed)]
     records = _records_frame(rows)
     others = [g for g in groups if g is not group]
-    return Selection(records, group, others, _sources(latest, by_id))
+    items, without = _logged_items(tracking_uri, latest)
+    return Selection(records, group, others, _sources(latest, by_id), items, without)
+
+
+def _logged_items(tracking_uri: str, latest: list[tuple[Run, str]]) -> tuple[dict, int]:
+    """Each evaluated run's item scores (the artifact the MLflow hook logs beside its metrics), keyed as
+    `reporting.intervals.run_items` keys them, the seed being the run's; and how many runs had none
+    (evaluated before the artifact existed)."""
+    import json
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from warmup_distill_kedro.reporting.intervals import run_items
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    evaluations, without = {}, 0
+    with tempfile.TemporaryDirectory() as folder:
+        for run, seed in latest:
+            try:
+                path = client.download_artifacts(run.info.run_id, ITEMS_ARTIFACT, folder)
+            except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+                without += 1
+                continue
+            tags = run.data.tags
+            evaluations[f"{run.info.run_id}/{seed}"] = {
+                "objective": tags.get(OBJECTIVE_TAG),
+                "variant": tags.get(VARIANT_TAG),
+                "training_seed": seed,
+                "items": json.loads(Path(path).read_text()),
+            }
+    return run_items(evaluations), without
 
 
 def runs_records(
@@ -379,7 +414,7 @@ def comparison_of(
         variants = _ordered_names(records["variant"], VARIANT_ORDER, exclude={TEACHER, *DELTA_VARIANTS})
     if objectives is None:
         objectives = _ordered_names(records["objective"], OBJECTIVE_ORDER, exclude={TEACHER, BEFORE_KD})
-    table = build_table(records, variants, objectives)
+    table = build_table(records, variants, objectives, selection.items)
     n_runs = len(set(records["seed"]))
     title = f"Warmup-Distill comparison: experiment {experiment!r}, {n_runs} training seed(s)"
     markdown = render_markdown(table, title=title, seed_kind="training")
@@ -400,6 +435,12 @@ def _runs_section(selection: Selection, columns: Sequence[str]) -> str:
     for column in columns:
         runs = ", ".join(f"{run_id} ({name})" for run_id, name in selection.sources[column])
         lines.append(f"- {column}: {runs}")
+    if selection.runs_without_items:
+        lines += [
+            "",
+            f"{selection.runs_without_items} evaluated run(s) have no item scores ({ITEMS_ARTIFACT}: evaluated "
+            "before they were logged): differences that involve them show mean ± std, not an interval.",
+        ]
     if selection.other_groups:
         lines += ["", "Other groups in the store, not pooled with these (choose with --env / --config):", ""]
         lines += [f"- {group.describe()}" for group in selection.other_groups]

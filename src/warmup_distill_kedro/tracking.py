@@ -40,6 +40,9 @@ SEED_TAG = "seed"
 # `distill.training.seed` is the seed of a run that does not set them.
 SEED_PARAM = "distill.training.seed"
 SEEDS_PARAM = "distill.seeds"
+# An evaluated run's test-item scores (the evaluation JSON's `items`), logged beside its metrics so that
+# `kedro compare` gives its differences the report's paired intervals.
+ITEMS_ARTIFACT = "evaluation_items.json"
 DB_FILENAME = "mlflow.db"
 ARTIFACTS_DIRNAME = "mlruns"
 

@@ -67,6 +67,7 @@ from warmup_distill_kedro.core.training.context import set_metrics_sink
 from warmup_distill_kedro.tracking import (
     CONFIG_TAG,
     ENV_TAG,
+    ITEMS_ARTIFACT,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     MAX_TAG_VALUE_LENGTH,
@@ -664,6 +665,8 @@ class MLflowTrackingHook:
             if isinstance(evaluation.get(field), str):
                 self._client.set_tag(producer, f"{EVALUATION_PREFIX}.{field}", evaluation[field])
         self._client.set_tag(producer, f"{EVALUATION_PREFIX}.parent_run_id", self.parent_run_id)
+        if isinstance(evaluation.get("items"), Mapping):
+            self._client.log_dict(producer, dict(evaluation["items"]), ITEMS_ARTIFACT)
 
     def _producer_run(self, dataset_name: str, version: str) -> str | None:
         """The child run (else the parent run) tagged ``version.save.<dataset_name>`` = ``version``."""
