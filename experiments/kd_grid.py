@@ -62,7 +62,8 @@ def main() -> None:
         distill = {
             "variants": args.variants,
             "objectives": args.objectives,
-            "training": {"max_steps": steps, "seed": seed, "eval_every": max(1, steps // 3)},
+            "seeds": [seed],  # one seed per session: the cells keep their plain names (vanilla.fkl)
+            "training": {"max_steps": steps, "eval_every": max(1, steps // 3)},
         }
         for setting in args.set:
             _set_dotted(distill, setting)

@@ -668,7 +668,7 @@ def test_runs_of_one_configuration_share_their_config_tag(project_copy: Path) ->
     """Whatever pipelines run (Kedro validates, and fills in defaults for, only theirs) and whatever seed:
     `kedro compare` pools runs by this tag."""
     _run(project_copy, ["data"])
-    _run(project_copy, ["data", "bootstrap"], distill={"training": {"seed": 1}})
+    _run(project_copy, ["data", "bootstrap"], distill={"seeds": [1]})
     _run(project_copy, ["data"], data={"split": {"validation_fraction": 0.2}})
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("warmup-distill")
@@ -677,7 +677,7 @@ def test_runs_of_one_configuration_share_their_config_tag(project_copy: Path) ->
     ]
     by_name = {r.info.run_name: r.data.tags for r in parents}
     first = by_name["data · test · vanilla+warmup × fkl+js · seed 0"]
-    seed_one = by_name["data+bootstrap · test · distill.training.seed=1"]
+    seed_one = by_name["data+bootstrap · test · distill.seeds=[1]"]
     other = by_name["data · test · data.split.validation_fraction=0.2 · seed 0"]
     assert first["config"] == seed_one["config"] != other["config"]
     assert (first["seed"], seed_one["seed"]) == ("0", "1")
@@ -730,7 +730,8 @@ def test_several_training_seeds_train_evaluate_and_report_each_run(project_copy:
     ):
         low, mean, high = table.loc[row, ["ci_low", "mean", "ci_high"]]
         assert low <= mean <= high, row
-    assert "paired bootstrap" in _latest(reporting / "report.md").read_text()
+    report = _latest(reporting / "report.md").read_text()
+    assert "paired bootstrap" in report and "KD cells: mean ± std over 2 training seeds (0, 1)" in report
 
     from warmup_distill_kedro.compare import compare_table
 

@@ -228,6 +228,13 @@ def _merged(described: Mapping[str, str]) -> list[tuple[str, str]]:
 
 
 def _seed_line(table: pd.DataFrame, seed_kind: str | None) -> str:
+    training: Sequence[int] = table.attrs.get("training_seeds", [])
+    if len(training) > 1:  # a grid of several training seeds in one run
+        return (
+            f"Seeds: KD cells: mean ± std over {len(training)} training seeds ({', '.join(map(str, training))}), "
+            "each run's ROUGE-L the mean over its sampling seeds; teacher and students before KD (one model "
+            "each): math greedy, ROUGE-L mean ± std over the sampling seeds"
+        )
     seeds: Mapping[str, Sequence[str]] = table.attrs.get("seeds", {})
     if seed_kind is None:
         seed_kind = "sampling" if list(seeds.get(MATH, [])) == [GREEDY_SEED] else "training"
@@ -295,6 +302,12 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
     -0.4 (2 of 3); before KD -3.1``. The mean is over the KD objectives; before KD is the starting gap."""
     _check_table(table)
     lines = []
+    baseline_rows = table[table["objective"].str.endswith("-sft") & (table["benchmark"] == MATH)]
+    for variant, rows in baseline_rows.groupby("variant", sort=False):
+        items = [
+            f"{_signed_points(row)} ({row['objective'].removesuffix('-sft')})" for _, row in rows.iterrows()
+        ]
+        lines.append(f"objective - sft on {variant}, math (points): " + ", ".join(items))
     for delta in _delta_variants(table):
         minuend, subtrahend = delta.split("-", 1)
         for benchmark in (AVERAGE, MATH, INSTRUCTION):
@@ -318,7 +331,8 @@ def summary_lines(table: pd.DataFrame) -> list[str]:
 
 
 def _signed_points(row: pd.Series) -> str:
-    return f"{row['mean'] * 100:+.1f}" if row["status"] == OK else str(row["status"])
+    """``+1.2``, or ``+1.2 [+0.3, +2.1] *`` with its interval (the mark: it excludes 0)."""
+    return _format_value(row, "exact_match", signed=True)
 
 
 # --------------------------------------------------------------------------------------------- explain

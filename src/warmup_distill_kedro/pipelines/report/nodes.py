@@ -45,6 +45,7 @@ def build_report(
     table = build_table(
         evaluation_records(evaluations), params.variants, params.objectives, run_items(evaluations)
     )
+    table.attrs["training_seeds"] = params.seeds
     for line in summary_lines(table):
         logger.info("report: %s", line)
     return table, render_markdown(table, title=TITLE)
