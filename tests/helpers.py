@@ -386,7 +386,7 @@ def explain_records(
     """Token records of `subject` (`<variant>.<objective>`) in core.evaluation.explain's columns, one per
     value, at positions 0, 1, ...: a quarter of each KL on the teacher's top token, the rest on the rest."""
     n = len(kl)
-    variant, objective = subject.split(".")
+    variant, objective = subject.split(".")[:2] if "." in subject else (subject, subject)
     return pd.DataFrame(
         {
             "subject": subject, "variant": variant, "objective": objective,
@@ -403,14 +403,18 @@ EXPLAIN_CLASSES = ["digit", "digit", "operator", "word", "eos"]
 EXPLAIN_TASKS = ["math", "math", "math", "instruction", "instruction"]
 
 
+def uniform_explain_records(subject: str, kl: float) -> pd.DataFrame:
+    """Records of a subject whose every token has the KL `kl` (NLL twice that; NaN: no KL, another
+    tokenizer)."""
+    return explain_records(
+        subject, [kl] * 5, [2 * kl if kl == kl else 1.0] * 5, EXPLAIN_CLASSES, EXPLAIN_TASKS
+    )
+
+
 def explain_changes_table(kl: Mapping[str, float], pairs: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """The explain pipeline's `explain_changes` for subjects whose every token has the KL `kl[subject]`
-    (NLL twice that; NaN: no KL, another tokenizer), compared as (before, after) `pairs`."""
-    records = [
-        explain_records(subject, [value] * 5, [2 * value if value == value else 1.0] * 5,
-                        EXPLAIN_CLASSES, EXPLAIN_TASKS)
-        for subject, value in kl.items()
-    ]  # fmt: skip
+    """The report's `explain_changes` for subjects whose every token has the KL `kl[subject]`, compared
+    as (before, after) `pairs`."""
+    records = [uniform_explain_records(subject, value) for subject, value in kl.items()]
     return changes(group_means(records), pairs)
 
 

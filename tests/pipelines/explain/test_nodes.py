@@ -12,8 +12,8 @@ from warmup_distill_kedro.pipelines.explain.nodes import (
     explain_rejected_tokens,
     explain_teacher,
     student_explanation,
-    summary_function,
 )
+from warmup_distill_kedro.pipelines.report.nodes import explain_summary_function
 
 
 def test_the_teacher_is_its_own_reference(teacher, splits, evaluate_params, explain_params):
@@ -34,9 +34,12 @@ def test_a_students_node_explains_its_subject_and_the_summary_compares_it(
     assert set(after_records["variant"]) == {"warmup"} and set(after_records["objective"]) == {"fkl"}
     assert (after_records["kl"] > 0).all()
 
-    summarize = summary_function([("warmup.before_kd", "warmup.fkl")])
-    table, changed, metrics = summarize(before_records, after_records)
-    assert set(table["subject"]) == {"warmup.before_kd", "warmup.fkl"}
+    # The report summarises them from the teacher's records and the variant's results.
+    summarize = explain_summary_function([("warmup.before_kd", "warmup.fkl")])
+    teacher_records = explain_teacher(teacher, splits[2], explain_params, evaluate_params)
+    results = {"explain": {"warmup.before_kd": before_records, "warmup.fkl": after_records}}
+    table, changed, metrics = summarize(teacher_records, results)
+    assert set(table["subject"]) == {"teacher", "warmup.before_kd", "warmup.fkl"}
     change = after_records["nll"].mean() - before_records["nll"].mean()
     assert metrics["warmup.fkl"]["delta_nll"] == pytest.approx(change, rel=1e-5)
     assert set(changed["comparison"]) == {"warmup.fkl"}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from tests.helpers import evaluation, explain_changes_table, markdown_rows, row, run_pipeline
+from tests.helpers import evaluation, markdown_rows, row, run_pipeline, uniform_explain_records
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
 from warmup_distill_kedro.pipelines.report.pipeline import create_pipeline
@@ -34,6 +34,7 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
         "plot_warmup_mismatch",
         "plot_explain_fkl",
         "plot_explain_warmup",
+        "summarize_explain",
         "add_explain_section",
     }
     exact_match = {
@@ -65,21 +66,17 @@ def test_the_table_markdown_and_plots_of_a_grid(use_grid):
                 variants=["vanilla", "warmup"], objectives=["fkl"], training=TRAINING
             ),
             "params:check": CheckParams(tau=0.1),
-            "explain_changes": explain_changes_table(
-                {
+            **{
+                f"{subject}.explain_tokens": uniform_explain_records(subject, kl)
+                for subject, kl in {
+                    "teacher": 0.0,
                     "vanilla.before_kd": 0.4,
                     "vanilla.fkl": 0.1,
                     "warmup.before_kd": 0.3,
                     "control.before_kd": 0.35,
                     "warmup.fkl": 0.05,
-                },
-                [
-                    ("vanilla.before_kd", "vanilla.fkl"),
-                    ("warmup.before_kd", "warmup.fkl"),
-                    ("vanilla.before_kd", "warmup.before_kd"),
-                    ("vanilla.before_kd", "control.before_kd"),
-                ],
-            ),  # fmt: skip
+                }.items()
+            },
             "explain_rejected": pd.DataFrame(
                 {
                     "token_class": ["digit", "operator", "eos", "formatting", "word"],
@@ -128,7 +125,8 @@ def test_without_warmup_in_the_grid_there_is_no_mismatch_plot(use_grid):
     assert {"plot_explain_fkl", "plot_explain_js"} <= {n.name for n in pipeline.nodes}
     subjects = ("vanilla.before_kd", "vanilla.fkl", "vanilla.js")
     assert pipeline.inputs() == {
-        "explain_changes",  # no explain_rejected: warmup is not in the grid
+        # no explain_rejected: warmup is not in the grid
+        *(f"{s}.explain_tokens" for s in ("teacher", *subjects)),
         "params:distill",
         "teacher.evaluation_metrics",
         *(f"{s}.evaluation_metrics" for s in subjects),

@@ -1,18 +1,15 @@
-"""Nodes of the `explain` pipeline: per-token records of every model, and what KD and warmup moved."""
+"""Nodes of the `explain` pipeline: per-token records of every model, and the classes of the rejected tokens
+(the report pipeline summarises them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import pandas as pd
 
 from warmup_distill_kedro.core.evaluation.evaluate import EvaluateConfig
 from warmup_distill_kedro.core.evaluation.explain import (
     ExplainConfig,
-    changes,
-    group_means,
-    headline,
     rejected_token_classes,
     token_records,
 )
@@ -51,20 +48,6 @@ def student_explanation(subject: Subject) -> Callable[..., pd.DataFrame]:
 
     explain.__name__ = explain.__qualname__ = f"explain_{subject.name.replace('.', '_')}"
     return explain
-
-
-def summary_function(
-    comparisons: Sequence[tuple[str, str]],
-) -> Callable[..., tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
-    """The node that averages every subject's records and takes after - before for `comparisons`."""
-
-    def summarize_explanations(*records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-        """Means by token class / position / task, their changes, and each change over every token."""
-        table = group_means(records)
-        changed = changes(table, comparisons)
-        return table, changed, headline(changed)
-
-    return summarize_explanations
 
 
 def explain_rejected_tokens(corrected_set: pd.DataFrame, student: Checkpoint) -> pd.DataFrame:

@@ -1,16 +1,16 @@
 """The explain pipeline: what distillation moved, token by token, for every model of the flow
-(grid.subjects), on the held-out gold responses the evaluate stage scores (core/evaluation/explain.py).
+(grid.subjects, one training run per cell: the first seed's), on the held-out gold responses the evaluate
+stage scores (core/evaluation/explain.py).
 
-Node `<subject>.explain_<subject>` (grid.node_name) writes `<subject>.explain_tokens` (one record per gold token). `summarize_explain`
-averages them by token class, position and task (`explain_table`) and takes after - before
-(`explain_changes`) for each cell against its variant's student before KD and, with warmup in the grid,
-for the students before KD against the vanilla one; `explain_metrics` holds each change over every token.
-With vanilla and warmup in the grid, `explain_rejected_tokens` reads which token classes the check stage
-rejected in the corrected set (`explain_rejected`). The report pipeline plots and tabulates these.
-Nodes tagged `mlflow_artifacts` have their outputs logged as artifacts of the MLflow run.
+Node `<subject>.explain_<subject>` (grid.node_name) writes `<subject>.explain_tokens` (one record per gold
+token). With vanilla and warmup in the grid, `explain_rejected_tokens` reads which token classes the check
+stage rejected in the corrected set (`explain_rejected`). The report pipeline gathers each variant's
+records with its results and summarises them (`summarize_explain`: means by token class, position and
+task, `explain_table`; after - before for each cell against its variant's student before KD and, with
+warmup in the grid, for the students before KD against the vanilla one, `explain_changes`; each change over
+every token, `explain_metrics`), then plots and tabulates them. Nodes tagged `mlflow_artifacts` have their
+outputs logged as artifacts of the MLflow run.
 """
-
-import warnings
 
 from kedro.pipeline import Pipeline, node
 
@@ -19,36 +19,17 @@ from warmup_distill_kedro.pipelines.explain.nodes import (
     explain_rejected_tokens,
     explain_teacher,
     student_explanation,
-    summary_function,
 )
 
 _SHARED = ["test_examples", "params:explain", "params:evaluate"]
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    # What KD moved is read on one training run per cell: the first seed's (the report pools every seed).
-    cells = grid.first_seed(grid.cells())
-    subjects = grid.subjects(cells)
-    per_subject = sum((_explanation(subject) for subject in subjects), Pipeline([]))
-    with warnings.catch_warnings():
-        # The summary reads every subject's records by their full names (`warmup.fkl.explain_tokens`);
-        # Kedro warns about any dotted name outside a namespace.
-        warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
-        return Pipeline([per_subject, _summary(cells, subjects)], tags=["explain"])
-
-
-def _summary(cells: list[grid.Cell], subjects: list[grid.Subject]) -> Pipeline:
-    summary = [
-        node(
-            summary_function(comparisons(cells)),
-            [f"{subject.name}.explain_tokens" for subject in subjects],
-            ["explain_table", "explain_changes", "explain_metrics"],
-            name="summarize_explain",
-            tags=["mlflow_artifacts"],
-        )
-    ]
+    cells = explained_cells()
+    per_subject = sum((_explanation(subject) for subject in grid.subjects(cells)), Pipeline([]))
+    rejected = []
     if compares_warmup(cells):
-        summary.append(
+        rejected.append(
             node(
                 explain_rejected_tokens,
                 ["corrected_set", grid.STARTING_CHECKPOINTS["vanilla"]],
@@ -57,7 +38,12 @@ def _summary(cells: list[grid.Cell], subjects: list[grid.Subject]) -> Pipeline:
                 tags=["mlflow_artifacts"],
             )
         )
-    return Pipeline(summary)
+    return Pipeline([per_subject, *rejected], tags=["explain"])
+
+
+def explained_cells() -> list[grid.Cell]:
+    """What KD moved is read on one training run per cell: the first seed's (the report pools every seed)."""
+    return grid.first_seed(grid.cells())
 
 
 def compares_warmup(cells: list[grid.Cell]) -> bool:

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from warmup_distill_kedro import grid
+from warmup_distill_kedro.core.evaluation.explain import changes, group_means, headline
 from warmup_distill_kedro.pipelines.check.params import CheckParams
 from warmup_distill_kedro.pipelines.distill.params import DistillParams
 from warmup_distill_kedro.reporting.intervals import run_items
@@ -51,20 +52,43 @@ def build_report(
     return table, render_markdown(table, title=TITLE)
 
 
-def collect_function(subjects: Sequence[str], cells: Sequence[str]) -> Callable[..., dict[str, Any]]:
-    """A variant's collect node: its subjects' evaluations, then their predictions, then its cells'
-    training metrics, gathered by name (`<variant>.results`)."""
+def collect_function(
+    subjects: Sequence[str], cells: Sequence[str], explained: Sequence[str] = ()
+) -> Callable[..., dict[str, Any]]:
+    """A variant's collect node: its subjects' evaluations, then their predictions, then its cells' training
+    metrics, then the explain records of its `explained` subjects, gathered by name (`<variant>.results`)."""
+    n_subjects, n_cells = len(subjects), len(cells)
 
     def collect(*inputs: Any) -> dict[str, Any]:
-        evaluations, predictions = inputs[: len(subjects)], inputs[len(subjects) : 2 * len(subjects)]
-        training = inputs[2 * len(subjects) :]
+        evaluations, predictions = inputs[:n_subjects], inputs[n_subjects : 2 * n_subjects]
+        training = inputs[2 * n_subjects : 2 * n_subjects + n_cells]
+        explain = inputs[2 * n_subjects + n_cells :]
         return {
             "evaluations": dict(zip(subjects, evaluations, strict=True)),
             "predictions": {s: prediction_summary(p) for s, p in zip(subjects, predictions, strict=True)},
             "training": dict(zip(cells, training, strict=True)),
+            "explain": dict(zip(explained, explain, strict=True)),
         }
 
     return collect
+
+
+def explain_summary_function(
+    comparisons: Sequence[tuple[str, str]],
+) -> Callable[..., tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]]:
+    """The node that summarises the explain records, the teacher's and each variant's (from its results):
+    means by token class / position / task, their changes for `comparisons` (before, after), and each
+    change over every token."""
+
+    def summarize_explain(
+        teacher: pd.DataFrame, *results: dict[str, Any]
+    ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        records = [teacher, *(r for variant in results for r in variant["explain"].values())]
+        table = group_means(records)
+        changed = changes(table, comparisons)
+        return table, changed, headline(changed)
+
+    return summarize_explain
 
 
 def prediction_summary(predictions: pd.DataFrame) -> dict[str, Any]:

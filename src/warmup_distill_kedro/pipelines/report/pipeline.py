@@ -12,13 +12,14 @@ import warnings
 from kedro.pipeline import Pipeline, node
 
 from warmup_distill_kedro import grid
-from warmup_distill_kedro.pipelines.explain.pipeline import compares_warmup
+from warmup_distill_kedro.pipelines.explain.pipeline import compares_warmup, comparisons, explained_cells
 from warmup_distill_kedro.pipelines.report.nodes import (
     build_report,
     collect_function,
     curves_function,
     explain_plot_function,
     explain_section_function,
+    explain_summary_function,
     plot_accuracy,
     plot_explain_warmup,
     plot_warmup_mismatch,
@@ -33,29 +34,39 @@ REPORT_TABLES = "report_tables_markdown"
 def create_pipeline(**kwargs) -> Pipeline:
     cells = grid.cells()
     subjects = grid.subjects(cells)
+    explained = [s.name for s in grid.subjects(explained_cells())]
     variants = grid.starting_variants(cells)
     with warnings.catch_warnings():
-        # The report reads the teacher's evaluation by its full name (`teacher.evaluation_metrics`); Kedro
-        # warns about any dotted name outside a namespace.
+        # The report reads the teacher's evaluation and explain records by their full names
+        # (`teacher.evaluation_metrics`); Kedro warns about any dotted name outside a namespace.
         warnings.filterwarnings("ignore", message="One or more dataset names contain '.'")
-        collectors = [_collector(variant, subjects, cells) for variant in variants]
+        collectors = [_collector(variant, subjects, cells, explained) for variant in variants]
         report = Pipeline(
-            [*_nodes(variants, grid.variants_of(cells), grid.first_seed(cells)), *_explain_nodes(cells)]
+            [
+                *_nodes(variants, grid.variants_of(cells), grid.first_seed(cells)),
+                _explain_summary(explained_cells(), variants),
+                *_explain_nodes(cells),
+            ]
         )
         return Pipeline([*collectors, report], tags=["report"])
 
 
-def _collector(variant: str, subjects: list[grid.Subject], cells: list[grid.Cell]) -> Pipeline:
-    """`<variant>.collect_<variant>`: the variant's evaluations, predictions and training metrics."""
+def _collector(
+    variant: str, subjects: list[grid.Subject], cells: list[grid.Cell], explained: list[str]
+) -> Pipeline:
+    """`<variant>.collect_<variant>`: the variant's evaluations, predictions, training metrics and explain
+    records (of its `explained` subjects)."""
     own_subjects = [s.name for s in subjects if s.variant == variant]
     own_cells = [c.name for c in cells if c.variant == variant]
+    own_explained = [s for s in explained if s.split(".")[0] == variant]
     inputs = [
         *(f"{s}.evaluation_metrics" for s in own_subjects),
         *(f"{s}.predictions" for s in own_subjects),
         *(f"{c}.distill_metrics" for c in own_cells),
+        *(f"{s}.explain_tokens" for s in own_explained),
     ]
     collect = node(
-        collect_function(own_subjects, own_cells),
+        collect_function(own_subjects, own_cells, own_explained),
         inputs,
         grid.results(variant),
         name=grid.node_name("collect", variant),
@@ -94,6 +105,17 @@ def _nodes(variants: list[str], grid_variants: list[str], first_runs: list[grid.
             )
         )
     return nodes
+
+
+def _explain_summary(explained: list[grid.Cell], variants: list[str]):
+    """`summarize_explain`: the explain records of the teacher and of every variant (from its results)."""
+    return node(
+        explain_summary_function(comparisons(explained)),
+        [f"{grid.TEACHER}.explain_tokens", *(grid.results(variant) for variant in variants)],
+        ["explain_table", "explain_changes", "explain_metrics"],
+        name="summarize_explain",
+        tags=["mlflow_artifacts"],
+    )
 
 
 def _explain_nodes(cells: list[grid.Cell]) -> list:
