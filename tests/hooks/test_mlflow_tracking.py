@@ -28,6 +28,7 @@ from warmup_distill_kedro.hooks.mlflow_tracking import (
     TrackingStoreError,
     child_run_name,
     evaluation_summary,
+    node_run_tags,
     parent_run_name,
 )
 from warmup_distill_kedro.tracking import (
@@ -323,6 +324,12 @@ def test_child_run_names_carry_the_cell_and_the_seed():
     cell = node(train, ["raw", "params:training"], "out", name="distill_vanilla_fkl", namespace="vanilla.fkl",
                 tags=["distill", "training", "variant.vanilla", "objective.fkl"])  # fmt: skip
     assert child_run_name(cell, "test", "1") == "vanilla.fkl.distill · test · seed 1"
+    # One run of a grid of several seeds: its seed (from its node's tag) where the run list shows it.
+    seeded = node(train, ["raw", "params:training"], "out", name="distill_vanilla_fkl_seed2",
+                  namespace="vanilla.fkl.seed2", tags=["distill", "training", "variant.vanilla", "objective.fkl",
+                                                       "seed.2"])  # fmt: skip
+    assert child_run_name(seeded, "test", "0 1 2") == "vanilla.fkl.seed2.distill · test"
+    assert node_run_tags(seeded)["seed"] == "2" and node_run_tags(seeded)["stage"] == "distill"
     other = node(train, ["raw", "params:training"], "out", name="sft_teacher", tags=["bootstrap", "training"])
     assert child_run_name(other, "local", None) == "sft_teacher · local"
 

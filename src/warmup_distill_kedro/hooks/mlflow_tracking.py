@@ -263,9 +263,16 @@ def parent_run_name(
 
 def child_run_name(node: Node, env: str, seed: str | None) -> str:
     """``vanilla.fkl.distill · test · seed 0`` for a grid cell, ``sft_teacher · test`` for other nodes: the
-    cell and stage read from the node's tags, the seed only where it is the cell's training seed."""
+    cell and stage read from the node's tags, the seed only where it is the cell's training seed. A run of a
+    grid of several seeds has its seed in front, ``vanilla.fkl.seed1.distill · test``: MLflow's run list
+    shows about the first 20 characters of a name, and the seed is what tells those runs apart."""
     tags = node_run_tags(node)
     if "variant" in tags and "objective" in tags:
+        if SEED_TAG in tags:  # the node's own seed: one run of several
+            label = (
+                f"{tags['variant']}.{tags['objective']}.seed{tags[SEED_TAG]}.{tags.get('stage', node.name)}"
+            )
+            return RUN_NAME_SEPARATOR.join([label, env])
         label = f"{tags['variant']}.{tags['objective']}.{tags.get('stage', node.name)}"
         return RUN_NAME_SEPARATOR.join([label, env, *([f"seed {seed}"] if seed is not None else [])])
     return RUN_NAME_SEPARATOR.join([node.name, env])
