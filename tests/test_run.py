@@ -706,7 +706,7 @@ def test_several_training_seeds_train_evaluate_and_report_each_run(project_copy:
     found = mlflow.search_runs(experiment_names=["warmup-distill"], output_format="list")
     distill_runs = {r.info.run_name: r for r in found if r.data.tags.get("stage") == "distill"}
     assert set(distill_runs) == {
-        f"{v}.{o}.distill · test · seed {s}"
+        f"{v}.{o}.seed{s}.distill · test"
         for v in ("vanilla", "warmup")
         for o in ("fkl", "sft")
         for s in (0, 1)
