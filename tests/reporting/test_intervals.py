@@ -12,6 +12,7 @@ import pytest
 
 from warmup_distill_kedro.reporting.intervals import paired_interval, run_items
 from warmup_distill_kedro.reporting.markdown import compact_markdown, render_markdown
+from warmup_distill_kedro.reporting.plots import accuracy_by_objective
 from warmup_distill_kedro.reporting.records import evaluation_records
 from warmup_distill_kedro.reporting.table import build_table
 
@@ -135,3 +136,8 @@ def test_the_report_table_carries_intervals_and_marks_what_they_resolve():
     # warmup = vanilla item by item: a zero difference, not marked
     warmup_cell = compact.split("| fkl ")[1].splitlines()[0]
     assert warmup_cell.rstrip(" |").endswith("+0.0 [+0.0, +0.0]")
+
+    # The accuracy plot draws the accuracies, not the difference rows.
+    figure = accuracy_by_objective(table)
+    labels = [label.get_text() for label in figure.axes[0].get_xticklabels()]
+    assert "fkl" in " ".join(labels) and not any("-sft" in label for label in labels)

@@ -27,6 +27,7 @@ from warmup_distill_kedro.reporting.table import (
     TABLE1_BENCHMARKS,
     TABLE_COLUMNS,
     TEACHER,
+    is_difference,
 )
 
 # The training KD term of a cell's history, by preference: DSKD cells log the student-space term.
@@ -63,7 +64,8 @@ def accuracy_by_objective(table: pd.DataFrame) -> Figure:
     if not benchmarks:
         raise ValueError("table: no math, instruction or average rows to plot (field 'benchmark')")
     variants = [v for v in table["variant"].unique() if v != TEACHER and v not in DELTA_VARIANTS]
-    objectives = [o for o in table["objective"].unique() if o != TEACHER]
+    # Accuracies only: the differences (`fkl-sft` rows) are the table's, not bars beside the accuracies.
+    objectives = [o for o in table["objective"].unique() if o != TEACHER and not is_difference(o, "")]
     width = min(ACCURACY_MAX_WIDTH, max(6.0, 0.7 * len(objectives) * max(len(variants), 1) + 2.0))
     figure, axes = _figure(width, ACCURACY_PANEL_HEIGHT * len(benchmarks), nrows=len(benchmarks))
     bar = 0.8 / max(len(variants), 1)
