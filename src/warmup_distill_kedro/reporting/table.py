@@ -71,8 +71,13 @@ def delta_name(minuend: str, subtrahend: str) -> str:
 DELTA_VARIANTS = tuple(delta_name(a, b) for a, b in DELTA_PAIRS)
 # Every KD objective is also reported against the plain-SFT baseline of the same variant, when the grid has it.
 BASELINE = "sft"
-# The benchmarks whose items an interval resamples, per table benchmark.
-INTERVAL_BENCHMARKS = {MATH: (MATH,), INSTRUCTION: (INSTRUCTION,), AVERAGE: (MATH, INSTRUCTION)}
+# The benchmarks whose items an interval resamples, per (benchmark, metric) of the table: the item scores
+# are those of the accuracy metrics (math exact match, Rouge-L), and the average is theirs.
+INTERVAL_BENCHMARKS = {
+    (MATH, "exact_match"): (MATH,),
+    (INSTRUCTION, "rouge_l"): (INSTRUCTION,),
+    (AVERAGE, SCORE): (MATH, INSTRUCTION),
+}
 
 
 def baseline_name(objective: str) -> str:
@@ -341,7 +346,7 @@ def _with_intervals(
     stats = stats.copy()
     for index, row in stats.iterrows():
         sides = _sides(row["objective"], row["variant"])
-        benchmarks = INTERVAL_BENCHMARKS.get(row["benchmark"])
+        benchmarks = INTERVAL_BENCHMARKS.get((row["benchmark"], row["metric"]))
         if sides is None or benchmarks is None or row["status"] != OK:
             continue
         left, right = (items.get(side) for side in sides)
