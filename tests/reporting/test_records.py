@@ -90,3 +90,13 @@ def test_two_entries_with_the_same_subject_are_refused():
     }
     with pytest.raises(ValueError, match=r"evaluation 'b': subject 'vanilla.fkl' is also the subject of 'a'"):
         evaluation_records(twice)
+
+
+def test_the_flexible_math_score_is_a_record_beside_the_strict_one():
+    measured = evaluation("vanilla.fkl", "vanilla", "fkl", exact_match=0.2)
+    measured["math"]["flexible_match"] = 0.35
+    records = evaluation_records({"a": measured, "older": evaluation("teacher", "teacher", "teacher")})
+    math_records = records[records["benchmark"] == "math"].set_index(["subject", "metric"])["value"]
+    assert math_records[("vanilla.fkl", "exact_match")] == 0.2
+    assert math_records[("vanilla.fkl", "flexible_match")] == 0.35
+    assert ("teacher", "flexible_match") not in math_records.index  # an evaluation without it: no record

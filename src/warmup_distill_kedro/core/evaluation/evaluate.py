@@ -1,8 +1,8 @@
 """Every model of the flow measured the same way: the teacher, the students before distillation and every
 distilled student see the same test examples, seeds and budgets, so that their numbers compare.
 
-`evaluate_model` returns the evaluation JSON the report reads (math exact match, Rouge-L per sampling
-seed, the distribution statistics) and every prediction.
+`evaluate_model` returns the evaluation JSON the report reads (math exact match, strict and flexible,
+Rouge-L per sampling seed, the distribution statistics) and every prediction.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocab
 from warmup_distill_kedro.core.warmup.check import CheckConfig
 
 logger = logging.getLogger(__name__)
+
+# Which math score the report's headline is: the strict `#### N` match, the format the flow trains on
+# (the flexible one, the response's last number, is reported beside it).
+MATH_HEADLINE = "exact_match"
 
 
 class EvaluateConfig(BaseModel):
@@ -80,7 +84,12 @@ def evaluate_model(
     metrics["math"] = None
     if not math.empty:
         accuracy, rows = math_accuracy(model.model, model.tokenizer, math, sampling, desc=f"math {subject}")
-        metrics["math"] = {"exact_match": accuracy, "n_examples": len(math)}
+        metrics["math"] = {
+            "exact_match": accuracy,  # strict: the `#### N` line
+            "flexible_match": float(rows["correct_flexible"].mean()),  # the response's last number
+            "headline": MATH_HEADLINE,
+            "n_examples": len(math),
+        }
         predictions.append(rows.assign(task="math"))
 
     metrics["instruction"] = None
@@ -155,7 +164,9 @@ def _log(metrics: dict[str, Any]) -> None:
     logger.info(
         "evaluate %s: math %s, Rouge-L %s, rejected share %s",
         metrics["subject"],
-        f"{100 * math['exact_match']:.1f}%" if math else "-",
+        f"{100 * math['exact_match']:.1f}% (last number {100 * math['flexible_match']:.1f}%)"
+        if math
+        else "-",
         f"{100 * instruction['rouge_l']:.1f} ± {100 * instruction['rouge_l_std']:.1f}"
         if instruction
         else "-",
