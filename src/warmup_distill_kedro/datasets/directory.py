@@ -218,7 +218,7 @@ class CheckpointDataset(AtomicDirectoryDataset):
     def save(self, data: Checkpoint | AlreadyConverted) -> None:
         if isinstance(data, AlreadyConverted):  # the latest version already holds these weights
             logger.info(
-                "%s: already converted from the same file; keeping version %s",
+                "%s: its latest version %s already holds these weights (same source); nothing saved",
                 self,
                 data.metadata.get("catalog_version"),
             )

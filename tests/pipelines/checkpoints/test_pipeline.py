@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -53,6 +54,12 @@ def test_a_local_folder_is_converted_once_and_a_student_cut_once(project_copy: P
 
     _run(project_copy, source)  # the same source: nothing converted or cut again
     assert len(version_folders(converted)) == len(version_folders(cut)) == 1
+    # MLflow names the version the run's output is: the one kept, not a version that was never written.
+    (latest_parent,) = mlflow.search_runs(
+        experiment_names=["warmup-distill"], filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )  # fmt: skip
+    assert latest_parent.data.tags["version.save.smollm2_checkpoint"] == version_folders(converted)[0].name
 
     save_checkpoint(
         tiny_checkpoint(bpe_tokenizer(MATH_CORPUS), size=FOUR_LAYERS, seed=1), project_copy / "other"
