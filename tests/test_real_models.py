@@ -18,6 +18,7 @@ import torch
 from warmup_distill_kedro.core.generation.config import SamplingConfig
 from warmup_distill_kedro.core.generation.sampling import generate
 from warmup_distill_kedro.core.models import conversion, layers, modeling, sources
+from warmup_distill_kedro.core.models.chat import end_of_turn_id, render_prompts
 from warmup_distill_kedro.core.models.modeling import load_checkpoint, save_checkpoint
 
 CACHE = Path(os.environ.get("WARMUP_DISTILL_CACHE", Path.home() / ".cache" / "warmup-distill-kedro"))
@@ -61,17 +62,18 @@ def test_smollm2_is_converted_with_its_provenance(smollm2):
 
 def test_smollm2_answers_greedily_through_the_project_code(smollm2):
     tokenizer = smollm2.tokenizer
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, tokenize=False
-    )
+    question = "Question: What is 2+3?\nAnswer:"  # the table's plain prompt, rendered by its template
+    (prompt,) = render_prompts(tokenizer, [question], "chat", "prompt_format")
+    assert prompt.endswith("<|im_start|>user\nQuestion: What is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert end_of_turn_id(tokenizer, "chat") == tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         logits = smollm2.model(**ids).logits
     assert logits.shape == (1, ids["input_ids"].shape[1], 49_152)
     assert torch.isfinite(logits).all()
 
-    config = SamplingConfig(max_new_tokens=16, show_progress=False)
-    (answer,) = generate(smollm2.model, tokenizer, [prompt], config)
+    config = SamplingConfig(max_new_tokens=16, show_progress=False, prompt_format="chat")
+    (answer,) = generate(smollm2.model, tokenizer, [question], config)
     assert answer.finished  # stopped at <|im_end|>, the end of its turn
     assert "5" in answer.text, answer.text
 

@@ -22,6 +22,7 @@ from warmup_distill_kedro.core.evaluation.generated import (
 from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
 from warmup_distill_kedro.core.evaluation.metrics import probability_histogram
 from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.models.chat import require_chat_template
 from warmup_distill_kedro.core.models.encoding import PromptOverflowParameter, encode_examples
 from warmup_distill_kedro.core.models.modeling import Checkpoint, count_parameters
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
@@ -77,6 +78,9 @@ def evaluate_model(
     instructions = _head(test_examples[test_examples["task"] != "math"], config.instruction_examples)
     if math.empty and instructions.empty:
         raise ValueError("evaluate: test_examples has no rows to evaluate")
+    if config.sampling.prompt_format == "chat":  # before any generation, for the model and its judge
+        for checkpoint in (model, teacher) if teacher is not None else (model,):
+            require_chat_template(checkpoint.tokenizer, "evaluate.sampling.prompt_format")
     sampling = config.sampling
     predictions = []
     metrics: dict[str, Any] = {"subject": subject, "variant": variant, "objective": objective}
@@ -126,6 +130,7 @@ def _distribution(
         test_examples.head(config.heldout_examples),
         config.max_length,
         config.prompt_overflow,
+        config.sampling.prompt_format,
     )
     shares_vocabulary = teacher is not None and vocabulary_fingerprint(
         teacher.tokenizer

@@ -142,6 +142,7 @@ def sampled_token_check(
         check,
         show_progress=sampling.show_progress,
         across_processes=across_processes,
+        prompt_format=sampling.prompt_format,
     )
     flags = np.concatenate([c.flags for c in checked]) if checked else np.zeros(0, dtype=bool)
     if flags.size == 0:
