@@ -173,3 +173,76 @@ def test_evaluation_in_chat_runs_every_measure_in_the_template_and_refuses_a_bas
         UserInputError, match=r"^evaluate\.sampling\.prompt_format: chat, but .* no chat template"
     ):
         evaluate_model(student, base, test, config, CheckConfig(), "s", "vanilla", "fkl")
+
+
+# -- the KD examples and every distill cell in the template --------------------------------------------------
+def _distill_config(prompt_format: str, mode: str = "sequence_kd"):
+    from warmup_distill_kedro.core.kd.cell import DistillConfig
+
+    sampling = {"max_new_tokens": 6, "show_progress": False, "prompt_format": prompt_format}
+    training = {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-3, "show_progress": False}
+    return DistillConfig(
+        max_length=192, validation_examples=4, data={"mode": mode, "max_examples": 4, "sampling": sampling},
+        training=training,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", ["fkl", "dskd", "sft"])
+def test_kd_examples_are_written_and_distilled_in_chat(chat_tokenizer, objective):
+    from tests.helpers import tiny_splits
+    from warmup_distill_kedro.core.kd.cell import distill_cell
+    from warmup_distill_kedro.core.kd.data import prepare_kd_examples
+
+    student, teacher = _chat_checkpoint(chat_tokenizer, 0), _chat_checkpoint(chat_tokenizer, 1)
+    train, validation, _ = tiny_splits(math_examples=20, instruction_examples=4)
+    config = _distill_config("chat")
+    examples = prepare_kd_examples(teacher, train, config.data)
+    assert set(examples["prompt_format"]) == {"chat"}
+    assert not any(r.startswith(" ") for r in examples["response"])  # no separator: the turn opened already
+    distilled, metrics = distill_cell(teacher, student, examples, validation, config, "vanilla", objective)
+    assert metrics["steps"] == distilled.metadata["steps"] == 1
+    assert distilled.metadata["params"]["data"]["sampling"]["prompt_format"] == "chat"
+
+
+def test_kd_examples_of_another_format_or_a_base_model_are_refused(chat_tokenizer):
+    from tests.helpers import tiny_checkpoint, tiny_splits
+    from warmup_distill_kedro.core.kd.cell import distill_cell
+    from warmup_distill_kedro.core.kd.data import prepare_kd_examples
+
+    student, teacher = _chat_checkpoint(chat_tokenizer, 0), _chat_checkpoint(chat_tokenizer, 1)
+    train, validation, _ = tiny_splits(math_examples=20, instruction_examples=4)
+    examples = prepare_kd_examples(teacher, train, _distill_config("plain", "off_policy").data)
+    with pytest.raises(
+        UserInputError, match=r"prompt_format is chat but the KD examples were prepared in \['plain'\]"
+    ):
+        distill_cell(
+            teacher, student, examples, validation, _distill_config("chat", "off_policy"), "vanilla", "fkl"
+        )
+    base = tiny_checkpoint(bpe_tokenizer(MATH_CORPUS))
+    with pytest.raises(
+        UserInputError, match=r"^distill\.data\.sampling\.prompt_format: chat, but .* no chat template"
+    ):
+        prepare_kd_examples(base, train, _distill_config("chat").data)
+
+
+def test_the_teacher_cache_of_chat_examples_is_what_a_chat_cell_reads(chat_tokenizer):
+    import torch
+
+    from tests.helpers import tiny_splits
+    from warmup_distill_kedro.core.kd.cache import TeacherCacheConfig, cache_teacher
+    from warmup_distill_kedro.core.kd.data import prepare_kd_examples
+
+    teacher = _chat_checkpoint(chat_tokenizer, 1)
+    train, _, _ = tiny_splits(math_examples=20, instruction_examples=4)
+    examples = prepare_kd_examples(teacher, train, _distill_config("chat").data)
+    cache = cache_teacher(
+        teacher, examples, TeacherCacheConfig(top_k=4, show_progress=False), 1.0, 192, "error"
+    )
+    encoded, _ = encode_examples(chat_tokenizer, examples, 192, prompt_format="chat")
+    for i, example in enumerate(encoded):
+        ids, logprobs, _ = cache.rows(i)
+        positions = [p for p, label in enumerate(example.labels[1:]) if label != IGNORE_INDEX]
+        assert ids.shape[0] == len(positions)
+        with torch.no_grad():
+            logits = teacher.model(torch.tensor([example.input_ids])).logits[0].float()
+        assert torch.equal(ids[:, 0].long(), logits[positions].argmax(-1))  # the cache's top-1, in chat

@@ -85,7 +85,9 @@ def encode_pairs(
     prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     encoded = [
-        _assemble(p_ids, r_ids + ([eos_id] if end else []), max_length, prompt, prompt_overflow)
+        _assemble(
+            p_ids, r_ids + ([eos_id] if end else []), max_length, prompt, prompt_overflow, prompt_format
+        )
         for p_ids, r_ids, end, prompt in zip(prompt_ids, response_ids, ends, prompts, strict=True)
     ]
     report = EncodingReport(
@@ -95,13 +97,19 @@ def encode_pairs(
 
 
 def _assemble(
-    prompt_ids: list[int], response_ids: list[int], max_length: int, prompt: str, overflow: PromptOverflow
+    prompt_ids: list[int],
+    response_ids: list[int],
+    max_length: int,
+    prompt: str,
+    overflow: PromptOverflow,
+    prompt_format: PromptFormat = "plain",
 ) -> EncodedExample:
     prompt_truncated = len(prompt_ids) >= max_length
     if prompt_truncated:
         if overflow != "keep_end":
+            rendered = " in its chat template" if prompt_format == "chat" else ""
             raise UserInputError(
-                f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}: {prompt[:80]!r}... "
+                f"prompt of {len(prompt_ids)} tokens{rendered} does not fit max_length {max_length}: {prompt[:80]!r}... "
                 "Raise the stage's max_length, or set its prompt_overflow to keep_end (keeps the prompt's "
                 f"last {PROMPT_KEEP_SHARE:.0%} of max_length tokens, and counts it)."
             )
