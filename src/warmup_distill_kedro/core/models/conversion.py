@@ -54,12 +54,9 @@ def checkpoint_from_gguf(path: str | Path, parameter: str) -> Checkpoint:
         if handle.read(4) != GGUF_MAGIC:
             raise UserInputError(f"{parameter}: {path} is not a GGUF file (it does not start with 'GGUF')")
     folder, name = str(path.parent), path.name
-    try:
+    try:  # transformers refuses an architecture it has no mapping for with a ValueError
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (
-        ValueError,
-        KeyError,
-    ) as error:  # transformers: "GGUF model with architecture X is not supported yet."
+    except (ValueError, KeyError) as error:
         raise UserInputError(
             f"{parameter}: {path}: transformers cannot load this GGUF file: {error}"
         ) from error

