@@ -546,6 +546,8 @@ def _expected_report(
         math = evaluation["math"]["exact_match"]
         rouge = list(evaluation["instruction"]["rouge_l_per_seed"].values())
         expected[(*cell, "math", "exact_match")] = (math, 0.0, 1)
+        if "flexible_match" in evaluation["math"]:  # the last number of the response: beside, not averaged
+            expected[(*cell, "math", "flexible_match")] = (evaluation["math"]["flexible_match"], 0.0, 1)
         expected[(*cell, "instruction", "rouge_l")] = (np.mean(rouge), np.std(rouge, ddof=1), len(rouge))
         expected[(*cell, "average", "score")] = ((math + np.mean(rouge)) / 2, np.std(rouge, ddof=1) / 2, 1)
         for metric, value in evaluation["distribution"].items():
@@ -721,12 +723,13 @@ def test_several_training_seeds_train_evaluate_and_report_each_run(project_copy:
     )
     assert evaluation["training_seed"] == 1 and evaluation["subject"] == "warmup.fkl.seed1"
     assert len(evaluation["items"]["math"]["scores"]) == evaluation["math"]["n_examples"]
-    table = pd.read_csv(_latest(reporting / "report.csv")).set_index(["objective", "variant", "benchmark"])
-    assert table.loc[("fkl", "vanilla", "math"), "n_seeds"] == 2
+    keys = ["objective", "variant", "benchmark", "metric"]
+    table = pd.read_csv(_latest(reporting / "report.csv")).set_index(keys)
+    assert table.loc[("fkl", "vanilla", "math", "exact_match"), "n_seeds"] == 2
     for row in (
-        ("fkl", "warmup-vanilla", "math"),
-        ("fkl-sft", "warmup", "math"),
-        ("fkl-sft", "vanilla", "average"),
+        ("fkl", "warmup-vanilla", "math", "exact_match"),
+        ("fkl-sft", "warmup", "math", "exact_match"),
+        ("fkl-sft", "vanilla", "average", "score"),
     ):
         low, mean, high = table.loc[row, ["ci_low", "mean", "ci_high"]]
         assert low <= mean <= high, row
@@ -736,11 +739,11 @@ def test_several_training_seeds_train_evaluate_and_report_each_run(project_copy:
     from warmup_distill_kedro.compare import compare_table
 
     compared, _ = compare_table(f"sqlite:///{project_copy / 'mlflow.db'}", env="test")
-    cells = compared.set_index(["objective", "variant", "benchmark"])
-    assert cells.loc[("fkl", "warmup", "math"), "n_seeds"] == 2
+    cells = compared.set_index(keys)
+    assert cells.loc[("fkl", "warmup", "math", "exact_match"), "n_seeds"] == 2
     for row in (
-        ("fkl", "warmup-vanilla", "math"),
-        ("fkl-sft", "vanilla", "instruction"),
+        ("fkl", "warmup-vanilla", "math", "exact_match"),
+        ("fkl-sft", "vanilla", "instruction", "rouge_l"),
     ):  # the same intervals
         assert cells.loc[row, ["ci_low", "ci_high"]].tolist() == pytest.approx(
             table.loc[row, ["ci_low", "ci_high"]].tolist()

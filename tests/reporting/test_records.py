@@ -103,3 +103,13 @@ def test_a_run_of_a_seeded_cell_is_one_record_per_metric_under_its_training_seed
     assert records.loc[("math", "exact_match"), "value"] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="'training_seed' must be an integer"):
         evaluation_records({"x": {**seeded, "training_seed": "2"}})
+
+
+def test_the_flexible_math_score_is_a_record_beside_the_strict_one():
+    measured = evaluation("vanilla.fkl", "vanilla", "fkl", exact_match=0.2)
+    measured["math"]["flexible_match"] = 0.35
+    records = evaluation_records({"a": measured, "older": evaluation("teacher", "teacher", "teacher")})
+    math_records = records[records["benchmark"] == "math"].set_index(["subject", "metric"])["value"]
+    assert math_records[("vanilla.fkl", "exact_match")] == 0.2
+    assert math_records[("vanilla.fkl", "flexible_match")] == 0.35
+    assert ("teacher", "flexible_match") not in math_records.index  # an evaluation without it: no record

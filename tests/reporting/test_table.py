@@ -144,3 +144,15 @@ def test_a_control_student_outside_the_grid_is_a_reference_row_only(evaluations)
     assert delta["mean"] == pytest.approx(0.28 - 0.31) and delta["status"] == "ok"
     assert table[(table["objective"] == "fkl") & table["variant"].isin(["control", "warmup-control"])].empty
     assert "warmup/akl" in render_markdown(table)  # the grid's own missing cell is still reported
+
+
+def test_the_flexible_math_score_is_a_percent_row_outside_the_average(evaluations):
+    for name, score in (("vanilla.fkl", 0.55), ("warmup.fkl", 0.6)):
+        evaluations[name]["math"]["flexible_match"] = score
+    table = build_table(evaluation_records(evaluations), VARIANTS, OBJECTIVES)
+    assert row(table, "fkl", "vanilla", "math", "flexible_match")["mean"] == pytest.approx(0.55)
+    assert row(table, "fkl", "warmup-vanilla", "math", "flexible_match")["mean"] == pytest.approx(0.05)
+    strict_rows = table[(table["benchmark"] == "math") & (table["objective"] == "fkl")]
+    assert strict_rows["metric"].tolist()[:2] == ["exact_match", "flexible_match"]
+    # The headline average stays the strict score's: (0.40 + 0.51) / 2, as without the flexible one.
+    assert row(table, "fkl", "vanilla", "average", "score")["mean"] == pytest.approx((0.40 + 0.51) / 2)

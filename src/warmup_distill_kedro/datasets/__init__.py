@@ -12,6 +12,7 @@ from warmup_distill_kedro.datasets.directory import (
     COMPLETE_MARKER,
     AtomicDirectoryDataset,
     CheckpointDataset,
+    CheckpointMetadataDataset,
     TokenizerDataset,
 )
 from warmup_distill_kedro.datasets.report import ReportMarkdownDataset
@@ -26,6 +27,7 @@ __all__ = [
     "AtomicParquetDataset",
     "AtomicTextDataset",
     "CheckpointDataset",
+    "CheckpointMetadataDataset",
     "ReportMarkdownDataset",
     "TeacherTopKDataset",
     "TokenizerDataset",

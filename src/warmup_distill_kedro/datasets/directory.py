@@ -26,6 +26,7 @@ Local filesystem only: the atomic rename needs the temporary and the final folde
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -33,14 +34,27 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, get_protocol_and_path
+from kedro.io.core import (
+    AbstractVersionedDataset,
+    DatasetError,
+    Version,
+    VersionNotFoundError,
+    get_protocol_and_path,
+)
 from transformers import PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.durable import fsync_dir, fsync_tree
-from warmup_distill_kedro.core.models.modeling import Checkpoint, load_checkpoint, save_checkpoint
+from warmup_distill_kedro.core.models.conversion import AlreadyConverted
+from warmup_distill_kedro.core.models.modeling import (
+    METADATA_FILE,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from warmup_distill_kedro.core.models.tokenization import load_tokenizer, save_tokenizer
 
 COMPLETE_MARKER = ".complete"
+logger = logging.getLogger(__name__)
 
 
 def is_complete(folder: str | os.PathLike[str]) -> bool:
@@ -201,6 +215,16 @@ class CheckpointDataset(AtomicDirectoryDataset):
     LOAD_ARGS = frozenset({"dtype"})
     SAVE_ARGS = frozenset()
 
+    def save(self, data: Checkpoint | AlreadyConverted) -> None:
+        if isinstance(data, AlreadyConverted):  # the latest version already holds these weights
+            logger.info(
+                "%s: its latest version %s already holds these weights (same source); nothing saved",
+                self,
+                data.metadata.get("catalog_version"),
+            )
+            return
+        super().save(data)
+
     def _write(self, data: Checkpoint, folder: Path, **save_args: Any) -> None:
         if not isinstance(data, Checkpoint):
             raise DatasetError(f"{self}: expected a Checkpoint, got {type(data).__name__}")
@@ -228,3 +252,29 @@ class TokenizerDataset(AtomicDirectoryDataset):
 
     def _read(self, folder: Path, **load_args: Any) -> PreTrainedTokenizerBase:
         return load_tokenizer(folder)
+
+
+class CheckpointMetadataDataset(AtomicDirectoryDataset):
+    """Read-only: the `checkpoint_meta.json` of the latest complete version of a versioned checkpoint folder
+    (`filepath` as the checkpoint's entry has it), `{}` when there is none yet. What a node reads to decide
+    that a conversion was already made, without loading the weights."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(filepath=filepath, version=Version(None, None), metadata=metadata)
+
+    def load(self) -> dict[str, Any]:
+        try:
+            if not super()._exists():
+                return {}
+        except VersionNotFoundError:
+            return {}
+        folder = Path(self._get_load_path())
+        meta_file = folder / METADATA_FILE
+        found = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        return {**found, "catalog_version": self.resolve_load_version()}
+
+    def save(self, data: Any) -> None:
+        raise DatasetError(f"{self}: read-only (the checkpoint's own entry writes this folder)")
+
+    def _exists(self) -> bool:
+        return True  # no conversion yet is an answer too: `{}`

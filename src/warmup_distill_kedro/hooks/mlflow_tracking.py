@@ -62,6 +62,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pydantic import BaseModel, ValidationError
 
 from warmup_distill_kedro import grid
+from warmup_distill_kedro.core.models.conversion import AlreadyConverted
 from warmup_distill_kedro.core.processes import is_main_process, process_rank_and_count
 from warmup_distill_kedro.core.training.context import set_metrics_sink
 from warmup_distill_kedro.tracking import (
@@ -551,6 +552,8 @@ class MLflowTrackingHook:
         if ARTIFACTS_TAG in node.tags:
             self._best_effort(f"log {dataset_name!r} as an artifact", self._log_artifact, dataset_name, data)
         version = self._dataset_version(dataset_name, "save")
+        if isinstance(data, AlreadyConverted):  # nothing was written: the run's output is the kept version
+            version = data.metadata.get("catalog_version")
         if version is None:
             return
         key = sanitize_key(f"version.save.{dataset_name}")

@@ -89,6 +89,9 @@ def _measurements(name: str, evaluation: Mapping[str, Any]) -> list[dict[str, An
     if math_block is not None:
         value = _number(name, f"{MATH}.exact_match", math_block.get("exact_match"))
         out.append(_measurement(MATH, "exact_match", GREEDY_SEED, value))
+        if math_block.get("flexible_match") is not None:  # evaluations before it have none
+            flexible = _number(name, f"{MATH}.flexible_match", math_block["flexible_match"])
+            out.append(_measurement(MATH, "flexible_match", GREEDY_SEED, flexible))
     instruction = _block(name, evaluation, INSTRUCTION)
     if instruction is not None:
         per_seed = instruction.get("rouge_l_per_seed")

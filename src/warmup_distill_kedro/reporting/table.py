@@ -38,7 +38,7 @@ SCORE = "score"
 ACCURACY_METRICS = {MATH: "exact_match", INSTRUCTION: "rouge_l"}
 TABLE1_BENCHMARKS = {**ACCURACY_METRICS, AVERAGE: SCORE}
 DISTRIBUTION_SHOWN = ("heldout_kl", "rejected_share", "heldout_entropy", "heldout_nll")
-PERCENT_METRICS = {"exact_match", "rouge_l", SCORE, "rejected_share"}
+PERCENT_METRICS = {"exact_match", "flexible_match", "rouge_l", SCORE, "rejected_share"}
 
 OK = "ok"
 MISSING = "missing"
@@ -51,6 +51,7 @@ DELTA_PAIRS = (("warmup", "vanilla"), ("warmup", "control"))
 BENCHMARK_ORDER = (MATH, INSTRUCTION, AVERAGE, DISTRIBUTION)
 METRIC_ORDER = (
     "exact_match",
+    "flexible_match",  # math: the response's last number (core/tasks/answers.py); not in the average
     "rouge_l",
     SCORE,
     "heldout_nll",

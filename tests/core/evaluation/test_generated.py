@@ -145,3 +145,21 @@ def _teacher_probabilities(teacher, teacher_tokenizer, prompts, generations) -> 
         for t, token in enumerate(response_ids):
             probabilities.append(float(logprobs[len(prompt_ids) - 1 + t, token].exp()))
     return np.asarray(probabilities)
+
+
+def test_math_accuracy_scores_strictly_and_flexibly():
+    from tests.helpers import MATH_CORPUS, answering_model
+    from warmup_distill_kedro.core.evaluation.generated import math_accuracy
+
+    tok = bpe_tokenizer(MATH_CORPUS + ["The answer is so"])
+    prompts = {"Question: 2+3?\nAnswer:": " 2 + 3 = 5\n#### 5", "Question: 4+4?\nAnswer:": " 4 + 4 = 8 so 8"}
+    prompts["Question: 9-1?\nAnswer:"] = " 9 - 1 = 7"
+    model = answering_model(tok, prompts)
+    examples = pd.DataFrame(
+        {"example_id": ["a", "b", "c"], "prompt": list(prompts), "answer": ["5", "8", "8"]}
+    )
+    sampling = SAMPLING.model_copy(update={"max_new_tokens": 32})
+    accuracy, rows = math_accuracy(model, tok, examples, sampling, across_processes=False)
+    assert rows["correct"].tolist() == [True, False, False]  # only the `#### N` line counts
+    assert rows["correct_flexible"].tolist() == [True, True, False]  # the last number counts
+    assert accuracy == pytest.approx(1 / 3)

@@ -63,11 +63,13 @@ def _scored() -> pd.DataFrame:
 def scripted_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
     """The teacher's corrections and its scores of them, as ROLLOUTS says (no model runs)."""
 
-    def correct_rollouts(teacher, tokenizer, rollouts, checked, config, across_processes=False):
+    def correct_rollouts(
+        teacher, tokenizer, rollouts, checked, config, across_processes=False, prompt_format="plain"
+    ):
         assert [c.first_flag for c in checked] == [2, -1, 0, 3]  # read back from the table
         return [rollout["correction"] for rollout in ROLLOUTS]
 
-    def teacher_mean_logprobs(teacher, pairs, config):
+    def teacher_mean_logprobs(teacher, pairs, config, prompt_format="plain"):
         return [CHOSEN_MEAN_LOGP[prompt] for prompt in pairs["prompt"]]
 
     monkeypatch.setattr(corrected_set, "correct_rollouts", correct_rollouts)

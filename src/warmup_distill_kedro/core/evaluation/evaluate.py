@@ -1,9 +1,9 @@
 """Every model of the flow measured the same way: the teacher, the students before distillation and every
 distilled student see the same test examples, seeds and budgets, so that their numbers compare.
 
-`evaluate_model` returns the evaluation JSON the report reads (math exact match, Rouge-L per sampling
-seed, the distribution statistics, and each test item's score: `items`, what the report's paired intervals
-resample) and every prediction.
+`evaluate_model` returns the evaluation JSON the report reads (math exact match, strict and flexible,
+Rouge-L per sampling seed, the distribution statistics, and each test item's score: `items`, what the
+report's paired intervals resample) and every prediction.
 """
 
 from __future__ import annotations
@@ -23,12 +23,17 @@ from warmup_distill_kedro.core.evaluation.generated import (
 from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
 from warmup_distill_kedro.core.evaluation.metrics import probability_histogram
 from warmup_distill_kedro.core.generation.config import SamplingConfig
+from warmup_distill_kedro.core.models.chat import require_chat_template
 from warmup_distill_kedro.core.models.encoding import PromptOverflowParameter, encode_examples
 from warmup_distill_kedro.core.models.modeling import Checkpoint, count_parameters
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
 from warmup_distill_kedro.core.warmup.check import CheckConfig
 
 logger = logging.getLogger(__name__)
+
+# Which math score the report's headline is: the strict `#### N` match, the format the flow trains on
+# (the flexible one, the response's last number, is reported beside it).
+MATH_HEADLINE = "exact_match"
 
 
 class EvaluateConfig(BaseModel):
@@ -76,6 +81,9 @@ def evaluate_model(
     instructions = _head(test_examples[test_examples["task"] != "math"], config.instruction_examples)
     if math.empty and instructions.empty:
         raise ValueError("evaluate: test_examples has no rows to evaluate")
+    if config.sampling.prompt_format == "chat":  # before any generation, for the model and its judge
+        for checkpoint in (model, teacher) if teacher is not None else (model,):
+            require_chat_template(checkpoint.tokenizer, "evaluate.sampling.prompt_format")
     sampling = config.sampling
     predictions = []
     metrics: dict[str, Any] = {"subject": subject, "variant": variant, "objective": objective}
@@ -84,7 +92,12 @@ def evaluate_model(
     metrics["math"] = None
     if not math.empty:
         accuracy, rows = math_accuracy(model.model, model.tokenizer, math, sampling, desc=f"math {subject}")
-        metrics["math"] = {"exact_match": accuracy, "n_examples": len(math)}
+        metrics["math"] = {
+            "exact_match": accuracy,  # strict: the `#### N` line
+            "flexible_match": float(rows["correct_flexible"].mean()),  # the response's last number
+            "headline": MATH_HEADLINE,
+            "n_examples": len(math),
+        }
         items["math"] = _item_scores(rows["example_id"], rows["correct"].astype(float))
         predictions.append(rows.assign(task="math"))
 
@@ -125,6 +138,7 @@ def _distribution(
         test_examples.head(config.heldout_examples),
         config.max_length,
         config.prompt_overflow,
+        config.sampling.prompt_format,
     )
     shares_vocabulary = teacher is not None and vocabulary_fingerprint(
         teacher.tokenizer
@@ -167,7 +181,9 @@ def _log(metrics: dict[str, Any]) -> None:
     logger.info(
         "evaluate %s: math %s, Rouge-L %s, rejected share %s",
         metrics["subject"],
-        f"{100 * math['exact_match']:.1f}%" if math else "-",
+        f"{100 * math['exact_match']:.1f}% (last number {100 * math['flexible_match']:.1f}%)"
+        if math
+        else "-",
         f"{100 * instruction['rouge_l']:.1f} ± {100 * instruction['rouge_l_std']:.1f}"
         if instruction
         else "-",

@@ -165,7 +165,9 @@ def token_records(
     if gold.empty:
         raise ValueError("explain: test_examples has no rows to explain")
     tokenizer = model.tokenizer
-    encoded, _ = encode_examples(tokenizer, gold, evaluate.max_length, evaluate.prompt_overflow)
+    encoded, _ = encode_examples(
+        tokenizer, gold, evaluate.max_length, evaluate.prompt_overflow, evaluate.sampling.prompt_format
+    )
     shares_vocabulary = vocabulary_fingerprint(teacher.tokenizer) == vocabulary_fingerprint(tokenizer)
     if not shares_vocabulary:
         logger.info(

@@ -1,6 +1,8 @@
 """Evaluation of a model on held-out examples: what it generates, scored.
 
-* ``math_accuracy``: exact match of the final ``#### N`` under greedy decoding.
+* ``math_accuracy``: exact match of the final ``#### N`` under greedy decoding (strict), and of the last
+  number of the response (flexible, in the rows' ``correct_flexible``), as lm-evaluation-harness scores
+  GSM8K (core/tasks/answers.py).
 * ``instruction_rouge``: Rouge-L of sampled responses, one mean per sampling seed.
 * ``sampled_token_check``: the share of the model's sampled tokens the teacher's check rule rejects.
 
@@ -23,7 +25,7 @@ from warmup_distill_kedro.core.evaluation.metrics import rouge_l
 from warmup_distill_kedro.core.generation.config import SamplingConfig
 from warmup_distill_kedro.core.generation.sampling import generate
 from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
-from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR, math_exact_match
+from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR, math_exact_match, math_flexible_match
 from warmup_distill_kedro.core.warmup.check import CheckConfig, Rollout, check_rollouts, token_char_starts
 
 
@@ -35,7 +37,8 @@ def math_accuracy(
     desc: str = "math eval",
     across_processes: bool = True,
 ) -> tuple[float, pd.DataFrame]:
-    """Exact match of the final `#### N` answer under greedy decoding; returns the rate and the rows."""
+    """Exact match of the final `#### N` answer under greedy decoding; returns the rate and the rows, whose
+    `correct` is that strict match and `correct_flexible` the match of the response's last number."""
     if examples.empty:
         raise ValueError("no math examples to evaluate")
     greedy = sampling.model_copy(update={"do_sample": False})
@@ -45,9 +48,9 @@ def math_accuracy(
     predictions = examples[["example_id", "prompt", "answer"]].copy()
     predictions["prediction"] = [g.text for g in generations]
     predictions["finished"] = [g.finished for g in generations]
-    predictions["correct"] = [
-        math_exact_match(g.text, answer) for g, answer in zip(generations, examples["answer"], strict=True)
-    ]
+    pairs = list(zip(predictions["prediction"], examples["answer"], strict=True))
+    predictions["correct"] = [math_exact_match(text, answer) for text, answer in pairs]
+    predictions["correct_flexible"] = [math_flexible_match(text, answer) for text, answer in pairs]
     return float(predictions["correct"].mean()), predictions
 
 
@@ -139,6 +142,7 @@ def sampled_token_check(
         check,
         show_progress=sampling.show_progress,
         across_processes=across_processes,
+        prompt_format=sampling.prompt_format,
     )
     flags = np.concatenate([c.flags for c in checked]) if checked else np.zeros(0, dtype=bool)
     if flags.size == 0:

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from warmup_distill_kedro.core.models.chat import PromptFormatParameter
+
 VLLM_MISSING = (
     "needs the vllm package, which is not installed: pip install '.[vllm]' (on a machine with a GPU), "
     "or set backend: transformers"
@@ -49,6 +51,7 @@ class SamplingConfig(BaseModel):
     batch_size: int = Field(64, gt=0, description="transformers: sequences per generate call")
     seed: int = 0
     show_progress: bool = True
+    prompt_format: PromptFormatParameter = "plain"
     backend: SamplingBackend = Field(
         "transformers",
         description="transformers (the model in memory) | vllm (an engine on the model's checkpoint folder)",

@@ -24,9 +24,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.errors import UserInputError
 from warmup_distill_kedro.core.generation.config import Generation, SamplingConfig
 from warmup_distill_kedro.core.generation.mixed import TeacherMix
 from warmup_distill_kedro.core.generation.vllm_backend import require_backend, vllm_generate
+from warmup_distill_kedro.core.models.chat import end_of_turn_id, render_prompts
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.processes import gather_in_order, is_main_process, process_share
 
@@ -41,12 +43,14 @@ def generate(
     desc: str = "generate",
     across_processes: bool = False,
 ) -> list[Generation]:
-    """Continue each prompt text; results come back in the order of `prompts`.
+    """Continue each prompt text; results come back in the order of `prompts`. With
+    `config.prompt_format` chat, each prompt is rendered with the tokenizer's chat template first.
 
     `across_processes`: see `generate_from_ids`.
     """
     _check_backend(config, desc)  # before tokenizing: a backend that cannot run fails before any work
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rendered = render_prompts(tokenizer, prompts, config.prompt_format, f"{desc}: prompt_format")
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in rendered]
     return generate_from_ids(
         model, tokenizer, prompt_ids, config, desc=desc, across_processes=across_processes
     )
@@ -63,6 +67,9 @@ def generate_from_ids(
     teacher_mix: TeacherMix | None = None,
 ) -> list[Generation]:
     """Continue each prompt (token ids); results come back in the order of `prompt_ids`.
+
+    A response ends at EOS, or with `config.prompt_format` chat at the template's end-of-turn token
+    (`finished`, `eos_logprob` and the cut are about that token).
 
     `teacher_mix`: sample from alpha p + (1 - alpha) q, p the teacher's distribution (MiniLLM; mixed.py);
     the logprobs returned are still the model's own, log q.
@@ -82,12 +89,15 @@ def generate_from_ids(
     """
     _check_backend(config, desc)
     if config.backend == "vllm":
+        if config.prompt_format == "chat":
+            raise UserInputError(f"{desc}: prompt_format chat runs on backend transformers, not vllm yet")
         if teacher_mix is not None:
             raise ValueError(
                 f"{desc}: sampling mixed with the teacher runs on backend transformers, not vllm"
             )
         return vllm_generate(model, tokenizer, prompt_ids, config, desc)
-    eos_id, pad_id = eos_and_pad_ids(tokenizer)
+    _, pad_id = eos_and_pad_ids(tokenizer)
+    eos_id = end_of_turn_id(tokenizer, config.prompt_format)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 
 from warmup_distill_kedro.core.kd.divergences import LOG_FLOOR, per_position
 from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_metrics, response_positions
+from warmup_distill_kedro.core.models.chat import table_prompt_format
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample, collate, encode_examples
 from warmup_distill_kedro.core.models.modeling import Checkpoint, weights_digest
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
@@ -178,7 +179,9 @@ def cache_teacher(
 ) -> TeacherTopK:
     """The cache of a KD set: its examples encoded as the cells encode them (the tokenizers are the same:
     token-level objectives refuse others), the teacher run once over them."""
-    encoded, _ = encode_examples(teacher.tokenizer, examples, max_length, prompt_overflow)
+    encoded, _ = encode_examples(
+        teacher.tokenizer, examples, max_length, prompt_overflow, table_prompt_format(examples)
+    )
     _, pad_id = eos_and_pad_ids(teacher.tokenizer)
     return build_teacher_topk(
         teacher.model, encoded, pad_id, config.top_k, temperature, len(teacher.tokenizer), config.batch_size,

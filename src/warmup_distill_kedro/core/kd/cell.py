@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from pydantic import Field, model_validator
 
+from warmup_distill_kedro.core.errors import UserInputError
 from warmup_distill_kedro.core.evaluation.likelihood import heldout_distribution
 from warmup_distill_kedro.core.kd.cache import (
     TeacherCacheConfig,
@@ -62,6 +63,7 @@ from warmup_distill_kedro.core.kd.fused import fused_model_distillation_loss
 from warmup_distill_kedro.core.kd.losses import KDConfig, distillation_loss
 from warmup_distill_kedro.core.kd.minillm import LM_PREFIX, MiniLLMConfig, MiniLLMRollouts, minillm_loss
 from warmup_distill_kedro.core.kd.sinkd import SinKDConfig, sinkd_loss
+from warmup_distill_kedro.core.models.chat import PromptFormat, require_chat_template, response_text
 from warmup_distill_kedro.core.models.encoding import (
     EncodedExample,
     PromptOverflowParameter,
@@ -193,12 +195,16 @@ def distill_cell(
     """
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
-    encoded, report = encode_examples(tokenizer, examples, config.max_length, config.prompt_overflow)
+    prompt_format = _prompt_format(examples, config, student, teacher)
+    encoded, report = encode_examples(
+        tokenizer, examples, config.max_length, config.prompt_overflow, prompt_format
+    )
     validation, _ = encode_examples(
         tokenizer,
         validation_examples.head(config.validation_examples),
         config.max_length,
         config.prompt_overflow,
+        prompt_format,
     )
     teacher.model.eval().requires_grad_(False)
     if objective in DUAL_SPACE_OBJECTIVES:
@@ -385,6 +391,24 @@ def _sft_cell(
     return _Cell(model, model, causal_lm_loss, source, len(student.tokenizer) if shared else None)
 
 
+def _prompt_format(
+    examples: pd.DataFrame, config: DistillConfig, student: Checkpoint, teacher: Checkpoint
+) -> PromptFormat:
+    """The prompt format every cell encodes with (`distill.data.sampling.prompt_format`), checked against
+    the one the KD examples were prepared in and against both tokenizers, before any training."""
+    prompt_format = config.data.sampling.prompt_format
+    prepared = set(examples["prompt_format"]) if "prompt_format" in examples else {prompt_format}
+    if prepared != {prompt_format}:
+        raise UserInputError(
+            f"distill.data.sampling.prompt_format is {prompt_format} but the KD examples were prepared in "
+            f"{sorted(prepared)}: prepare them again (kedro run --pipeline=distill runs it first)"
+        )
+    if prompt_format == "chat":
+        for checkpoint in (student, teacher):
+            require_chat_template(checkpoint.tokenizer, "distill.data.sampling.prompt_format")
+    return prompt_format
+
+
 def _dual_space_cell(
     teacher: Checkpoint,
     student: Checkpoint,
@@ -398,6 +422,7 @@ def _dual_space_cell(
     pre-trained."""
     dskd = config.loss_config(objective)
     assert isinstance(dskd, DSKDConfig)
+    prompt_format = config.data.sampling.prompt_format
     cross = objective == "dskd_cma"
     wrapper = StudentWithProjectors(
         copy.deepcopy(student.model),
@@ -416,9 +441,10 @@ def _dual_space_cell(
             student.tokenizer,
             teacher.tokenizer,
             examples["prompt"].tolist(),
-            [RESPONSE_SEPARATOR + r for r in examples["response"]],
+            [response_text(r, RESPONSE_SEPARATOR, prompt_format) for r in examples["response"]],
             config.max_length,
             examples["finished"].astype(bool).tolist() if "finished" in examples else True,
+            prompt_format,
         )
         pads = eos_and_pad_ids(student.tokenizer)[1], eos_and_pad_ids(teacher.tokenizer)[1]
         source = ShuffledBatches(

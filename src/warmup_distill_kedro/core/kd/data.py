@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.generation.config import SamplingConfig
 from warmup_distill_kedro.core.generation.sampling import generate, generate_from_ids
+from warmup_distill_kedro.core.models.chat import end_of_turn_id, require_chat_template
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample, collate
 from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
@@ -153,7 +154,7 @@ class StudentSampledBatches:
             update={"seed": self.seed * 1_000_003 + position, "show_progress": False}
         )
         generations = generate_from_ids(self.model, self.tokenizer, prompts, sampling, desc="on-policy")
-        eos_id, _ = eos_and_pad_ids(self.tokenizer)
+        eos_id = end_of_turn_id(self.tokenizer, sampling.prompt_format)
         examples = []
         for prompt, generation in zip(prompts, generations, strict=True):
             response = generation.token_ids + ([eos_id] if generation.finished else [])
@@ -220,7 +221,13 @@ def prepare_kd_examples(
             f"distill: no training examples left after distill.data.skip_examples={config.skip_examples} "
             f"({len(train_examples)} in the training split)"
         )
-    examples = examples.reset_index(drop=True).assign(gold_response=lambda t: t["response"], finished=True)
+    # The format the teacher writes in and every cell encodes with (the teacher cache reads it from here).
+    prompt_format = config.sampling.prompt_format
+    examples = examples.reset_index(drop=True).assign(
+        gold_response=lambda t: t["response"], finished=True, prompt_format=prompt_format
+    )
+    if prompt_format == "chat":
+        require_chat_template(teacher.tokenizer, "distill.data.sampling.prompt_format")
     if config.mode != "sequence_kd":
         return examples
     greedy = config.sampling.model_copy(update={"do_sample": False})

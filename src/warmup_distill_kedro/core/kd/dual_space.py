@@ -61,6 +61,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from warmup_distill_kedro.core.kd.config import KDSettings
 from warmup_distill_kedro.core.kd.divergences import OBJECTIVES, validate_options
 from warmup_distill_kedro.core.kd.losses import common_vocab, kd_loss
+from warmup_distill_kedro.core.models.chat import PromptFormat
 from warmup_distill_kedro.core.models.encoding import (
     IGNORE_INDEX,
     EncodedExample,
@@ -348,11 +349,16 @@ def encode_dual(
     responses: Sequence[str],
     max_length: int,
     finished: Sequence[bool] | bool = True,
+    prompt_format: PromptFormat = "plain",
 ) -> tuple[list[EncodedExample], list[EncodedExample]]:
-    """Each (prompt, response) pair encoded by both tokenizers, each with its own EOS after a response
-    that ended: (student examples, teacher examples)."""
-    student, _ = encode_pairs(student_tokenizer, prompts, responses, max_length, finished)
-    teacher, _ = encode_pairs(teacher_tokenizer, prompts, responses, max_length, finished)
+    """Each (prompt, response) pair encoded by both tokenizers, each with its own EOS (or, chat, its own
+    template and end-of-turn token) after a response that ended: (student examples, teacher examples)."""
+    student, _ = encode_pairs(
+        student_tokenizer, prompts, responses, max_length, finished, "error", prompt_format
+    )
+    teacher, _ = encode_pairs(
+        teacher_tokenizer, prompts, responses, max_length, finished, "error", prompt_format
+    )
     return student, teacher
 
 

@@ -50,6 +50,7 @@ from warmup_distill_kedro.core.generation.sampling import generate_from_ids
 from warmup_distill_kedro.core.kd.config import KDSettings
 from warmup_distill_kedro.core.kd.data import STUDENT_SAMPLED, prompt_length
 from warmup_distill_kedro.core.kd.losses import common_vocab, kd_loss
+from warmup_distill_kedro.core.models.chat import end_of_turn_id
 from warmup_distill_kedro.core.models.encoding import IGNORE_INDEX, EncodedExample, collate
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 from warmup_distill_kedro.core.training.batches import ShuffledBatches
@@ -195,7 +196,8 @@ class MiniLLMRollouts:
         self.lm_batches = lm_batches
         self.round_index: int | None = None
         self.rollouts: list[dict[str, list]] = []
-        self.eos_id, self.pad_id = eos_and_pad_ids(tokenizer)
+        _, self.pad_id = eos_and_pad_ids(tokenizer)
+        self.eos_id = end_of_turn_id(tokenizer, self.sampling.prompt_format)
 
     def batch(self, position: int) -> dict[str, Tensor]:
         round_index, offset = divmod(position, self.per_round)

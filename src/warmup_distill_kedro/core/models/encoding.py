@@ -17,7 +17,7 @@ from pydantic import Field
 from transformers import PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.errors import UserInputError
-from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.models.chat import PromptFormat, end_of_turn_id, render_prompts, response_text
 from warmup_distill_kedro.core.tasks import RESPONSE_SEPARATOR
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -64,24 +64,30 @@ def encode_pairs(
     max_length: int,
     add_eos: bool | Sequence[bool] = True,
     prompt_overflow: PromptOverflow = "error",
+    prompt_format: PromptFormat = "plain",
 ) -> tuple[list[EncodedExample], EncodingReport]:
     """Prompt + response (+ EOS) per pair, cut to `max_length`: the response loses its tail; a prompt that
     does not fit follows `prompt_overflow`. Both kinds of cut are counted in the report.
 
     `add_eos`: for all pairs, or per pair: an EOS belongs only after a response that ended (a gold one, a
     generation that emitted EOS); one cut at a token budget must not teach the model to stop there.
+    `prompt_format` chat: the prompt rendered with the chat template (outside the loss), the response
+    ended by the template's end-of-turn token instead of EOS (inside it).
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     ends = [add_eos] * len(prompts) if isinstance(add_eos, bool) else [bool(e) for e in add_eos]
     if len(ends) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(ends)} add_eos flags")
-    eos_id, _ = eos_and_pad_ids(tokenizer)
+    eos_id = end_of_turn_id(tokenizer, prompt_format)
+    rendered = render_prompts(tokenizer, prompts, prompt_format, "prompt_format")
     # One batched call each: the Rust tokenizer encodes a list many times faster than a Python loop.
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     encoded = [
-        _assemble(p_ids, r_ids + ([eos_id] if end else []), max_length, prompt, prompt_overflow)
+        _assemble(
+            p_ids, r_ids + ([eos_id] if end else []), max_length, prompt, prompt_overflow, prompt_format
+        )
         for p_ids, r_ids, end, prompt in zip(prompt_ids, response_ids, ends, prompts, strict=True)
     ]
     report = EncodingReport(
@@ -91,13 +97,19 @@ def encode_pairs(
 
 
 def _assemble(
-    prompt_ids: list[int], response_ids: list[int], max_length: int, prompt: str, overflow: PromptOverflow
+    prompt_ids: list[int],
+    response_ids: list[int],
+    max_length: int,
+    prompt: str,
+    overflow: PromptOverflow,
+    prompt_format: PromptFormat = "plain",
 ) -> EncodedExample:
     prompt_truncated = len(prompt_ids) >= max_length
     if prompt_truncated:
         if overflow != "keep_end":
+            rendered = " in its chat template" if prompt_format == "chat" else ""
             raise UserInputError(
-                f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}: {prompt[:80]!r}... "
+                f"prompt of {len(prompt_ids)} tokens{rendered} does not fit max_length {max_length}: {prompt[:80]!r}... "
                 "Raise the stage's max_length, or set its prompt_overflow to keep_end (keeps the prompt's "
                 f"last {PROMPT_KEEP_SHARE:.0%} of max_length tokens, and counts it)."
             )
@@ -116,14 +128,22 @@ def encode_examples(
     examples: pd.DataFrame,
     max_length: int,
     prompt_overflow: PromptOverflow = "error",
+    prompt_format: PromptFormat = "plain",
 ) -> tuple[list[EncodedExample], EncodingReport]:
-    """Encode a task table's `prompt` and `response` columns, the response after the task's separator,
-    followed by EOS where the response ended (the table's `finished` column when it has one: responses a
-    model wrote; gold responses have none and all end)."""
-    responses = [RESPONSE_SEPARATOR + r for r in examples["response"]]
+    """Encode a task table's `prompt` and `response` columns, the response after the task's separator
+    (plain) or the chat template's opening of the assistant's turn (chat), followed by EOS (or the
+    end-of-turn token) where the response ended (the table's `finished` column when it has one: responses
+    a model wrote; gold responses have none and all end)."""
+    responses = [response_text(r, RESPONSE_SEPARATOR, prompt_format) for r in examples["response"]]
     ends = examples["finished"].astype(bool).tolist() if "finished" in examples else True
     return encode_pairs(
-        tokenizer, examples["prompt"].tolist(), responses, max_length, ends, prompt_overflow=prompt_overflow
+        tokenizer,
+        examples["prompt"].tolist(),
+        responses,
+        max_length,
+        ends,
+        prompt_overflow=prompt_overflow,
+        prompt_format=prompt_format,
     )
 
 

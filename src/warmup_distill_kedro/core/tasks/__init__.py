@@ -5,7 +5,9 @@ from warmup_distill_kedro.core.tasks.answers import (
     canonical_number,
     canonicalize_number,
     extract_final_answer,
+    extract_last_number,
     math_exact_match,
+    math_flexible_match,
 )
 from warmup_distill_kedro.core.tasks.files import read_task_file
 from warmup_distill_kedro.core.tasks.instruction_task import (
@@ -43,9 +45,11 @@ __all__ = [
     "canonicalize_number",
     "check_instruction_answer",
     "extract_final_answer",
+    "extract_last_number",
     "generate_instructions",
     "generate_math",
     "math_exact_match",
+    "math_flexible_match",
     "read_task_file",
     "split_examples",
     "training_texts",

@@ -1,8 +1,16 @@
-"""Final answers of GSM8K-style responses: `... #### 42`.
+"""Final answers of GSM8K-style responses: `... #### 42`, or, as instruct models write them, in prose.
 
 `extract_final_answer` reads the number after the last `####` and writes it in one canonical form, so
 that gold answers from real GSM8K files (`#### 1,000`, `#### $5`, `#### 18.00`) and model outputs
 (`#### 9 apples`, `#### +9`) compare as strings.
+
+Two ways of scoring a response, as lm-evaluation-harness scores GSM8K:
+
+- strict (`math_exact_match`): the number of the `#### N` line; a response without one is wrong. What
+  the models trained on this format write, and the report's headline.
+- flexible (`math_flexible_match`): the last number anywhere in the response ("... so she sold 72 clips.
+  The answer is 72."), the harness's `flexible-extract`. What a real instruct model gets credit for
+  before it learned the `####` format.
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ import re
 from decimal import Decimal, InvalidOperation
 
 FINAL_ANSWER_MARKER = "####"
+
+# lm-evaluation-harness's GSM8K `flexible-extract` pattern; its last match is the answer.
+_ANY_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 # At the start: optional sign and `$` (in either order), digits with optional thousands commas, decimals.
 # Anything after the number is ignored.
@@ -54,6 +65,31 @@ def extract_final_answer(text: str) -> str | None:
     return canonical_number(text[position + len(FINAL_ANSWER_MARKER) :])
 
 
+def extract_last_number(text: str) -> str | None:
+    """The last number anywhere in `text`, canonical (a trailing full stop, `$` and commas dropped), or None."""
+    if not isinstance(text, str):
+        return None
+    matches = _ANY_NUMBER.findall(text)
+    if not matches:
+        return None
+    last = next(group for group in matches[-1] if group)
+    return canonical_number(last.rstrip(".").replace("$", ""))
+
+
+def math_flexible_match(prediction: str, gold_answer: str) -> bool:
+    """Whether the last number of the prediction equals the gold answer (`math_exact_match`'s `gold_answer`)."""
+    predicted = extract_last_number(prediction)
+    gold = _gold(gold_answer)
+    return predicted is not None and gold is not None and predicted == gold
+
+
+def _gold(gold_answer: str) -> str | None:
+    gold_text = str(gold_answer)
+    return (
+        extract_final_answer(gold_text) if FINAL_ANSWER_MARKER in gold_text else canonical_number(gold_text)
+    )
+
+
 def math_exact_match(prediction: str, gold_answer: str) -> bool:
     """Whether the prediction's final answer (after its last `####`) equals the gold answer.
 
@@ -63,8 +99,5 @@ def math_exact_match(prediction: str, gold_answer: str) -> bool:
     predicted = extract_final_answer(prediction)
     if predicted is None:
         return False
-    gold_text = str(gold_answer)
-    gold = (
-        extract_final_answer(gold_text) if FINAL_ANSWER_MARKER in gold_text else canonical_number(gold_text)
-    )
+    gold = _gold(gold_answer)
     return gold is not None and predicted == gold

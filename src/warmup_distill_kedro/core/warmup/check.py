@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.generation.config import SamplingConfig
 from warmup_distill_kedro.core.generation.sampling import generate_from_ids
-from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
+from warmup_distill_kedro.core.models.chat import PromptFormat, end_of_turn_id, render_prompts
 from warmup_distill_kedro.core.processes import gather_in_order, is_main_process, process_share
 
 CheckRule = Literal["teacher_prob", "margin", "top_k"]
@@ -89,15 +89,15 @@ def token_char_starts(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[in
 
 
 def retokenize_response(
-    tokenizer: PreTrainedTokenizerBase, text: str, finished: bool
+    tokenizer: PreTrainedTokenizerBase, text: str, finished: bool, prompt_format: PromptFormat = "plain"
 ) -> tuple[list[int], list[int]]:
-    """A response text in another tokenizer: ids and character starts (plus EOS when it finished)."""
+    """A response text in another tokenizer: ids and character starts (plus EOS, or the chat template's
+    end-of-turn token, when it finished)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     starts = [start for start, _ in encoded["offset_mapping"]]
     if finished:
-        eos_id, _ = eos_and_pad_ids(tokenizer)
-        ids.append(eos_id)
+        ids.append(end_of_turn_id(tokenizer, prompt_format))
         starts.append(len(text))
     return ids, starts
 
@@ -211,13 +211,17 @@ def continue_from_flags(
     first_flags: Sequence[int],
     config: CheckConfig,
     across_processes: bool = False,
+    prompt_format: PromptFormat = "plain",
 ) -> list[Correction]:
-    """`continue`: keep the tokens before the first flag; the teacher picks that token and writes the rest.
+    """`continue`: keep the tokens before the first flag; the teacher picks that token and writes the rest
+    (up to EOS, or with `prompt_format` chat its end-of-turn token).
 
     `across_processes`: as in `generate_from_ids` (with several processes, `choose: sample` draws what
     one process draws only up to the device's determinism; greedy continuations are seed-free).
     """
-    sampling = config.continuation.model_copy(update={"do_sample": config.choose == "sample"})
+    sampling = config.continuation.model_copy(
+        update={"do_sample": config.choose == "sample", "prompt_format": prompt_format}
+    )
     contexts = [
         list(p) + s.token_ids[:flag] for p, s, flag in zip(prompt_ids, scored, first_flags, strict=True)
     ]
@@ -231,11 +235,14 @@ def continue_from_flags(
 
 
 def replace_flagged(
-    tokenizer: PreTrainedTokenizerBase, scored: ScoredResponse, flags: np.ndarray
+    tokenizer: PreTrainedTokenizerBase,
+    scored: ScoredResponse,
+    flags: np.ndarray,
+    prompt_format: PromptFormat = "plain",
 ) -> Correction:
     """`replace_only`: every flagged token becomes the teacher's argmax; the response ends at the first EOS
-    (finished), or where the scored tokens end (not finished: no EOS was kept)."""
-    eos_id, _ = eos_and_pad_ids(tokenizer)
+    or end-of-turn token (finished), or where the scored tokens end (not finished: none was kept)."""
+    eos_id = end_of_turn_id(tokenizer, prompt_format)
     ids = [int(a) if f else t for t, a, f in zip(scored.token_ids, scored.argmax, flags, strict=True)]
     finished = eos_id in ids
     if finished:
@@ -278,17 +285,21 @@ def check_rollouts(
     config: CheckConfig,
     show_progress: bool = True,
     across_processes: bool = False,
+    prompt_format: PromptFormat = "plain",
 ) -> list[CheckedRollout]:
     """Score every rollout with the teacher and apply the check rule.
 
     With one vocabulary the teacher scores exactly the ids the student sampled. Otherwise the text is
     re-tokenized by the teacher and the student's log-probs are summed onto the teacher's tokens.
     `across_processes`: the teacher's scoring passes are shared out, as in `score_responses`.
+    `prompt_format` chat: the teacher reads each prompt in its own chat template, and a finished response
+    ends with its end-of-turn token.
     """
-    eos_id, _ = eos_and_pad_ids(teacher_tokenizer)
+    eos_id = end_of_turn_id(teacher_tokenizer, prompt_format)
+    rendered = render_prompts(teacher_tokenizer, [r.prompt for r in rollouts], prompt_format, "prompt_format")
     prompt_ids, views, student_views = [], [], []
-    for rollout in rollouts:
-        prompt_ids.append(teacher_tokenizer(rollout.prompt, add_special_tokens=False)["input_ids"])
+    for rollout, prompt in zip(rollouts, rendered, strict=True):
+        prompt_ids.append(teacher_tokenizer(prompt, add_special_tokens=False)["input_ids"])
         student_ids = list(rollout.token_ids)
         student_starts = list(rollout.char_starts)
         student_logprobs = list(rollout.logprobs)
@@ -300,7 +311,9 @@ def check_rollouts(
             views.append((student_ids, student_starts))
             student_views.append(np.asarray(student_logprobs, dtype=np.float32))
         else:
-            ids, starts = retokenize_response(teacher_tokenizer, rollout.response, rollout.finished)
+            ids, starts = retokenize_response(
+                teacher_tokenizer, rollout.response, rollout.finished, prompt_format
+            )
             views.append((ids, starts))
             student_views.append(align_logprobs(student_starts, student_logprobs, starts))
     top_k = config.top_k if config.rule == "top_k" else 1
@@ -332,8 +345,10 @@ def correct_rollouts(
     checked: Sequence[CheckedRollout],
     config: CheckConfig,
     across_processes: bool = False,
+    prompt_format: PromptFormat = "plain",
 ) -> list[Correction | None]:
-    """The correction of every flagged rollout (None where nothing fired).
+    """The correction of every flagged rollout (None where nothing fired), the teacher reading each prompt
+    in `prompt_format` (as in `check_rollouts`).
 
     `across_processes`: the teacher's continuations are shared out, as in `generate_from_ids`.
     """
@@ -343,11 +358,14 @@ def correct_rollouts(
         return corrected
     if config.strategy == "replace_only":
         for i in flagged:
-            corrected[i] = replace_flagged(teacher_tokenizer, checked[i].scored, checked[i].flags)
+            corrected[i] = replace_flagged(
+                teacher_tokenizer, checked[i].scored, checked[i].flags, prompt_format
+            )
         return corrected
-    prompt_ids = [
-        teacher_tokenizer(rollouts[i].prompt, add_special_tokens=False)["input_ids"] for i in flagged
-    ]
+    prompts = render_prompts(
+        teacher_tokenizer, [rollouts[i].prompt for i in flagged], prompt_format, "prompt_format"
+    )
+    prompt_ids = [teacher_tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     corrections = continue_from_flags(
         teacher,
         teacher_tokenizer,
@@ -356,6 +374,7 @@ def correct_rollouts(
         [checked[i].first_flag for i in flagged],
         config,
         across_processes=across_processes,
+        prompt_format=prompt_format,
     )
     for i, correction in zip(flagged, corrections, strict=True):
         corrected[i] = correction

@@ -13,8 +13,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from warmup_distill_kedro.core.models.chat import (
+    PromptFormat,
+    end_of_turn_id,
+    render_prompts,
+    require_chat_template,
+    table_prompt_format,
+)
 from warmup_distill_kedro.core.models.modeling import Checkpoint
-from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids, vocabulary_fingerprint
+from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.tasks import math_exact_match
 from warmup_distill_kedro.core.warmup.check import (
     CheckConfig,
@@ -34,7 +41,7 @@ CORRECTED_SET_COLUMNS = [
     "prompt_id", "task", "prompt", "answer", "sample_index", "chosen", "rejected", "chosen_finished",
     "rejected_finished", "kind",
     "flag_char", "flag_token", "flag_teacher_token", "n_flagged", "n_tokens",
-    "teacher_mean_logp_chosen", "teacher_mean_logp_rejected",
+    "teacher_mean_logp_chosen", "teacher_mean_logp_rejected", "prompt_format",
 ]  # fmt: skip
 
 
@@ -48,6 +55,9 @@ def score_rollouts(rollouts: pd.DataFrame, teacher: Checkpoint, config: CheckCon
     same_vocabulary = set(rollouts["vocabulary"]) == {vocabulary_fingerprint(teacher.tokenizer)}
     if not same_vocabulary:
         logger.info("check: the teacher has its own tokenizer; responses are re-tokenized, aligned by text")
+    prompt_format = table_prompt_format(rollouts)
+    if prompt_format == "chat":  # the teacher reads the prompts in its own template: it needs one
+        require_chat_template(teacher.tokenizer, "probe.prompt_format (the rollouts' format)")
     checked = check_rollouts(
         teacher.model,
         teacher.tokenizer,
@@ -56,6 +66,7 @@ def score_rollouts(rollouts: pd.DataFrame, teacher: Checkpoint, config: CheckCon
         config,
         config.show_progress,
         across_processes=True,
+        prompt_format=prompt_format,
     )
     return rollouts.assign(
         teacher_token_ids=[c.scored.token_ids for c in checked],
@@ -83,9 +94,16 @@ def build_corrected_set(
     at a token budget: the warmup gives an EOS only to the sides that ended.
     """
     table = scored_rollouts.reset_index(drop=True)
+    prompt_format = table_prompt_format(table)
     checked = _checked(table)
     corrected = correct_rollouts(
-        teacher.model, teacher.tokenizer, _rollouts(table), checked, config, across_processes=True
+        teacher.model,
+        teacher.tokenizer,
+        _rollouts(table),
+        checked,
+        config,
+        across_processes=True,
+        prompt_format=prompt_format,
     )
     flag_chars = [c.scored.char_starts[c.first_flag] if c.first_flag >= 0 else -1 for c in checked]
     rows = table.assign(
@@ -99,6 +117,7 @@ def build_corrected_set(
         ],
         flag_teacher_token=table["first_flag"],
         teacher_mean_logp_rejected=[float(np.mean(c.scored.logprobs)) for c in checked],
+        prompt_format=prompt_format,
     )
     flagged = rows["first_flag"] >= 0
     changed = flagged & (
@@ -106,7 +125,7 @@ def build_corrected_set(
     )
     rows["kind"] = np.where(changed, "pair", np.where(flagged, "unchanged", "unflagged"))
     pairs = rows[rows["kind"] == "pair"].copy()
-    pairs["teacher_mean_logp_chosen"] = _teacher_mean_logprobs(teacher, pairs, config)
+    pairs["teacher_mean_logp_chosen"] = _teacher_mean_logprobs(teacher, pairs, config, prompt_format)
     kept = [pairs]
     if config.keep_unflagged:
         sft = rows[rows["kind"] == "unflagged"]
@@ -169,14 +188,17 @@ def _student_token(row: Any, char: int) -> int:
     return token_at_char(list(row.char_starts), char)
 
 
-def _teacher_mean_logprobs(teacher: Checkpoint, pairs: pd.DataFrame, config: CheckConfig) -> list[float]:
-    """The teacher's mean per-token log-probability of each corrected response (its EOS included where it
-    ended)."""
+def _teacher_mean_logprobs(
+    teacher: Checkpoint, pairs: pd.DataFrame, config: CheckConfig, prompt_format: PromptFormat
+) -> list[float]:
+    """The teacher's mean per-token log-probability of each corrected response (its EOS, or end-of-turn
+    token, included where it ended)."""
     if pairs.empty:
         return []
     tokenizer = teacher.tokenizer
-    eos_id, _ = eos_and_pad_ids(tokenizer)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pairs["prompt"]]
+    eos_id = end_of_turn_id(tokenizer, prompt_format)
+    prompts = render_prompts(tokenizer, pairs["prompt"].tolist(), prompt_format, "prompt_format")
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     response_ids = [
         tokenizer(c, add_special_tokens=False)["input_ids"] + ([eos_id] if finished else [])
         for c, finished in zip(pairs["chosen"], pairs["chosen_finished"], strict=True)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from warmup_distill_kedro.core.models.chat import PromptFormat
 from warmup_distill_kedro.core.models.encoding import (
     EncodedExample,
     PromptOverflow,
@@ -66,17 +67,21 @@ def encode_preference_pairs(
     prompt_overflow: PromptOverflow = "error",
     chosen_finished: Sequence[bool] | bool = True,
     rejected_finished: Sequence[bool] | bool = True,
+    prompt_format: PromptFormat = "plain",
 ) -> list[PreferencePair]:
-    """Encode both sides of each pair with the same prompt; responses are used as given, with an EOS after
-    the sides that ended (`*_finished`: per pair, or one value for all)."""
+    """Encode both sides of each pair with the same prompt; responses are used as given, with an EOS (or
+    with `prompt_format` chat the end-of-turn token) after the sides that ended (`*_finished`: per pair,
+    or one value for all)."""
     if not len(prompts) == len(chosen) == len(rejected):
         raise ValueError(
             f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses: "
             "each prompt needs exactly one of each"
         )
-    chosen_encoded, _ = encode_pairs(tokenizer, prompts, chosen, max_length, chosen_finished, prompt_overflow)
+    chosen_encoded, _ = encode_pairs(
+        tokenizer, prompts, chosen, max_length, chosen_finished, prompt_overflow, prompt_format
+    )
     rejected_encoded, _ = encode_pairs(
-        tokenizer, prompts, rejected, max_length, rejected_finished, prompt_overflow
+        tokenizer, prompts, rejected, max_length, rejected_finished, prompt_overflow, prompt_format
     )
     return [PreferencePair(c, r) for c, r in zip(chosen_encoded, rejected_encoded, strict=True)]
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from warmup_distill_kedro.core.generation.config import SamplingBackend, SamplingConfig
 from warmup_distill_kedro.core.generation.sampling import generate
+from warmup_distill_kedro.core.models.chat import PromptFormatParameter, require_chat_template
 from warmup_distill_kedro.core.models.modeling import Checkpoint
 from warmup_distill_kedro.core.models.tokenization import vocabulary_fingerprint
 from warmup_distill_kedro.core.warmup.check import token_char_starts
@@ -41,6 +42,7 @@ class ProbeConfig(BaseModel):
         None, gt=0, description="probe at most N prompts (after the skipped ones)"
     )
     show_progress: bool = True
+    prompt_format: PromptFormatParameter = "plain"
     backend: SamplingBackend = Field(
         "transformers", description="transformers | vllm (pip install '.[vllm]', a GPU; docs/sampling.md)"
     )
@@ -58,6 +60,7 @@ class ProbeConfig(BaseModel):
             batch_size=self.batch_size,
             seed=self.seed,
             show_progress=self.show_progress,
+            prompt_format=self.prompt_format,
             backend=self.backend,
             vllm_engine_args=self.vllm_engine_args,
         )
@@ -65,7 +68,7 @@ class ProbeConfig(BaseModel):
 
 ROLLOUT_COLUMNS = (
     "prompt_id", "task", "prompt", "answer", "sample_index", "response", "token_ids", "char_starts",
-    "logprobs", "eos_logprob", "finished", "n_tokens", "vocabulary",
+    "logprobs", "eos_logprob", "finished", "n_tokens", "vocabulary", "prompt_format",
 )  # fmt: skip
 
 
@@ -93,6 +96,8 @@ def probe(student: Checkpoint, train_examples: pd.DataFrame, config: ProbeConfig
     # length into batches, so another n_samples gives other batches, and other samples.)
     repeated = pd.concat([prompts.assign(sample_index=i) for i in range(config.n_samples)], ignore_index=True)
     tokenizer = student.tokenizer
+    if config.prompt_format == "chat":
+        require_chat_template(tokenizer, "probe.prompt_format")
     generations = generate(
         student.model,
         tokenizer,
@@ -116,6 +121,8 @@ def probe(student: Checkpoint, train_examples: pd.DataFrame, config: ProbeConfig
             "finished": [g.finished for g in generations],
             "n_tokens": [len(g.token_ids) for g in generations],
             "vocabulary": vocabulary_fingerprint(tokenizer),
+            # The check, its corrections and the warmup read the prompts the way the student did.
+            "prompt_format": config.prompt_format,
         }
     )
     logger.info(

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from warmup_distill_kedro.core.evaluation.likelihood import validation_nll_fn
+from warmup_distill_kedro.core.models.chat import PromptFormat, table_prompt_format
 from warmup_distill_kedro.core.models.encoding import (
     PromptOverflowParameter,
     causal_lm_loss,
@@ -90,6 +91,7 @@ def warmup_student(
         config.prompt_overflow,
         chosen_finished=pairs["chosen_finished"].astype(bool).tolist(),
         rejected_finished=rejected_finished.astype(bool).tolist(),
+        prompt_format=table_prompt_format(corrected_set),
     )
     if config.loss.loss != "sft":
         encoded = with_reference_logprobs(reference, encoded, pad_id, config.training.batch_size)
@@ -112,7 +114,7 @@ def warmup_student(
         stage="warmup",
         name="warmup",
         params=config,
-        eval_fn=_validation_nll(tokenizer, validation_examples, config),
+        eval_fn=_validation_nll(tokenizer, validation_examples, config, table_prompt_format(corrected_set)),
         start=student,
         metadata={"warmup_pairs": len(encoded)},
     )
@@ -156,7 +158,10 @@ def control_student(
     examples = pd.DataFrame({"prompt": rows["prompt"], "response": gold.loc[rows["prompt_id"]].to_numpy()})
     tokenizer = student.tokenizer
     _, pad_id = eos_and_pad_ids(tokenizer)
-    encoded, _ = encode_examples(tokenizer, examples, config.max_length, config.prompt_overflow)
+    prompt_format = table_prompt_format(corrected_set)
+    encoded, _ = encode_examples(
+        tokenizer, examples, config.max_length, config.prompt_overflow, prompt_format
+    )
     checkpoint, metrics = train_stage(
         copy.deepcopy(student.model),
         tokenizer,
@@ -168,7 +173,7 @@ def control_student(
         stage="warmup_control",
         name="warmup control (SFT)",
         params=config,
-        eval_fn=_validation_nll(tokenizer, validation_examples, config),
+        eval_fn=_validation_nll(tokenizer, validation_examples, config, table_prompt_format(corrected_set)),
         start=student,
     )
     return checkpoint, {"rows": len(encoded), **metrics}
@@ -206,14 +211,19 @@ def training_rows(corrected_set: pd.DataFrame, config: WarmupConfig) -> pd.DataF
 
 
 def _validation_nll(
-    tokenizer: PreTrainedTokenizerBase, validation_examples: pd.DataFrame, config: WarmupConfig
+    tokenizer: PreTrainedTokenizerBase,
+    validation_examples: pd.DataFrame,
+    config: WarmupConfig,
+    prompt_format: PromptFormat,
 ) -> EvalFn:
-    """The gold validation NLL guard both the warmup and its control are evaluated with."""
+    """The gold validation NLL guard both the warmup and its control are evaluated with, in the prompt
+    format the corrected set was sampled in."""
     _, pad_id = eos_and_pad_ids(tokenizer)
     validation, _ = encode_examples(
         tokenizer,
         validation_examples.head(config.validation_examples),
         config.max_length,
         config.prompt_overflow,
+        prompt_format,
     )
     return validation_nll_fn(validation, pad_id, config.training.batch_size)
