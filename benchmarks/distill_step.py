@@ -13,6 +13,7 @@ minute cancels out of it.
     python benchmarks/distill_step.py --objectives all      # every objective, in the same rounds
     python benchmarks/distill_step.py --preset qwen2.5      # GPU: Qwen2.5-1.5B student, 7B teacher, 152k vocab
     python benchmarks/distill_step.py --teacher-cache 32    # also a step reading the teacher's top-32 cache
+    python benchmarks/distill_step.py --preset demo --teacher-cache 32   # the embedded default's models
 
 With `--teacher-cache K`, each objective also gets a `cached_step`: the same step with the teacher read from
 its top-K cache (distill.teacher_cache) instead of a teacher forward; its speedup is live / cached.
@@ -49,6 +50,13 @@ PRESETS = {
         "vocab": 32000,
         "batch": 8,
         "length": 128,
+    },
+    "demo": {  # the embedded default's models (conf/base/parameters_bootstrap.yml), a training batch of 32
+        "student": (64, 1, 4, 4, 192),
+        "teacher": (96, 2, 4, 4, 256),
+        "vocab": 512,
+        "batch": 32,
+        "length": 64,
     },
     "tiny": {  # the smoke test's: seconds, not a measurement
         "student": (32, 1, 2, 2, 64),

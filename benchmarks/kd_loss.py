@@ -19,7 +19,9 @@ before and not counted; gradients made during the call are), measured by benchma
 its own run (the profiler it uses on CPU slows the code down); times are medians of separate runs.
 
 Beside the project's loss, part 1 measures its peers on the same logits when they are installed
-(`make bench-peers` puts them in `.bench-peers/` with `pip install --no-deps`, so the project's torch stays):
+(`pip install -e '.[bench]'`, or `make bench-peers`, which puts them in `.bench-peers/` with
+`pip install --no-deps`; either way the project's torch stays; a peer that does not import is named, with
+the reason, in the output and the report), with their time and peak as ratios to the project's default:
 TRL's `GKDTrainer.generalized_jsd_loss` (beta 0 is fkl, beta 0.5 js) and torchtune's
 `ForwardKLWithChunkedOutputLoss` (fkl only, without a temperature: it is given the logits divided by T; it
 returns the cross-entropy to the teacher, which differs from the KL by the teacher's entropy, so only its
@@ -54,13 +56,18 @@ MIB = 2**20
 PEERS = Path(__file__).resolve().parents[1] / ".bench-peers"
 
 
+PEER_INSTALL = "pip install -e '.[bench]' (or make bench-peers: --no-deps, into .bench-peers/)"
+
+
 def peer_losses(
     objective: str, temperature: float
-) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """The peers' KD losses for `objective` that are installed, each as loss(student [1, N, V], teacher)."""
+) -> tuple[dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], dict[str, str]]:
+    """The peers' KD losses for `objective` that import, each as loss(student [1, N, V], teacher), and
+    the peers that define `objective` but do not import, with the reason (the report says so)."""
     if PEERS.is_dir() and str(PEERS) not in sys.path:
         sys.path.append(str(PEERS))
     peers: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+    missing: dict[str, str] = {}
     beta = {"fkl": 0.0, "js": 0.5}.get(objective)
     if beta is not None:
         try:
@@ -72,8 +79,8 @@ def peer_losses(
                 s, t, labels=torch.zeros(s.shape[:2], dtype=torch.long, device=s.device), beta=beta,
                 temperature=temperature,
             )  # fmt: skip
-        except ImportError:
-            pass
+        except Exception as exc:  # ImportError, or a peer that breaks on import against this torch
+            missing["TRL generalized_jsd_loss"] = f"{type(exc).__name__}: {exc}"
     if objective == "fkl":
         try:
             from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
@@ -83,9 +90,11 @@ def peer_losses(
                 list((s / temperature).chunk(8, dim=1)), list((t / temperature).chunk(8, dim=1)),
                 torch.zeros(s.shape[:2], dtype=torch.long, device=s.device),
             )  # fmt: skip
-        except ImportError:
-            pass
-    return peers
+        except Exception as exc:
+            missing["torchtune ForwardKLWithChunkedOutputLoss (gradient only)"] = (
+                f"{type(exc).__name__}: {exc}"
+            )
+    return peers, missing
 
 
 QWEN_STUDENT_ROWS, QWEN_TEACHER_ROWS, QWEN_TOKENIZER = 151936, 152064, 151665
@@ -120,15 +129,24 @@ def _measure(
 
 
 # -- part 1: kd_loss from logits --------------------------------------------------------------------------------
-def bench_kd_loss(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+def bench_kd_loss(
+    args: argparse.Namespace,
+    device: str,
+    peers: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+) -> list[dict[str, Any]]:
     rows = []
     for vocab in args.vocabs:
-        rows += _kd_loss_at(vocab, args, device)
+        rows += _kd_loss_at(vocab, args, device, peers)
         gc.collect()
     return rows
 
 
-def _kd_loss_at(vocab: int, args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+def _kd_loss_at(
+    vocab: int,
+    args: argparse.Namespace,
+    device: str,
+    peers: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+) -> list[dict[str, Any]]:
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (1, args.tokens, vocab)
     teacher = 2.0 * torch.randn(shape, generator=generator, device=device)
@@ -163,10 +181,7 @@ def _kd_loss_at(vocab: int, args: argparse.Namespace, device: str) -> list[dict[
         ("unchunked", None, textbook),
         (f"kd_loss, chunk {args.chunk_size}", args.chunk_size, project(args.chunk_size)),
         ("kd_loss, default", None, project(None)),
-        *(
-            (name, None, peer(loss_fn))
-            for name, loss_fn in peer_losses(args.objective, args.temperature).items()
-        ),
+        *((name, None, peer(loss_fn)) for name, loss_fn in peers.items()),
     ]
     rows: list[dict[str, Any]] = []
     reference_grad = None
@@ -184,6 +199,10 @@ def _kd_loss_at(vocab: int, args: argparse.Namespace, device: str) -> list[dict[
             row["peak_vs_unchunked"] = row["peak_mib"] / reference["peak_mib"]
         rows.append(row)
         print(_kd_line(row), flush=True)
+    project_row = next(row for row in rows if row["path"] == "kd_loss, default")
+    for row in rows:  # every path beside the project's default loss: the peers' ratios
+        row["time_vs_project"] = row["median_s"] / project_row["median_s"]
+        row["peak_vs_project"] = row["peak_mib"] / project_row["peak_mib"]
     return rows
 
 
@@ -323,20 +342,27 @@ def markdown(
             f"`kd_loss` from logits, {settings['tokens']} positions, student logits requiring grad:",
             "",
             "| vocabulary | path | peak above the logits (MiB) | vs unchunked | value rel. diff | "
-            "grad rel. diff | median time (s) |",
-            "|---:|---|---:|---:|---:|---:|---:|",
+            "grad rel. diff | median time (s) | time / kd_loss default | peak / kd_loss default |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in kd_rows:
             chunked = "peak_vs_unchunked" in row
+            ratios = f"| {row['time_vs_project']:.2f} | {row['peak_vs_project']:.2f} |"
             lines.append(
                 f"| {row['vocab']:,} | {row['path']} "
                 f"| {row['peak_mib']:,.0f} | {row['peak_vs_unchunked']:.1%} | "
                 f"{row['value_relative_difference']:.1e} | {row['grad_relative_difference']:.1e} "
-                f"| {row['median_s']:.3f} |"
+                f"| {row['median_s']:.3f} " + ratios
                 if chunked
-                else f"| {row['vocab']:,} | unchunked | {row['peak_mib']:,.0f} | 100% | | | {row['median_s']:.3f} |"
+                else f"| {row['vocab']:,} | unchunked | {row['peak_mib']:,.0f} | 100% | | | {row['median_s']:.3f} "
+                + ratios
             )
         lines.append("")
+        for name, reason in settings.get("missing_peers", {}).items():
+            lines += [
+                f"Not measured: {name}, it does not import here ({reason}); install: {PEER_INSTALL}.",
+                "",
+            ]
     if fused_rows:
         lines += [
             f"The distill loss (0.5 CE + 0.5 KD) from hidden states, {fused_rows[0]['tokens']} positions: student "
@@ -422,7 +448,11 @@ def main() -> None:
         )
     }
     settings["device"] = device
-    kd_rows = bench_kd_loss(args, device) if "kd_loss" in args.parts else []
+    peers, missing_peers = peer_losses(args.objective, args.temperature)
+    for name, reason in missing_peers.items():
+        print(f"peer {name}: not measured, it does not import ({reason}); install: {PEER_INSTALL}")
+    settings["missing_peers"] = missing_peers
+    kd_rows = bench_kd_loss(args, device, peers) if "kd_loss" in args.parts else []
     fused_rows = bench_fused(args, device) if "fused" in args.parts else []
     goals = {}
     big = [r for r in kd_rows if r["vocab"] == 152064 and r["chunk_size"] == args.chunk_size]

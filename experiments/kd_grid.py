@@ -11,7 +11,9 @@ It runs in a project whose bootstrap and warmup outputs exist (after `make demo`
 
 Only the cells' nodes run: a setting that changes a shared node's output needs that node run first (the
 teacher's top-k cache: `kedro run --pipeline=distill --nodes=cache_teacher_logits --params=...` with the
-same teacher_cache settings; a cache of other settings is refused, naming them).
+same teacher_cache settings; a cache of other settings is refused, naming them). The cells read the latest
+version of each dataset, or the one pinned by `--load-versions teacher_topk=<version>` (caches of several
+k built once, each grid reading its own).
 
 Each (budget, seed) runs the distill pipeline restricted to each objective's cells (one timed session per
 objective: the cost column) and then the evaluate pipeline on every chosen cell (the KD set, teachers and
@@ -52,7 +54,16 @@ def main() -> None:
         help="more distill parameters, dotted, the value read as YAML: teacher_cache.enabled=true "
         "teacher_cache.top_k=32",
     )
+    parser.add_argument(
+        "--load-versions",
+        nargs="+",
+        default=[],
+        metavar="NAME=VERSION",
+        help="datasets the cells read at a pinned version, not the latest: teacher_topk=2026-12-03T18.51.04.221Z "
+        "(one cache per top_k, built once, read by grids in any order)",
+    )
     args = parser.parse_args()
+    load_versions = dict(_pair(pin, "--load-versions", "teacher_topk=VERSION") for pin in args.load_versions)
     project = Path.cwd()
     bootstrap_project(project)
     cells = [f"{v}.{o}" for v, o in product(args.variants, args.objectives)]
@@ -72,7 +83,9 @@ def main() -> None:
             objective_cells = [f"{v}.{objective}" for v in args.variants]
             started = time.perf_counter()
             with KedroSession.create(project, env=args.env, runtime_params={"distill": distill}) as session:
-                session.run(pipeline_names=["distill"], namespaces=objective_cells)
+                session.run(
+                    pipeline_names=["distill"], namespaces=objective_cells, load_versions=load_versions
+                )
             seconds[objective].append((time.perf_counter() - started) / (steps * len(args.variants)))
         with KedroSession.create(project, env=args.env, runtime_params={"distill": distill}) as session:
             session.run(pipeline_names=["evaluate"], namespaces=cells)
@@ -90,10 +103,15 @@ def main() -> None:
     print(f"\nwritten: {path}")
 
 
-def _set_dotted(params: dict, setting: str) -> None:
+def _pair(setting: str, option: str, example: str) -> tuple[str, str]:
     key, separator, value = setting.partition("=")
-    if not separator:
-        raise SystemExit(f"--set {setting!r}: expected KEY=VALUE, e.g. teacher_cache.top_k=32")
+    if not separator or not key:
+        raise SystemExit(f"{option} {setting!r}: expected KEY=VALUE, e.g. {example}")
+    return key, value
+
+
+def _set_dotted(params: dict, setting: str) -> None:
+    key, value = _pair(setting, "--set", "teacher_cache.top_k=32")
     *parents, leaf = key.split(".")
     for parent in parents:
         params = params.setdefault(parent, {})

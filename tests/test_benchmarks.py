@@ -34,10 +34,18 @@ def _run(script: str, *args: str, results: Path) -> dict:
 def test_kd_loss_benchmark_reports_memory_and_agreement(tmp_path):
     record = _run("kd_loss.py", "--quick", "--parts", "kd_loss", "--vocabs", "512", results=tmp_path)
     rows = record["results"]["kd_loss"]
-    assert [row["path"] for row in rows] == ["unchunked", "kd_loss, chunk 32", "kd_loss, default"]
+    own = ["unchunked", "kd_loss, chunk 32", "kd_loss, default"]
+    assert [row["path"] for row in rows[:3]] == own
+    # each fkl peer is either measured (installed: .bench-peers/ or the bench extra) or named as missing
+    peers = [row["path"] for row in rows[3:]] + list(record["results"]["settings"]["missing_peers"])
+    assert sorted(peers) == [
+        "TRL generalized_jsd_loss",
+        "torchtune ForwardKLWithChunkedOutputLoss (gradient only)",
+    ]
     assert all(row["peak_mib"] > 0 and row["median_s"] > 0 for row in rows)
-    for row in rows[1:]:
+    for row in rows[1:3]:
         assert row["value_relative_difference"] < 1e-5 and row["grad_relative_difference"] < 1e-5
+    assert all(row["time_vs_project"] > 0 and row["peak_vs_project"] > 0 for row in rows)
     assert rows[1]["peak_vs_unchunked"] < 1.0  # chunks of 32 positions hold less than all 128 at once
     assert record["machine"]["cpu_count"] >= 1 and "kd_loss.py" in record["command"]
 
