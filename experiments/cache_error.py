@@ -33,6 +33,7 @@ from warmup_distill_kedro.core.kd.cache import (
 )
 from warmup_distill_kedro.core.kd.cell import DistillConfig
 from warmup_distill_kedro.core.kd.losses import distillation_loss
+from warmup_distill_kedro.core.models.chat import table_prompt_format
 from warmup_distill_kedro.core.models.encoding import collate, encode_examples
 from warmup_distill_kedro.core.models.tokenization import eos_and_pad_ids
 
@@ -88,7 +89,10 @@ def main() -> None:
         examples = catalog.load("kd_examples")
         students = {name: catalog.load(name) for name in args.students}
     torch.manual_seed(args.seed)
-    encoded, _ = encode_examples(teacher.tokenizer, examples, config.max_length, config.prompt_overflow)
+    prompt_format = table_prompt_format(examples)  # as the cells and the cache encode them
+    encoded, _ = encode_examples(
+        teacher.tokenizer, examples, config.max_length, config.prompt_overflow, prompt_format
+    )
     _, pad_id = eos_and_pad_ids(teacher.tokenizer)
     vocab = len(teacher.tokenizer)
     order = random.Random(args.seed).sample(range(len(encoded)), len(encoded))
