@@ -54,11 +54,13 @@ DEFAULT_OBJECTIVES: tuple[str, ...] = ("fkl", "rkl", "js", "skl", "srkl", "akl",
 
 _parameters: dict[str, Any] = {}
 _warmup_reference: list[str] = ["student"]
+_handed: list[bool] = [False]  # whether a run (or a test) handed the grid its parameters
 
 
 def use_parameters(distill: Mapping[str, Any], warmup: Mapping[str, Any] | None = None) -> bool:
     """Take the run's `distill` parameter block as the grid's source, and its `warmup` block's DPO reference;
     True when either changed the pipelines."""
+    _handed[0] = True
     current = dict(distill)
     loss = (warmup or {}).get("loss") or {}
     reference = loss.get("reference", "student") if isinstance(loss, Mapping) else "student"
@@ -68,6 +70,11 @@ def use_parameters(distill: Mapping[str, Any], warmup: Mapping[str, Any] | None 
     _parameters.update(current)
     _warmup_reference[0] = reference
     return True
+
+
+def parameters_handed() -> bool:
+    """Whether `use_parameters` was called in this process (by the hook of a run, or a test)."""
+    return _handed[0]
 
 
 def warmup_reads_teacher() -> bool:

@@ -13,10 +13,13 @@ requested names when it discovers, which cannot resolve a composed name such as 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from kedro.pipeline import Pipeline
 
+from warmup_distill_kedro import grid
 from warmup_distill_kedro.pipelines import (
     bootstrap,
     check,
@@ -46,6 +49,8 @@ DEMO_ONLY = ("bootstrap",)  # builds tiny models from configs; real checkpoints 
 
 
 def register_pipelines() -> dict[str, Pipeline]:
+    if not grid.parameters_handed():
+        _grid_from_configuration()
     pipelines = {name: create() for name, create in STAGES.items()}
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     pipelines["from_checkpoints"] = sum(
@@ -53,3 +58,23 @@ def register_pipelines() -> dict[str, Pipeline]:
     )
     pipelines["checkpoints"] = checkpoints.create_pipeline()
     return pipelines
+
+
+def _grid_from_configuration() -> None:
+    """The grid of the project's configuration, for a process that builds pipelines without a run: `kedro
+    viz` leaves the project's hooks out (unless `--include-hooks`), so the grid hook never hands it the
+    parameters, and its lineage would show the grid's built-in defaults instead of what `kedro run` runs.
+    Reads `conf/` for the environment in KEDRO_ENV, else the default one (`local` over `base`)."""
+    from kedro.framework.project import settings
+    from kedro.utils import find_kedro_project
+
+    root = find_kedro_project(Path.cwd())
+    if root is None:
+        return
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(root / settings.CONF_SOURCE),
+        env=os.environ.get("KEDRO_ENV"),
+        **settings.CONFIG_LOADER_ARGS,
+    )
+    parameters = loader["parameters"]
+    grid.use_parameters(parameters.get("distill") or {}, parameters.get("warmup") or {})
