@@ -415,8 +415,13 @@ def comparison_of(
     if objectives is None:
         objectives = _ordered_names(records["objective"], OBJECTIVE_ORDER, exclude={TEACHER, BEFORE_KD})
     table = build_table(records, variants, objectives, selection.items)
-    n_runs = len(set(records["seed"]))
-    title = f"Warmup-Distill comparison: experiment {experiment!r}, {n_runs} training seed(s)"
+    # A kedro run of several seeds evaluates its teacher and students before KD once, under the run's
+    # seeds ("0 1 2"): the training seeds are the distilled students'.
+    distilled = records[~records["objective"].isin([TEACHER, BEFORE_KD])]
+    seeds = sorted(set(distilled["seed"] if not distilled.empty else records["seed"]))
+    if records["seed"].str.contains(" ").any():
+        table.attrs["training_seeds"] = seeds
+    title = f"Warmup-Distill comparison: experiment {experiment!r}, {len(seeds)} training seed(s)"
     markdown = render_markdown(table, title=title, seed_kind="training")
     shown = [TEACHER, *variants]
     return table, markdown + _runs_section(selection, [c for c in shown if c in selection.sources])

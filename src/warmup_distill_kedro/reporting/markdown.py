@@ -230,10 +230,14 @@ def _merged(described: Mapping[str, str]) -> list[tuple[str, str]]:
 def _seed_line(table: pd.DataFrame, seed_kind: str | None) -> str:
     training: Sequence[int] = table.attrs.get("training_seeds", [])
     if len(training) > 1:  # a grid of several training seeds in one run
+        references = (
+            "mean ± std over the kedro runs that evaluated them"
+            if seed_kind == "training"  # runs compared from MLflow
+            else "one model each: math greedy, ROUGE-L mean ± std over the sampling seeds"
+        )
         return (
             f"Seeds: KD cells: mean ± std over {len(training)} training seeds ({', '.join(map(str, training))}), "
-            "each run's ROUGE-L the mean over its sampling seeds; teacher and students before KD (one model "
-            "each): math greedy, ROUGE-L mean ± std over the sampling seeds"
+            f"each run's ROUGE-L the mean over its sampling seeds; teacher and students before KD: {references}"
         )
     seeds: Mapping[str, Sequence[str]] = table.attrs.get("seeds", {})
     if seed_kind is None:
