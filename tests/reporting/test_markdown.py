@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tests.helpers import explain_changes_table, markdown_rows
+from tests.helpers import evaluation, explain_changes_table, markdown_rows
 from warmup_distill_kedro.reporting.markdown import (
     explain_section,
     plot_link,
@@ -13,6 +13,8 @@ from warmup_distill_kedro.reporting.markdown import (
     resolve_plot_links,
     summary_lines,
 )
+from warmup_distill_kedro.reporting.records import evaluation_records
+from warmup_distill_kedro.reporting.table import build_table
 
 
 def test_markdown_shows_the_main_table(table):
@@ -113,3 +115,21 @@ def test_plot_links_resolve_to_the_plots_of_the_same_version():
         "![b](../../x.png/2026-01-01T00.00.00.000Z/x.png)"
     )
     assert resolve_plot_links(markdown, None) == "![a](report_explain_fkl.png) and ![b](x.png)"
+
+
+def test_the_flexible_math_score_has_its_own_table_beside_the_headline():
+    evaluations = {
+        "teacher": evaluation("teacher", "teacher", "teacher", 0.9, kl=None),
+        "vanilla.fkl": evaluation("vanilla.fkl", "vanilla", "fkl", 0.40),
+        "warmup.fkl": evaluation("warmup.fkl", "warmup", "fkl", 0.44),
+    }
+    for name, flexible in (("teacher", 0.95), ("vanilla.fkl", 0.52), ("warmup.fkl", 0.50)):
+        evaluations[name]["math"]["flexible_match"] = flexible
+    table = build_table(evaluation_records(evaluations), ["vanilla", "warmup"], ["fkl"])
+    markdown = render_markdown(table)
+    flexible = markdown[markdown.index("Table 1b.") : markdown.index("Table 2.")]
+    assert "strict `#### N` match, the headline" in flexible
+    [fkl] = markdown_rows(flexible, "fkl")
+    [teacher] = markdown_rows(flexible, "teacher")
+    assert fkl[1:4] == ["52.0", "50.0", "-2.0"] and teacher[1] == "95.0"
+    assert "52.0" not in markdown[: markdown.index("Table 1b.")]  # Table 1 stays strict

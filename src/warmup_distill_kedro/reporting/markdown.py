@@ -38,6 +38,7 @@ from warmup_distill_kedro.reporting.table import (
 )
 
 RESOLVED_MARK = "*"
+FLEXIBLE = "flexible_match"  # math's second score (core/tasks/answers.py), not the headline
 INTERVALS_NOTE = (
     f"A difference with [low, high] is its 95% interval (paired bootstrap over the test items and the "
     f"training seeds); {RESOLVED_MARK}: the interval excludes 0; without {RESOLVED_MARK}: no measurable difference."
@@ -124,19 +125,38 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
 
 
 def _accuracy_section(table: pd.DataFrame) -> list[str]:
-    benchmarks = [b for b, metric in TABLE1_BENCHMARKS.items() if _has(table, b, metric)]
-    if not benchmarks:
+    columns = {BENCHMARK_LABELS[b]: (b, m) for b, m in TABLE1_BENCHMARKS.items() if _has(table, b, m)}
+    if not columns:
         return ["No math or instruction accuracy was measured.", ""]
+    caption = (
+        "Table 1. Accuracy in percent (math exact match, instruction ROUGE-L, their average); "
+        "differences in points; mean ± std where there are 2 or more seeds. " + INTERVALS_NOTE
+    )
+    parts = [caption, "", *_markdown_table(*_objective_rows(table, columns)), ""]
+    if _has(table, MATH, FLEXIBLE):
+        caption = (
+            "Table 1b. Math, flexible score in percent: the response's last number (lm-evaluation-harness's "
+            "flexible extract), beside Table 1's strict `#### N` match, the headline."
+        )
+        header, rows = _objective_rows(table, {"math flexible": (MATH, FLEXIBLE)})
+        rows = [row for row in rows if any(row[1:])]  # objectives with a flexible score (not `fkl-sft`)
+        parts += [caption, "", *_markdown_table(header, rows), ""]
+    return parts
+
+
+def _objective_rows(
+    table: pd.DataFrame, columns: Mapping[str, tuple[str, str]]
+) -> tuple[list[str], list[list[str]]]:
+    """A row per objective, a column per (label: (benchmark, metric)) and variant, then per difference."""
     plain, deltas = _plain_variants(table), _delta_variants(table)
     indexed = table.set_index(KEY)
     header = ["objective"]
-    for benchmark in benchmarks:
-        header += [f"{BENCHMARK_LABELS[benchmark]}: {variant}" for variant in [*plain, *deltas]]
+    for label in columns:
+        header += [f"{label}: {variant}" for variant in [*plain, *deltas]]
     rows = []
     for objective in table["objective"].unique():
         cells = [OBJECTIVE_LABELS.get(objective, objective)]
-        for benchmark in benchmarks:
-            metric = TABLE1_BENCHMARKS[benchmark]
+        for benchmark, metric in columns.values():
             if objective == TEACHER:
                 # The teacher is one model, not a variant: its value sits in the first column only.
                 teacher = lookup(indexed, TEACHER, TEACHER, benchmark, metric)
@@ -153,11 +173,7 @@ def _accuracy_section(table: pd.DataFrame) -> list[str]:
                 for d in deltas
             ]
         rows.append(cells)
-    caption = (
-        "Table 1. Accuracy in percent (math exact match, instruction ROUGE-L, their average); "
-        "differences in points; mean ± std where there are 2 or more seeds. " + INTERVALS_NOTE
-    )
-    return [caption, "", *_markdown_table(header, rows), ""]
+    return header, rows
 
 
 def _has(table: pd.DataFrame, benchmark: str, metric: str) -> bool:
