@@ -741,6 +741,7 @@ def test_several_training_seeds_train_evaluate_and_report_each_run(project_copy:
     compared, markdown = compare_table(f"sqlite:///{project_copy / 'mlflow.db'}", env="test")
     # Two training seeds, whatever seeds the teacher's and the students' before-KD runs carry.
     assert "2 training seed(s)" in markdown and "over 2 training seeds (0, 1)" in markdown
+    assert (compared["status"] == "ok").all()  # the control, measured before KD only, is no missing column
     cells = compared.set_index(keys)
     assert cells.loc[("fkl", "warmup", "math", "exact_match"), "n_seeds"] == 2
     for row in (

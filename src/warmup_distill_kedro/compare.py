@@ -411,7 +411,14 @@ def comparison_of(
     if objectives is not None:
         records = records[records["objective"].isin([*objectives, TEACHER, BEFORE_KD])]
     if variants is None:
-        variants = _ordered_names(records["variant"], VARIANT_ORDER, exclude={TEACHER, *DELTA_VARIANTS})
+        # The variants that were distilled; one measured before KD only (the fairness control) is a
+        # reference row, as in the report, not a column of missing cells.
+        distilled = records.loc[~records["objective"].isin([TEACHER, BEFORE_KD]), "variant"]
+        variants = _ordered_names(
+            distilled if not distilled.empty else records["variant"],
+            VARIANT_ORDER,
+            exclude={TEACHER, *DELTA_VARIANTS},
+        )
     if objectives is None:
         objectives = _ordered_names(records["objective"], OBJECTIVE_ORDER, exclude={TEACHER, BEFORE_KD})
     table = build_table(records, variants, objectives, selection.items)
