@@ -410,12 +410,14 @@ def comparison_of(
         records = records[records["variant"].isin([*variants, TEACHER])]
     if objectives is not None:
         records = records[records["objective"].isin([*objectives, TEACHER, BEFORE_KD])]
+    # The distilled students' records: their variants are the columns (one measured before KD only, the
+    # fairness control, is a reference row, as in the report) and their seeds the training seeds.
+    distilled = records[~records["objective"].isin([TEACHER, BEFORE_KD])]
+    if distilled.empty:
+        distilled = records
     if variants is None:
-        # The variants that were distilled; one measured before KD only (the fairness control) is a
-        # reference row, as in the report, not a column of missing cells.
-        distilled = records.loc[~records["objective"].isin([TEACHER, BEFORE_KD]), "variant"]
         variants = _ordered_names(
-            distilled if not distilled.empty else records["variant"],
+            distilled["variant"],
             VARIANT_ORDER,
             exclude={TEACHER, *DELTA_VARIANTS},
         )
@@ -424,8 +426,7 @@ def comparison_of(
     table = build_table(records, variants, objectives, selection.items)
     # A kedro run of several seeds evaluates its teacher and students before KD once, under the run's
     # seeds ("0 1 2"): the training seeds are the distilled students'.
-    distilled = records[~records["objective"].isin([TEACHER, BEFORE_KD])]
-    seeds = sorted(set(distilled["seed"] if not distilled.empty else records["seed"]))
+    seeds = sorted(set(distilled["seed"]))
     if records["seed"].str.contains(" ").any():
         table.attrs["training_seeds"] = seeds
     title = f"Warmup-Distill comparison: experiment {experiment!r}, {len(seeds)} training seed(s)"

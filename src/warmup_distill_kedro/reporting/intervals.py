@@ -39,8 +39,12 @@ class Interval:
 
     @property
     def resolved(self) -> bool:
-        """Whether the interval excludes zero: a difference the test set and the seeds can measure."""
-        return self.low > 0 or self.high < 0
+        return excludes_zero(self.low, self.high)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """Whether an interval excludes zero: a difference the test set and the seeds can measure (resolved)."""
+    return low > 0 or high < 0
 
 
 def run_items(evaluations: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, Items]]:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 
 from warmup_distill_kedro.core.evaluation.explain import ALL, TOKEN_CLASSES
+from warmup_distill_kedro.reporting.intervals import excludes_zero
 from warmup_distill_kedro.reporting.records import (
     DETERMINISTIC_SEED,
     DISTRIBUTION,
@@ -98,7 +99,7 @@ def _format_value(row: pd.Series | None, metric: str, signed: bool = False) -> s
     if not pd.isna(row["ci_low"]):
         low, high = row["ci_low"] * scale, row["ci_high"] * scale
         text += f" [{low:+.{digits}f}, {high:+.{digits}f}]" + (
-            f" {RESOLVED_MARK}" if low > 0 or high < 0 else ""
+            f" {RESOLVED_MARK}" if excludes_zero(low, high) else ""
         )
     elif row["n_seeds"] >= 2:
         text += f" ± {row['std'] * scale:.{digits}f}"
